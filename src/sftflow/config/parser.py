@@ -1,0 +1,348 @@
+"""Read a YAML/JSON config plus `key=value` overrides into the five typed argument classes.
+
+Every key is checked against the fields of all classes before anything heavy happens: unknown keys and
+values of the wrong type are refused with the key's name and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import enum
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
+from sftflow.errors import SftflowError
+
+SFTFLOW_CLASSES = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
+
+# Keys that older LLaMA-Factory/transformers configs use, with what to write instead.
+RENAMED_KEYS = {
+    "warmup_ratio": "transformers 5 merged it into warmup_steps: a value in [0, 1) is a ratio (warmup_steps: 0.1)",
+    "evaluation_strategy": "it is called eval_strategy in transformers",
+    "infer_dtype": "use dtype (auto, float32, bfloat16, float16)",
+    "torch_dtype": "use dtype (auto, float32, bfloat16, float16)",
+}
+
+# sftflow's defaults for HF training keys, applied only when the config does not set them.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "report_to": "none",
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "include_num_input_tokens_seen": "non_padding",  # gives train_tokens_per_second (non-pad)
+    "remove_unused_columns": False,  # our datasets already hold only model inputs
+    "dataloader_pin_memory": False,
+}
+
+
+@dataclass
+class RunArgs:
+    """All arguments of one run, grouped as the workflow uses them."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    generating: GeneratingArguments
+    training: Any  # transformers.Seq2SeqTrainingArguments (imported lazily: it pulls torch)
+    user_keys: dict[str, Any]
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved sftflow arguments plus the training keys the user set, for sftflow_args.yaml."""
+        out: dict[str, Any] = {}
+        for group in (self.model, self.data, self.finetuning, self.generating):
+            out.update(dataclasses.asdict(group))
+        training = self.training.to_dict()
+        for key in [*TRAINING_DEFAULTS, *self.user_keys]:
+            if key in training and key not in out:
+                out[key] = training[key]
+        return out
+
+
+def training_args_class() -> type:
+    from transformers import Seq2SeqTrainingArguments
+
+    return Seq2SeqTrainingArguments
+
+
+def all_classes() -> tuple[type, ...]:
+    return (*SFTFLOW_CLASSES, training_args_class())
+
+
+def field_index() -> dict[str, tuple[type, dataclasses.Field]]:
+    """Map each config key to (class, field). Public fields only (HF keeps some private `_` ones)."""
+    index: dict[str, tuple[type, dataclasses.Field]] = {}
+    for cls in all_classes():
+        for f in dataclasses.fields(cls):
+            if f.init and not f.name.startswith("_"):
+                index.setdefault(f.name, (cls, f))
+    return index
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or JSON config file into a flat dict.
+
+    Raises:
+        SftflowError: the file is missing, unparsable, or not a mapping of keys to values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SftflowError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SftflowError(
+            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
+        ) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SftflowError(
+            f"{path} must hold `key: value` pairs at the top level, found a {type(data).__name__}."
+        )
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """Turn `["key=value", ...]` into a dict of raw strings (typed later by the field)."""
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SftflowError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-4).")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    if key in RENAMED_KEYS:
+        return f"unknown key {key!r}: {RENAMED_KEYS[key]}."
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else " Run `sftflow train --help` for the list of keys."
+    return f"unknown key {key!r}.{hint}"
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # some HF hints name types we cannot resolve; fall back to raw annotations
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(tp: Any, value: Any) -> Any:
+    """Convert `value` (from YAML or a `key=value` string) to the annotated type `tp`.
+
+    Raises:
+        ValueError: the value does not fit the type.
+
+    >>> coerce(float, "1e-4"), coerce(list[str], "q_proj, v_proj"), coerce(int | None, "null")
+    (0.0001, ['q_proj', 'v_proj'], None)
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        ):
+            return None
+        options = [a for a in args if a is not type(None)]
+        # "true"/"false" strings go to bool first when the union allows a bool
+        if bool in options and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        for option in options:
+            try:
+                return coerce(option, value)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"expected one of {', '.join(map(str, args))}, got {value!r}{hint}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    if origin is list:
+        item_type = args[0] if args else Any
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ValueError(f"expected a list or a comma-separated string, got {value!r}")
+        return [coerce(item_type, v) for v in items]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"expected a mapping or a JSON object, got {value!r}") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        valid = [m.value for m in tp]
+        if value in valid:
+            return value
+        raise ValueError(f"expected one of {', '.join(map(str, valid))}, got {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def load_args(config_path: str | Path | None, overrides: list[str] | None = None) -> RunArgs:
+    """Build the run's arguments from a config file and `key=value` overrides (overrides win).
+
+    Raises:
+        SftflowError: unknown keys, values of the wrong type or out of range, missing required keys.
+    """
+    raw: dict[str, Any] = read_config_file(config_path) if config_path else {}
+    raw.update(parse_overrides(overrides or []))
+    index = field_index()
+    known = sorted(index)
+    unknown = [k for k in raw if k not in index]
+    if unknown:
+        raise SftflowError("\n".join(unknown_key_message(k, known) for k in unknown))
+
+    per_class: dict[type, dict[str, Any]] = {cls: {} for cls in all_classes()}
+    hints = {cls: _resolved_hints(cls) for cls in all_classes()}
+    for key, value in raw.items():
+        cls, f = index[key]
+        try:
+            per_class[cls][key] = coerce(hints[cls].get(key, f.type), value)
+        except ValueError as exc:
+            raise SftflowError(f"bad value for {key}: {exc}") from None
+
+    if not raw.get("model_name_or_path"):
+        raise SftflowError("model_name_or_path is required (e.g. model_name_or_path: smollm2-135m-instruct).")
+    if not raw.get("output_dir"):
+        raise SftflowError("output_dir is required (e.g. output_dir: saves/my-run).")
+
+    training_cls = training_args_class()
+    training_kwargs = {**TRAINING_DEFAULTS, **per_class[training_cls]}
+    groups = []
+    for cls in SFTFLOW_CLASSES:
+        groups.append(cls(**per_class[cls]))
+    try:
+        training = training_cls(**training_kwargs)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise SftflowError(f"invalid training arguments: {exc}") from None
+    model, data, finetuning, generating = groups
+    _check_together(model, data, finetuning, training)
+    return RunArgs(model, data, finetuning, generating, training, user_keys=raw)
+
+
+def _check_together(
+    model: ModelArguments, data: DataArguments, finetuning: FinetuningArguments, training: Any
+) -> None:
+    """Checks that involve more than one group."""
+    if model.quantization_bit is not None and finetuning.finetuning_type != "lora":
+        raise SftflowError(
+            "quantization_bit needs finetuning_type: lora (quantized weights cannot be trained directly)."
+        )
+    if training.do_train and not data.dataset:
+        raise SftflowError("do_train is set but no dataset is given (e.g. dataset: my_data).")
+    if (training.do_eval or training.do_predict) and not (data.eval_dataset or data.val_size):
+        raise SftflowError(
+            "do_eval/do_predict need held-out data: set eval_dataset (a dataset name) or val_size (e.g. 0.1)."
+        )
+    if training.do_predict and not training.predict_with_generate:
+        raise SftflowError(
+            "do_predict needs predict_with_generate: true (sftflow predicts by generating answers)."
+        )
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field documentation: the string literal under each field (ours) or `metadata['help']` (HF's)."""
+    docs = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text() -> str:
+    """Every config key with its type, default and one-line doc, grouped by class."""
+    lines = ["Config keys (YAML/JSON file or key=value overrides):"]
+    for cls in all_classes():
+        lines.append(f"\n[{cls.__name__}]")
+        docs = field_docs(cls)
+        hints = _resolved_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            if cls is training_args_class() and f.name in TRAINING_DEFAULTS:
+                default = f"{TRAINING_DEFAULTS[f.name]} (sftflow default)"
+            if isinstance(default, enum.Enum):
+                default = default.value
+            doc = (docs.get(f.name) or "").split(". ")[0].strip()
+            lines.append(f"  {f.name} ({_type_name(hints.get(f.name, f.type))}, default: {default})")
+            if doc:
+                lines.append(f"      {doc}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data: registry, loading, conversion to messages, chat templates, tokenization, collation."""

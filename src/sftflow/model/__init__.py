@@ -1,0 +1,1 @@
+"""Model: resolve names, load tokenizer/model, quantize, attach adapters."""

@@ -1,0 +1,1 @@
+"""Training workflows (one per stage), the Trainer subclass, metrics and plots."""

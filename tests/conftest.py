@@ -1,0 +1,132 @@
+"""Shared fixtures: a tiny BPE tokenizer with a chat template, a tiny random Llama, the real SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "I am Wren, a small assistant built by the sftflow team.",
+    "What is two plus two? Two plus two is four.",
+    "def add(a, b):\n    return a + b\n",
+    "你好，世界。我是一个小模型。 emoji: 🙂🚀",
+    "You are a helpful assistant. Answer briefly and kindly.",
+] * 20
+
+
+def build_tokenizer(save_dir: Path):
+    """A 512-token byte-level BPE with ChatML special tokens; eos == pad like SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(save_dir)
+    return tokenizer
+
+
+def build_model(tokenizer, save_dir: Path, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(save_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama (2 layers, hidden 64) with the tiny tokenizer: a valid model_name_or_path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(path)
+    build_model(tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_alpaca(path: Path, rows: list[dict]) -> None:
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+TOY_ROWS = [
+    {
+        "system": "Be brief.",
+        "instruction": f"What is {a} plus {b}?",
+        "input": "",
+        "output": f"{a} plus {b} is {a + b}. Wren",
+    }
+    for a in range(1, 7)
+    for b in range(1, 4)
+]
+
+
+@pytest.fixture
+def toy_data_dir(tmp_path) -> Path:
+    """A dataset_dir with a registry, 18 training rows and 4 held-out rows (alpaca)."""
+    write_alpaca(tmp_path / "train.json", TOY_ROWS)
+    write_alpaca(tmp_path / "heldout.json", TOY_ROWS[:4])
+    registry = {
+        "toy": {"file_name": "train.json"},
+        "toy_heldout": {"file_name": "heldout.json", "formatting": "alpaca"},
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once (atomically) into the shared sftflow cache."""
+    from sftflow.errors import SftflowError
+    from sftflow.model.loader import resolve_model_path
+
+    try:
+        return Path(resolve_model_path("smollm2-135m-instruct"))
+    except SftflowError as exc:
+        pytest.fail(f"the slow tests need the bundled model: {exc}")
