@@ -1,29 +1,50 @@
 """`sftflow <command>`: parse the command line, dispatch, print user errors without a traceback.
 
-Heavy libraries (torch, transformers) are imported inside commands, so `sftflow --help` is instant.
+Each command is a function `main(argv) -> int` in the module that owns it, listed in COMMANDS and
+imported only when run, so `sftflow --help` stays instant (no torch/transformers import).
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import logging
 import os
 import sys
 
 from sftflow.errors import SftflowError
 
-USAGE = """sftflow: supervised fine-tuning of LLMs in one command.
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": (
+        "sftflow.cli",
+        "cmd_train",
+        "CONFIG [key=value ...]  fine-tune: data -> model -> train/eval/predict -> report",
+    ),
+    "version": ("sftflow.cli", "cmd_version", "print the version"),
+}
 
-commands:
-  sftflow train CONFIG.yaml [key=value ...]   fine-tune (sft): data -> model -> train/eval/predict -> report
-  sftflow train --help                        every config key, with its default and doc
-  sftflow version                             print the version
-"""
+
+def usage() -> str:
+    lines = ["usage: sftflow <command> [args]", "", "commands:"]
+    lines += [f"  {name:<10} {help_line}" for name, (_, _, help_line) in COMMANDS.items()]
+    lines += ["", "`sftflow <command> --help` for a command's options (train --help lists every config key)."]
+    return "\n".join(lines)
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """INFO logs from sftflow, warnings only from transformers; quiet tokenizers fork warnings."""
     logging.basicConfig(format="[%(levelname)s|%(name)s] %(message)s", level=logging.INFO, stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+
+
+def split_config_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`CONFIG.yaml k=v ...` or just `k=v ...`."""
+    if argv and "=" not in argv[0]:
+        return argv[0], argv[1:]
+    return None, argv
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -33,39 +54,36 @@ def cmd_train(argv: list[str]) -> int:
         print("usage: sftflow train CONFIG.yaml [key=value ...]\n")
         print(help_text())
         return 0
-    config, overrides = (argv[0], argv[1:]) if "=" not in argv[0] else (None, argv)
-    _setup_logging()
+    config, overrides = split_config_and_overrides(argv)
     from sftflow.config import load_args
 
-    args = load_args(config, overrides)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_warning()
+    args = load_args(config, overrides)  # refuses bad keys before anything heavy loads
+    setup_logging()
     from sftflow.train.sft import run_sft
 
     run_sft(args)
     return 0
 
 
+def cmd_version(argv: list[str]) -> int:
+    from sftflow import __version__
+
+    print(__version__)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="sftflow", usage=USAGE, add_help=False)
-    parser.add_argument("command", nargs="?")
-    known, rest = parser.parse_known_args(argv[:1])
-    command, rest = known.command, argv[1:]
-    try:
-        if command == "train":
-            return cmd_train(rest)
-        if command == "version":
-            from sftflow import __version__
-
-            print(__version__)
-            return 0
-        if command in (None, "-h", "--help", "help"):
-            print(USAGE)
-            return 0
-        print(f"sftflow: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"sftflow: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    module, function, _ = COMMANDS[command]
+    try:
+        return getattr(importlib.import_module(module), function)(rest)
     except SftflowError as exc:
         print(f"sftflow error: {exc}", file=sys.stderr)
         return 2
