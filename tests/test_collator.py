@@ -23,3 +23,39 @@ def test_left_padding_for_generation_without_labels():
 def test_pad_to_multiple_of():
     batch = SftCollator(pad_token_id=0, pad_to_multiple_of=4)(FEATURES)
     assert batch["input_ids"].shape == (2, 4) and batch["labels"][0].tolist() == [-100, 6, 2, -100]
+
+
+def test_packed_collator_pads_with_a_block_of_its_own_and_no_attention_mask():
+    from sftflow.data.collator import PackedCollator
+
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, 6, -100, 8], "position_ids": [0, 1, 0, 1]},
+        {"input_ids": [9, 10], "labels": [-100, 10], "position_ids": [0, 1]},
+    ]
+    batch = PackedCollator(pad_token_id=2)(rows)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 2, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8], [-100, 10, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
+
+
+def test_pairwise_collator_puts_chosen_rows_first():
+    from sftflow.data.collator import PairwiseCollator
+
+    pairs = [
+        {
+            "chosen_input_ids": [5, 6],
+            "chosen_labels": [-100, 6],
+            "rejected_input_ids": [5],
+            "rejected_labels": [5],
+        },
+        {
+            "chosen_input_ids": [7],
+            "chosen_labels": [7],
+            "rejected_input_ids": [7, 8, 9],
+            "rejected_labels": [7, 8, 9],
+        },
+    ]
+    batch = PairwiseCollator(pad_token_id=0)(pairs)
+    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0], [5, 0, 0], [7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, -100], [7, -100, -100], [5, -100, -100], [7, 8, 9]]

@@ -72,7 +72,7 @@ def test_sharegpt_and_openai_messages():
         ([{"from": "bot", "value": "hi"}], "has role 'bot'"),
         (
             [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}],
-            "two user turns",
+            r"conversations\[1\] is .human. but an assistant",
         ),
         ([{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}], "empty or non-string"),
     ],

@@ -18,7 +18,35 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": (
         "sftflow.cli",
         "cmd_train",
-        "CONFIG [key=value ...]  fine-tune: data -> model -> train/eval/predict -> report",
+        "CONFIG [key=value ...]  train (stage: pt|sft|rm|dpo): data -> model -> train/eval/predict -> report",
+    ),
+    "chat": ("sftflow.infer.chat", "main", "RUN_DIR|CONFIG  chat with the tuned model in the terminal"),
+    "api": ("sftflow.infer.api", "main", "RUN_DIR|CONFIG  serve it over an OpenAI-compatible HTTP API"),
+    "predict": (
+        "sftflow.infer.predict",
+        "main",
+        "CONFIG|RUN_DIR  answer a dataset into generated_predictions.jsonl",
+    ),
+    "export": (
+        "sftflow.model.export",
+        "main",
+        "CONFIG [key=value ...]  merge LoRA adapter(s) into the base, write a standard HF model dir",
+    ),
+    "plan": (
+        "sftflow.train.plan",
+        "main",
+        "CONFIG [--measure] [key=value ...]  predict memory and time, audit the data, advise",
+    ),
+    "report": ("sftflow.train.report", "main", "OUTPUT_DIR  write report.html for a finished run"),
+    "preview": (
+        "sftflow.train.preview",
+        "preview_main",
+        "CONFIG [--n 3]  show the first examples with trained spans marked, counts and lengths",
+    ),
+    "preprocess": (
+        "sftflow.train.preview",
+        "preprocess_main",
+        "CONFIG --output FILE.jsonl  write the tokenized examples (input_ids, labels) as JSON lines",
     ),
     "version": ("sftflow.cli", "cmd_version", "print the version"),
 }
@@ -59,9 +87,9 @@ def cmd_train(argv: list[str]) -> int:
 
     args = load_args(config, overrides)  # refuses bad keys before anything heavy loads
     setup_logging()
-    from sftflow.train.sft import run_sft
+    from sftflow.train.run import run_stage
 
-    run_sft(args)
+    run_stage(args)
     return 0
 
 

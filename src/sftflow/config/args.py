@@ -21,7 +21,10 @@ class ModelArguments:
     """Local HF model dir, hub id (when online), a .gguf file, or a bundled name (smollm2-135m-instruct)."""
 
     adapter_name_or_path: str | None = None
-    """A PEFT adapter dir to load on top of the model (continue training it, or chat with it)."""
+    """PEFT adapter dir(s) to load on top of the model, comma-separated to stack several (continue training the last one, chat with them, or merge them with sftflow export)."""
+
+    gguf_file: str | None = None
+    """A .gguf file inside the model_name_or_path dir to load (dequantized once into cache_dir); a .gguf path in model_name_or_path works too."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU (bf16 is ~100x slower on CPU)."""
@@ -29,18 +32,40 @@ class ModelArguments:
     quantization_bit: int | None = None
     """Load the base model in 4 or 8 bits with bitsandbytes (QLoRA). Needs finetuning_type: lora."""
 
+    quantization_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type for quantization_bit: 4 (nf4 = NormalFloat4, as in QLoRA; or fp4)."""
+
+    double_quantization: bool = True
+    """With quantization_bit: 4, also quantize the quantization constants (saves ~0.4 bit per weight)."""
+
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to from_pretrained."""
 
     trust_remote_code: bool = False
     """Allow model code from the model dir/hub repo to run. Only enable for sources you trust."""
 
+    use_safetensors: bool = True
+    """Load weights (model and adapters) from .safetensors files only. false also allows pickle (.bin/.pt) checkpoints, which can run code when loaded: only for sources you trust."""
+
+    new_special_tokens: list[str] | None = None
+    """Special tokens to add to the tokenizer, comma-separated. The embeddings are resized; with LoRA only the new rows train (PEFT trainable_token_indices)."""
+
     cache_dir: str | None = None
     """Where bundled/GGUF models are converted once to safetensors (default: $SFTFLOW_CACHE or ~/.cache/sftflow)."""
+
+    export_dir: str | None = None
+    """sftflow export: the dir to write the merged model to (safetensors, tokenizer with its chat template, generation config)."""
+
+    export_size: float = 5
+    """sftflow export: max size of one safetensors shard, in GB."""
 
     def __post_init__(self) -> None:
         if self.quantization_bit not in (None, 4, 8):
             raise SftflowError(f"quantization_bit must be 4, 8 or unset, got {self.quantization_bit}.")
+        if self.export_size <= 0:
+            raise SftflowError(f"export_size must be > 0 (GB per shard), got {self.export_size}.")
+        if self.new_special_tokens is not None and not all(t.strip() for t in self.new_special_tokens):
+            raise SftflowError(f"new_special_tokens holds an empty token: {self.new_special_tokens}.")
 
 
 @dataclass
@@ -57,13 +82,25 @@ class DataArguments:
     """Folder holding dataset_info.json and the data files it names (relative to the working dir)."""
 
     template: str | None = None
-    """Chat template: unset uses the tokenizer's own; or a built-in name (alpaca, default, chatml)."""
+    """Chat template: unset uses the tokenizer's own; or a built-in (alpaca, default, plain, vicuna, chatml, qwen, llama2, mistral, llama3, gemma, phi), or a name from template_file."""
+
+    template_file: str | None = None
+    """A YAML file of your own templates (name -> format_user/format_assistant/... or chat_template); pick one with template."""
 
     cutoff_len: int = 1024
-    """Max tokens per example. Longer examples lose later turns, then the end of the response; examples whose prompt alone is too long are dropped (and counted)."""
+    """Max tokens per example. Longer examples are shortened prompt side first (oldest turns, then the end of the last user message) and never lose their whole answer; see cutoff_policy."""
+
+    cutoff_policy: Literal["truncate", "drop"] = "truncate"
+    """What happens to examples longer than cutoff_len: truncate (as above) or drop them. Either way they are counted in the log."""
 
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on assistant responses)."""
+
+    mask_history: bool = False
+    """Train only the last assistant answer of each conversation (earlier answers become context)."""
+
+    packing: bool = False
+    """Pack several examples into each cutoff_len row (no padding; position_ids restart per example and examples never attend to each other)."""
 
     max_samples: int | None = None
     """Use at most this many examples from each dataset (for quick runs)."""
@@ -75,9 +112,48 @@ class DataArguments:
     """How many converted and tokenized examples to print before training."""
 
     preprocessing_num_workers: int | None = None
-    """Processes for tokenization (datasets.map num_proc)."""
+    """Processes for converting and tokenizing (datasets.map num_proc); unset = one process."""
+
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"
+    """How several datasets are mixed: concat (one after another, then shuffled), interleave_under (sample from each until the first runs out), interleave_over (until the last runs out, repeating the others)."""
+
+    interleave_probs: list[float] | None = None
+    """With interleave_*: the probability of drawing from each dataset, comma-separated, one per dataset (default: equal)."""
+
+    streaming: bool = False
+    """Read the data as a stream (for data larger than memory): no tokenized cache, val_size must be a count, and training needs max_steps."""
+
+    buffer_size: int = 16384
+    """With streaming: size of the shuffle buffer."""
+
+    skip_bad_rows: bool = False
+    """Skip malformed rows (bad JSON lines, wrong types, empty answers, odd role order) with a counted warning instead of stopping."""
+
+    overwrite_cache: bool = False
+    """Rebuild the tokenized-data cache even when a matching entry exists."""
+
+    tokenized_cache_dir: str | None = None
+    """Where tokenized datasets are cached, keyed by data content, tokenizer, template, cutoff_len, stage and masking/packing flags (default: $SFTFLOW_CACHE/tokenized or ~/.cache/sftflow/tokenized)."""
 
     def __post_init__(self) -> None:
+        if self.interleave_probs is not None:
+            if not self.mix_strategy.startswith("interleave"):
+                raise SftflowError(
+                    "interleave_probs needs mix_strategy: interleave_under or interleave_over."
+                )
+            if self.dataset and len(self.interleave_probs) != len(self.dataset):
+                raise SftflowError(
+                    f"interleave_probs has {len(self.interleave_probs)} values for {len(self.dataset)} datasets; "
+                    "give one probability per dataset."
+                )
+            if any(p < 0 for p in self.interleave_probs) or abs(sum(self.interleave_probs) - 1) > 1e-6:
+                raise SftflowError(
+                    f"interleave_probs must be >= 0 and sum to 1, got {self.interleave_probs}."
+                )
+        if self.packing and self.streaming:
+            raise SftflowError("packing needs the whole dataset in memory; set packing: false or streaming: false.")
+        if self.streaming and 0 < self.val_size < 1:
+            raise SftflowError("with streaming, val_size must be a number of examples (e.g. val_size: 100).")
         if self.cutoff_len < 8:
             raise SftflowError(f"cutoff_len must be at least 8, got {self.cutoff_len}.")
         if self.val_size < 0 or (self.val_size >= 1 and not float(self.val_size).is_integer()):
@@ -92,8 +168,8 @@ class DataArguments:
 class FinetuningArguments:
     """What to train and what to write besides the model."""
 
-    stage: Literal["sft"] = "sft"
-    """Training stage. sft: supervised fine-tuning on conversations."""
+    stage: Literal["pt", "sft", "rm", "dpo"] = "sft"
+    """Training stage. pt: continued pre-training on plain text; sft: supervised fine-tuning on conversations; rm: a pairwise reward model; dpo: preference tuning (DPO / IPO / hinge / ORPO, see pref_loss). rm and dpo read ranking: true datasets."""
 
     finetuning_type: Literal["lora", "full", "freeze"] = "lora"
     """lora: train low-rank adapters; full: train every weight; freeze: train only the last layers."""
@@ -110,8 +186,26 @@ class FinetuningArguments:
     lora_target: list[str] = field(default_factory=lambda: ["all"])
     """Module names to adapt, comma-separated (e.g. q_proj,v_proj), or all = every linear layer but the output head."""
 
+    use_dora: bool = False
+    """LoRA: weight-decomposed low-rank adaptation (DoRA)."""
+
+    use_rslora: bool = False
+    """LoRA: rank-stabilized scaling lora_alpha / sqrt(lora_rank) instead of lora_alpha / lora_rank."""
+
+    additional_target: list[str] | None = None
+    """LoRA: modules to train fully and save with the adapter besides the LoRA layers, comma-separated (PEFT modules_to_save, e.g. norm)."""
+
+    create_new_adapter: bool = False
+    """LoRA with adapter_name_or_path: merge the given adapters into the base and train a new one (default: continue training the last one)."""
+
     freeze_trainable_layers: int = 2
     """freeze: train the last n decoder layers (the first n with a negative number)."""
+
+    freeze_trainable_modules: list[str] = field(default_factory=lambda: ["all"])
+    """freeze: which modules of the chosen layers train, comma-separated (e.g. mlp,self_attn), or all."""
+
+    freeze_extra_modules: list[str] | None = None
+    """freeze: modules outside the decoder layers that also train, comma-separated (e.g. embed_tokens,norm)."""
 
     plot_loss: bool = True
     """Write training_loss.png (and training_eval_loss.png when there is eval loss)."""
@@ -122,6 +216,18 @@ class FinetuningArguments:
     overwrite_output_dir: bool = False
     """Allow writing into an output_dir that already holds files (else the run stops before loading anything)."""
 
+    skip_nan: bool = False
+    """Skip a training batch whose loss is NaN/inf (its gradients are dropped, a warning names the step) instead of stopping the run."""
+
+    pref_beta: float = 0.1
+    """dpo: the beta of the preference loss (how far the policy may move from the reference; higher = stay closer). For orpo, the weight of the odds-ratio term."""
+
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo"] = "sigmoid"
+    """dpo: sigmoid (DPO), ipo, hinge (SLiC), all through TRL's DPOTrainer; orpo (no reference model) through TRL's experimental ORPOTrainer."""
+
+    pref_ftx: float = 0.0
+    """dpo: weight of an extra supervised (NLL) loss on the chosen answers, added to the sigmoid/ipo/hinge loss (0 = none)."""
+
     def __post_init__(self) -> None:
         if self.lora_rank < 1:
             raise SftflowError(f"lora_rank must be >= 1, got {self.lora_rank}.")
@@ -129,6 +235,12 @@ class FinetuningArguments:
             raise SftflowError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
+        if self.pref_beta <= 0:
+            raise SftflowError(f"pref_beta must be > 0, got {self.pref_beta}.")
+        if self.pref_ftx < 0:
+            raise SftflowError(f"pref_ftx must be >= 0, got {self.pref_ftx}.")
+        if self.pref_ftx and self.pref_loss == "orpo":
+            raise SftflowError("pref_ftx does not apply to pref_loss: orpo (its loss already holds the NLL term).")
 
 
 @dataclass

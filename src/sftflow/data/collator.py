@@ -44,3 +44,49 @@ class SftCollator:
                 padded = values + [fill] * pad if self.padding_side == "right" else [fill] * pad + values
                 batch[key].append(padded)
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+@dataclass
+class PackedCollator:
+    """Batch packed rows (see `sftflow.data.packing`) without an attention mask.
+
+    Shorter rows are padded with a block of pad tokens whose `position_ids` restart at 0, so the padding
+    is one more "example" that attends only to itself (and is never trained: labels -100). With no
+    attention_mask, transformers builds the block-diagonal causal mask from `position_ids`.
+
+    >>> c = PackedCollator(pad_token_id=0)
+    >>> b = c([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 0, 1]},
+    ...        {"input_ids": [8], "labels": [-100], "position_ids": [0]}])
+    >>> b["position_ids"].tolist(), b["labels"].tolist()
+    ([[0, 0, 1], [0, 0, 1]], [[-100, 6, 7], [-100, -100, -100]])
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        length = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in features:
+            pad = length - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+@dataclass
+class PairwiseCollator:
+    """Batch rm pairs (`encode_pairwise`) as one right-padded batch: the chosen sequences first, then the
+    rejected ones in the same order (rows i and i + n are a pair), as reward-model losses expect."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [
+            {"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
+            for side in ("chosen", "rejected")
+            for f in features
+        ]
+        return SftCollator(self.pad_token_id)(rows)

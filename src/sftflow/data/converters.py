@@ -1,19 +1,34 @@
-"""Pure row converters: one raw row (alpaca or sharegpt) -> a list of chat messages.
+"""Pure row converters: one raw row (alpaca, sharegpt or OpenAI messages) -> sftflow's common form.
 
-Messages are `{"role": "system" | "user" | "assistant" | "tool", "content": str}`; the system message,
-when there is one, comes first. A row that cannot make a valid sft conversation raises `RowError`
-with the reason; the loader adds the file and row number.
+The common form depends on the stage (what the tokenizers in `processor.py` read):
+
+* ``sft``: ``{"messages": [...], "tools": str}``. ``messages`` are
+  ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``; the system message, when there
+  is one, comes first; then user (or tool) and assistant turns alternate, and the last turn is an
+  assistant turn. A sharegpt ``function_call`` turn is an ``assistant`` turn whose content is the call
+  text exactly as written in the data (e.g. ``{"name": ..., "arguments": ...}``); an ``observation`` turn
+  is a ``tool`` turn. ``tools`` is the tool schema as a JSON string (``""`` when the row has none).
+* ``pt``: ``{"text": str}``: the raw text to continue-pretrain on (no template, no eos: the pt tokenizer
+  adds it).
+* ``rm`` (``ranking: true`` in dataset_info.json): ``{"messages": [...], "chosen": str, "rejected": str,
+  "tools": str}``. ``messages`` is the shared prompt (same rules as sft, but it ends with a user or tool
+  turn); ``chosen`` and ``rejected`` are the two assistant answers to it.
+
+A row that cannot make a valid example raises `RowError` with the field and the reason; the loader adds
+the dataset, file and row number.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
 Message = dict[str, str]
+Stage = Literal["pt", "sft", "rm"]
 
 
 class RowError(ValueError):
-    """A single row is malformed; the message says why and how to fix it."""
+    """A single row is malformed; the message names the field, says why and how to fix it."""
 
 
 def _text(row: dict[str, Any], column: str | None) -> str:
@@ -21,15 +36,39 @@ def _text(row: dict[str, Any], column: str | None) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise RowError(f"column {column!r} should be a string, got {type(value).__name__}")
+        raise RowError(f"column {column!r} should be a string, got {type(value).__name__} {_short(value)}")
     return value
 
 
-def alpaca_to_messages(row: dict[str, Any], columns: dict[str, str]) -> list[Message]:
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tools(row: dict[str, Any], columns: dict[str, str]) -> str:
+    """The tool schema as a JSON string: a JSON string column is checked, a list/dict column is dumped."""
+    column = columns.get("tools")
+    value = row.get(column) if column else None
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"column {column!r} is not valid JSON ({exc.msg} at char {exc.pos})") from None
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    raise RowError(f"column {column!r} should be a JSON string or a list, got {type(value).__name__}")
+
+
+def alpaca_to_messages(
+    row: dict[str, Any], columns: dict[str, str], need_response: bool = True
+) -> list[Message]:
     """Convert an alpaca row (instruction, input, output, optional system and history).
 
     The user turn is `instruction + "\\n" + input` (input omitted when empty); `history` is a list of
-    earlier `[user, assistant]` pairs.
+    earlier `[user, assistant]` pairs. With `need_response=False` (rm prompts) no output is read.
 
     >>> alpaca_to_messages({"instruction": "Add", "input": "1+1", "output": "2"}, {"prompt": "instruction",
     ...     "query": "input", "response": "output"})
@@ -40,72 +79,153 @@ def alpaca_to_messages(row: dict[str, Any], columns: dict[str, str]) -> list[Mes
     if system:
         messages.append({"role": "system", "content": system})
     history = row.get(columns.get("history", "")) if columns.get("history") else None
+    if history is not None and not isinstance(history, (list, tuple)):
+        raise RowError(f"column {columns['history']!r} must be a list of [user, assistant] pairs")
     for i, turn in enumerate(history or []):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
-            raise RowError(f"history[{i}] must be a [user, assistant] pair of strings, got {turn!r}")
+            raise RowError(f"history[{i}] must be a [user, assistant] pair of strings, got {_short(turn)}")
         messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     prompt = "\n".join(p for p in (_text(row, columns.get("prompt")), _text(row, columns.get("query"))) if p)
     if not prompt.strip():
         raise RowError(
             f"the instruction ({columns.get('prompt')!r}) and input ({columns.get('query')!r}) are both empty"
         )
-    response = _text(row, columns.get("response"))
-    if not response.strip():
-        raise RowError(
-            f"the response ({columns.get('response')!r}) is empty; every sft example needs an answer"
-        )
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    messages.append({"role": "user", "content": prompt})
+    if need_response:
+        response = _text(row, columns.get("response"))
+        if not response.strip():
+            raise RowError(
+                f"the response ({columns.get('response')!r}) is empty; every sft example needs an answer"
+            )
+        messages.append({"role": "assistant", "content": response})
     return messages
 
 
-def sharegpt_to_messages(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> list[Message]:
-    """Convert a sharegpt row (`conversations` of `{from, value}`) or OpenAI-style `messages` (`{role, content}`).
-
-    Role names come from `tags` (user_tag, assistant_tag, ...); items with `role`/`content` keys are read
-    as OpenAI messages whatever the tags say. The conversation must end with an assistant turn.
-    """
-    turns = row.get(columns.get("messages", "conversations"))
-    if not isinstance(turns, list) or not turns:
-        raise RowError(f"column {columns.get('messages')!r} must be a non-empty list of turns")
-    role_map = {
+def _role_map(tags: dict[str, str]) -> dict[str, str]:
+    return {
         tags["user_tag"]: "user",
         tags["assistant_tag"]: "assistant",
         tags["system_tag"]: "system",
         tags["observation_tag"]: "tool",
         tags["function_tag"]: "assistant",
-        "user": "user",
-        "assistant": "assistant",
-        "system": "system",
-        "tool": "tool",
     }
-    messages: list[Message] = []
+
+
+OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "tool": "tool"}
+
+
+def _turn(turn: Any, i: int, tags: dict[str, str], field: str) -> tuple[Message, str]:
+    """One turn as (message, the role name written in the data). OpenAI-style `role`/`content` items are
+    read as such whatever the tags say."""
+    if not isinstance(turn, dict):
+        raise RowError(f"{field}[{i}] must be an object with {tags['role_tag']!r}/{tags['content_tag']!r}")
+    role_key, content_key, role_map = tags["role_tag"], tags["content_tag"], _role_map(tags)
+    if role_key not in turn and "role" in turn:
+        role_key, content_key, role_map = "role", "content", OPENAI_ROLES
+    if role_key not in turn:
+        raise RowError(
+            f"{field}[{i}] has no {role_key!r} key (keys: {sorted(turn)}); set tags.role_tag and "
+            "tags.content_tag in dataset_info.json to your key names"
+        )
+    raw_role, content = turn.get(role_key), turn.get(content_key)
+    if raw_role not in role_map:
+        raise RowError(
+            f"{field}[{i}] has role {raw_role!r}; expected one of {sorted(role_map)} "
+            "(map your role names with tags.user_tag, assistant_tag, ... in dataset_info.json)"
+        )
+    if not isinstance(content, str) or not content.strip():
+        raise RowError(f"{field}[{i}] ({raw_role}) has empty or non-string {content_key!r}")
+    return {"role": role_map[raw_role], "content": content}, raw_role
+
+
+def sharegpt_to_messages(
+    row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], need_response: bool = True
+) -> list[Message]:
+    """Convert a sharegpt row (`conversations` of `{from, value}`) or OpenAI `messages` (`{role, content}`).
+
+    Role and key names come from `tags`. As in LLaMA-Factory, turns after an optional leading system turn
+    alternate: user or observation first, then assistant or function_call. The conversation must end with
+    an assistant turn, or (with `need_response=False`, for rm prompts) with a user or observation turn.
+
+    >>> tags = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+    ...     "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call"}
+    >>> sharegpt_to_messages({"c": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+    ...     {"messages": "c"}, tags)
+    [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]
+    """
+    field = columns.get("messages", "conversations")
+    turns = row.get(field)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"column {field!r} must be a non-empty list of turns, got {_short(turns)}")
+    parsed = [_turn(turn, i, tags, field) for i, turn in enumerate(turns)]
     system = _text(row, columns.get("system"))
-    if system:
-        messages.append({"role": "system", "content": system})
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError(f"turn {i} must be an object, got {turn!r}")
-        role_key, content_key = tags["role_tag"], tags["content_tag"]
-        if role_key not in turn and "role" in turn:
-            role_key, content_key = "role", "content"
-        raw_role, content = turn.get(role_key), turn.get(content_key)
-        if raw_role not in role_map:
+    offset = 0
+    if parsed[0][0]["role"] == "system":
+        system, offset = parsed[0][0]["content"], 1
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    for i, (message, raw_role) in enumerate(parsed[offset:]):
+        expected = ("user", "tool") if i % 2 == 0 else ("assistant",)
+        if message["role"] not in expected:
+            want = "a user or observation turn" if i % 2 == 0 else "an assistant or function_call turn"
             raise RowError(
-                f"turn {i} has role {raw_role!r}; expected one of {sorted(k for k in role_map if k)} "
-                f"(set tags in dataset_info.json to map your role names)"
+                f"{field}[{i + offset}] is {raw_role!r} but {want} was expected there: after an optional "
+                "system turn, turns must alternate user (or observation) then assistant (or function_call)"
             )
-        if not isinstance(content, str) or not content.strip():
-            raise RowError(f"turn {i} ({raw_role}) has empty or non-string content")
-        role = role_map[raw_role]
-        if role == "system":
-            if messages:
-                raise RowError(f"turn {i}: a system message may only come first")
-        elif messages and messages[-1]["role"] == role and role != "tool":
-            raise RowError(f"turn {i}: two {role} turns in a row; turns must alternate user/assistant")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "assistant":
-        raise RowError("the conversation must end with an assistant turn (the response to train on)")
-    first = next(m for m in messages if m["role"] != "system")
-    if first["role"] != "user":
-        raise RowError("the first non-system turn must come from the user")
+        messages.append(message)
+    if len(messages) == (1 if system else 0):
+        raise RowError(f"column {field!r} holds only a system turn")
+    if need_response and messages[-1]["role"] != "assistant":
+        raise RowError(f"{field} must end with an assistant turn (the response to train on)")
+    if not need_response and messages[-1]["role"] == "assistant":
+        raise RowError(f"{field} must end with a user turn: chosen and rejected are the answers to it")
     return messages
+
+
+def _answer(row: dict[str, Any], column: str, tags: dict[str, str] | None) -> str:
+    """A ranking answer: a string (alpaca) or one assistant turn object (sharegpt)."""
+    value = row.get(column)
+    if tags is not None and isinstance(value, dict):
+        message, raw_role = _turn(value, 0, tags, column)
+        if message["role"] != "assistant":
+            raise RowError(f"column {column!r} has role {raw_role!r}; it must be an assistant turn")
+        value = message["content"]
+    if not isinstance(value, str) or not value.strip():
+        raise RowError(f"column {column!r} must be a non-empty answer, got {_short(value)}")
+    return value
+
+
+def convert_row(
+    row: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str], stage: Stage
+) -> dict[str, Any]:
+    """Convert one raw row into the common form of `stage` (see the module docstring).
+
+    Raises:
+        RowError: the row cannot make a valid example; the message names the field.
+    """
+    if stage == "pt":
+        if formatting == "alpaca":
+            text = _text(row, columns.get("prompt"))
+        else:  # sharegpt/openai rows: the first turn's text, as LLaMA-Factory does
+            field = columns.get("messages", "conversations")
+            turns = row.get(field)
+            if not isinstance(turns, list) or not turns:
+                raise RowError(f"column {field!r} must be a non-empty list of turns, got {_short(turns)}")
+            text = _turn(turns[0], 0, tags, field)[0]["content"]
+        if not text.strip():
+            raise RowError(f"column {columns.get('prompt')!r} (the text) is empty")
+        return {"text": text}
+    if stage == "rm":
+        need = False
+        if formatting == "alpaca":
+            messages = alpaca_to_messages(row, columns, need_response=need)
+        else:
+            messages = sharegpt_to_messages(row, columns, tags, need_response=need)
+        answer_tags = None if formatting == "alpaca" else tags
+        chosen = _answer(row, columns.get("chosen", "chosen"), answer_tags)
+        rejected = _answer(row, columns.get("rejected", "rejected"), answer_tags)
+        return {"messages": messages, "chosen": chosen, "rejected": rejected, "tools": _tools(row, columns)}
+    if formatting == "alpaca":
+        messages = alpaca_to_messages(row, columns)
+    else:
+        messages = sharegpt_to_messages(row, columns, tags)
+    return {"messages": messages, "tools": _tools(row, columns)}

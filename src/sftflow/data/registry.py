@@ -1,10 +1,14 @@
 """The dataset registry: `dataset_dir/dataset_info.json`, in LLaMA-Factory's format.
 
-An entry names a local file or folder (`file_name`) or a hub dataset (`hf_hub_url`), its `formatting`
-(alpaca or sharegpt) and how its columns/tags map to ours, e.g.::
+An entry names a local file or folder (`file_name`) or a hub dataset (`hf_hub_url`, with `subset` and
+`split`), its `formatting` (alpaca, sharegpt or openai), whether it is pairwise (`ranking: true`, for the
+rm stage), how its columns and (sharegpt) tags map to ours, and optionally `num_samples` (draw that many
+rows, seeded), e.g.::
 
     "my_data": {"file_name": "my_data.json", "formatting": "alpaca",
                 "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+
+`dataset_dir: ONLINE` reads each dataset name as a hub id (alpaca formatting), as LLaMA-Factory does.
 """
 
 from __future__ import annotations
@@ -25,6 +29,35 @@ ALPACA_COLUMNS = {
     "history": "history",
 }
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
+OPENAI_COLUMNS = {"messages": "messages", "tools": "tools"}
+RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
+# Column keys LLaMA-Factory knows; the multimodal and KTO ones are refused with a clear message.
+KNOWN_COLUMNS = {
+    "prompt",
+    "query",
+    "response",
+    "history",
+    "messages",
+    "system",
+    "tools",
+    "chosen",
+    "rejected",
+}
+UNSUPPORTED_COLUMNS = {"images", "videos", "audios", "kto_tag"}
+KNOWN_ENTRY_KEYS = {
+    "file_name",
+    "hf_hub_url",
+    "formatting",
+    "ranking",
+    "columns",
+    "tags",
+    "split",
+    "subset",
+    "folder",
+    "num_samples",
+}
+IGNORED_ENTRY_KEYS = {"ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
+ONLINE = "ONLINE"
 SHAREGPT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -32,6 +65,15 @@ SHAREGPT_TAGS = {
     "assistant_tag": "gpt",
     "system_tag": "system",
     "observation_tag": "observation",
+    "function_tag": "function_call",
+}
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
     "function_tag": "function_call",
 }
 
@@ -43,13 +85,21 @@ class DatasetSpec:
     name: str
     file_name: str | None = None
     hf_hub_url: str | None = None
-    formatting: Literal["alpaca", "sharegpt"] = "alpaca"
+    formatting: Literal["alpaca", "sharegpt", "openai"] = "alpaca"
+    ranking: bool = False
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     split: str = "train"
     subset: str | None = None
     num_samples: int | None = None
+    folder: str | None = None
     source: Path | None = None  # the dataset_info.json it came from, for error messages
+
+    @property
+    def where(self) -> str:
+        """`dataset 'name' (file or hub id)`, the head of every error message about this dataset."""
+        origin = self.file_name or self.hf_hub_url
+        return f"dataset {self.name!r} ({origin})"
 
 
 def read_registry(dataset_dir: str | Path) -> dict[str, dict]:
@@ -67,12 +117,15 @@ def read_registry(dataset_dir: str | Path) -> dict[str, dict]:
     return registry
 
 
-def get_dataset_spec(name: str, dataset_dir: str | Path) -> DatasetSpec:
-    """Look up `name` in the registry and validate its entry.
+def get_dataset_spec(name: str, dataset_dir: str | Path, stage: str = "sft") -> DatasetSpec:
+    """Look up `name` in the registry and validate its entry (LLaMA-Factory's keys and defaults).
 
     Raises:
-        SftflowError: the name is not registered or its entry is malformed.
+        SftflowError: the name is not registered, its entry is malformed, or it does not suit `stage`
+            (a `ranking` dataset outside rm, or a plain one in rm).
     """
+    if str(dataset_dir) == ONLINE:
+        return DatasetSpec(name=name, hf_hub_url=name, columns=dict(ALPACA_COLUMNS), source=None)
     registry = read_registry(dataset_dir)
     source = Path(dataset_dir) / "dataset_info.json"
     if name not in registry:
@@ -86,29 +139,72 @@ def get_dataset_spec(name: str, dataset_dir: str | Path) -> DatasetSpec:
     entry = registry[name]
     if not isinstance(entry, dict):
         raise SftflowError(f"{source}: entry {name!r} must be an object.")
-    known = {"file_name", "hf_hub_url", "formatting", "columns", "tags", "split", "subset", "num_samples"}
-    unknown = sorted(set(entry) - known - {"ranking", "ms_hub_url", "om_hub_url", "script_url", "folder"})
+    unknown = sorted(set(entry) - KNOWN_ENTRY_KEYS - IGNORED_ENTRY_KEYS)
     if unknown:
         raise SftflowError(
-            f"{source}: entry {name!r} has unknown keys {unknown}; known keys: {sorted(known)}."
+            f"{source}: entry {name!r} has unknown keys {unknown}; known keys: {sorted(KNOWN_ENTRY_KEYS)}."
         )
     if not entry.get("file_name") and not entry.get("hf_hub_url"):
         raise SftflowError(f"{source}: entry {name!r} needs file_name (a local file/folder) or hf_hub_url.")
     formatting = entry.get("formatting", "alpaca")
-    if formatting not in ("alpaca", "sharegpt"):
-        raise SftflowError(f"{source}: entry {name!r} has formatting {formatting!r}; use alpaca or sharegpt.")
-    defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
-    columns = {**defaults, **entry.get("columns", {})}
-    tags = {**SHAREGPT_TAGS, **entry.get("tags", {})} if formatting == "sharegpt" else {}
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise SftflowError(
+            f"{source}: entry {name!r} has formatting {formatting!r}; use alpaca, sharegpt or openai."
+        )
+    for key in ("columns", "tags"):
+        if not isinstance(entry.get(key, {}), dict) or not all(
+            isinstance(v, str) for v in entry.get(key, {}).values()
+        ):
+            raise SftflowError(f"{source}: entry {name!r}: {key} must map names to column/tag name strings.")
+    columns_given = entry.get("columns", {})
+    bad = sorted(set(columns_given) & UNSUPPORTED_COLUMNS)
+    if bad:
+        raise SftflowError(
+            f"{source}: entry {name!r} maps {bad}: images, videos, audios and kto are not supported."
+        )
+    bad = sorted(set(columns_given) - KNOWN_COLUMNS)
+    if bad:
+        raise SftflowError(
+            f"{source}: entry {name!r} has unknown column keys {bad}; known: {sorted(KNOWN_COLUMNS)}."
+        )
+    bad = sorted(set(entry.get("tags", {})) - set(SHAREGPT_TAGS))
+    if bad:
+        raise SftflowError(
+            f"{source}: entry {name!r} has unknown tag keys {bad}; known: {sorted(SHAREGPT_TAGS)}."
+        )
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise SftflowError(f"{source}: entry {name!r}: ranking must be true or false, got {ranking!r}.")
+    if ranking != (stage == "rm"):
+        raise SftflowError(
+            f"{source}: dataset {name!r} is {'pairwise (ranking: true)' if ranking else 'not pairwise'}, "
+            f"so it cannot be used in the {stage} stage. "
+            + (
+                "Use it with stage: rm."
+                if ranking
+                else "The rm stage needs ranking: true with chosen/rejected."
+            )
+        )
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise SftflowError(f"{source}: entry {name!r}: num_samples must be a positive integer.")
+    defaults = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS, "openai": OPENAI_COLUMNS}[formatting]
+    columns = {**defaults, **(RANKING_COLUMNS if ranking else {}), **columns_given}
+    if formatting == "alpaca":
+        tags = {}
+    else:
+        tags = {**(SHAREGPT_TAGS if formatting == "sharegpt" else OPENAI_TAGS), **entry.get("tags", {})}
     return DatasetSpec(
         name=name,
         file_name=entry.get("file_name"),
         hf_hub_url=entry.get("hf_hub_url"),
         formatting=formatting,
+        ranking=ranking,
         columns=columns,
         tags=tags,
         split=entry.get("split", "train"),
         subset=entry.get("subset"),
-        num_samples=entry.get("num_samples"),
+        folder=entry.get("folder"),
+        num_samples=num_samples,
         source=source,
     )

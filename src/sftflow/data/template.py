@@ -1,93 +1,334 @@
 """Chat templates. The tokenizer's own `chat_template` is the default and the reference; the built-ins
-here are for tokenizers without one. A built-in is installed as the tokenizer's `chat_template`, so it is
-saved with the tokenizer and chat/serving later use exactly what training used.
+here are for tokenizers without one, and user templates come from a YAML file (`template_file`).
+
+Every template, built-in or user, is a Jinja chat template installed as the tokenizer's
+`chat_template`: rendering goes through `tokenizer.apply_chat_template` whatever the source, the
+template is saved with the tokenizer, and chat/serving later use exactly what training used.
+
+Built-ins and YAML templates are written as format strings (LLaMA-Factory's `format_user`,
+`format_assistant`, ... with `{content}`, `{bos_token}`, `{eos_token}` placeholders) and compiled to
+Jinja by `compile_template`. A YAML file maps names to either such a spec or a raw `chat_template`:
+
+```yaml
+my_template:
+  format_system: "<<SYS>> {content} <</SYS>>\\n"
+  format_user: "Q: {content}\\n"
+  generation_prompt: "A:"          # written before each answer and by add_generation_prompt
+  format_assistant: " {content}{eos_token}\\n"
+  default_system: ""               # used when a conversation has no system message
+my_jinja:
+  chat_template: "{% for m in messages %}...{% endfor %}"
+```
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
 
 from sftflow.errors import SftflowError
 
-ALPACA = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
-    "{% set loop_messages = messages[1:] %}"
-    "{% else %}{{ 'Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\\n\\n' }}"
-    "{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n\\n' }}{% endif %}"
-    "{% endfor %}"
+PLACEHOLDER = re.compile(r"\{(content|bos_token|eos_token)\}")
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """A chat format written as format strings; `compile_template` turns it into a Jinja chat template.
+
+    Attributes:
+        format_user: a user turn; `{content}` is the message text.
+        format_assistant: an assistant answer; must write the end-of-turn token (e.g. `{eos_token}`).
+        generation_prompt: the text before every answer (and what add_generation_prompt appends).
+        format_system: the system message; with `system_style: first_user` it is put in front of the
+            first user message's content instead of standing alone.
+        format_tool: a tool (function result) turn; default: format_user.
+        default_system: the system message used when a conversation has none ("" = none).
+        prefix: written once at the start (e.g. `{bos_token}`).
+        system_style: `separate` (a turn of its own) or `first_user` (inside the first user turn).
+        special_tokens: tokens the tokenizer must have as single tokens for this template.
+        chat_template: a raw Jinja chat template; when set, every format field is ignored.
+    """
+
+    format_user: str = "{content}"
+    format_assistant: str = "{content}{eos_token}"
+    generation_prompt: str = ""
+    format_system: str = "{content}"
+    format_tool: str | None = None
+    default_system: str = ""
+    prefix: str = ""
+    system_style: Literal["separate", "first_user"] = "separate"
+    special_tokens: tuple[str, ...] = field(default_factory=tuple)
+    chat_template: str | None = None
+
+
+CHATML_SPEC = TemplateSpec(
+    format_system="<|im_start|>system\n{content}<|im_end|>\n",
+    format_user="<|im_start|>user\n{content}<|im_end|>\n",
+    format_tool="<|im_start|>tool\n{content}<|im_end|>\n",
+    generation_prompt="<|im_start|>assistant\n",
+    format_assistant="{content}<|im_end|>\n",
+    special_tokens=("<|im_start|>", "<|im_end|>"),
 )
 
-DEFAULT = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\\nAssistant:' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token + '\\n' }}{% endif %}"
-    "{% endfor %}"
-)
+BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
+    "alpaca": TemplateSpec(
+        default_system="Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.",
+        format_system="{content}\n\n",
+        format_user="### Instruction:\n{content}\n\n",
+        generation_prompt="### Response:\n",
+        format_assistant="{content}{eos_token}\n\n",
+    ),
+    "default": TemplateSpec(
+        format_system="System: {content}\n",
+        format_user="Human: {content}\n",
+        generation_prompt="Assistant:",
+        format_assistant=" {content}{eos_token}\n",
+    ),
+    "plain": TemplateSpec(format_system="{content}\n", format_user="{content}\n"),
+    "vicuna": TemplateSpec(
+        default_system="A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        format_system="{content} ",
+        format_user="USER: {content} ",
+        generation_prompt="ASSISTANT:",
+        format_assistant=" {content}{eos_token}",
+    ),
+    "chatml": CHATML_SPEC,
+    "qwen": TemplateSpec(
+        **{
+            **{f.name: getattr(CHATML_SPEC, f.name) for f in fields(CHATML_SPEC)},
+            "default_system": "You are a helpful assistant.",
+            "format_tool": "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n",
+        }
+    ),
+    "llama2": TemplateSpec(
+        system_style="first_user",
+        format_system="<<SYS>>\n{content}\n<</SYS>>\n\n",
+        format_user="{bos_token}[INST] {content} [/INST]",
+        format_assistant=" {content} {eos_token}",
+    ),
+    "mistral": TemplateSpec(
+        prefix="{bos_token}",
+        system_style="first_user",
+        format_system="{content}\n\n",
+        format_user="[INST] {content} [/INST]",
+        format_assistant="{content}{eos_token}",
+    ),
+    "llama3": TemplateSpec(
+        prefix="{bos_token}",
+        format_system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        format_user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        format_tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
+        generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        format_assistant="{content}<|eot_id|>",
+        special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    ),
+    "gemma": TemplateSpec(
+        prefix="{bos_token}",
+        system_style="first_user",
+        format_system="{content}\n\n",
+        format_user="<start_of_turn>user\n{content}<end_of_turn>\n",
+        generation_prompt="<start_of_turn>model\n",
+        format_assistant="{content}<end_of_turn>\n",
+        special_tokens=("<start_of_turn>", "<end_of_turn>"),
+    ),
+    "phi": TemplateSpec(
+        format_system="<|system|>\n{content}<|end|>\n",
+        format_user="<|user|>\n{content}<|end|>\n",
+        generation_prompt="<|assistant|>\n",
+        format_assistant="{content}<|end|>\n",
+        special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    ),
+}
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
-BUILTIN_TEMPLATES = {"alpaca": ALPACA, "default": DEFAULT, "chatml": CHATML}
+def _expr(fmt: str, content: str = "message['content']") -> str:
+    """A Jinja expression for a format string: literals, `content`, and the tokenizer's special tokens.
+
+    >>> print(_expr("A: {content}{eos_token}"))
+    "A: " + message['content'] + (eos_token or '')
+    """
+    parts: list[str] = []
+    pos = 0
+    for match in PLACEHOLDER.finditer(fmt):
+        if match.start() > pos:
+            parts.append(json.dumps(fmt[pos : match.start()], ensure_ascii=False))
+        name = match.group(1)
+        parts.append(content if name == "content" else f"({name} or '')")
+        pos = match.end()
+    if pos < len(fmt):
+        parts.append(json.dumps(fmt[pos:], ensure_ascii=False))
+    return " + ".join(parts) if parts else "''"
 
 
-def apply_template(tokenizer: Any, name: str | None) -> None:
-    """Install the chosen template on the tokenizer (None keeps the tokenizer's own).
+def compile_template(spec: TemplateSpec) -> str:
+    """The Jinja chat template (HF `apply_chat_template` conventions) that renders `spec`.
+
+    Roles: system (first message only), user, assistant, tool. add_generation_prompt appends the
+    generation prompt. The template renders incrementally: a conversation prefix renders to a prefix of
+    the whole, which is what lets prompts and answers be cut apart exactly.
+    """
+    if spec.chat_template:
+        return spec.chat_template
+    tool = spec.format_tool or spec.format_user
+    system = _expr(spec.format_system, "system")
+    lines = [
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+        f"{{% else %}}{{% set system = {json.dumps(spec.default_system, ensure_ascii=False)} %}}"
+        "{% set loop_messages = messages %}{% endif %}",
+    ]
+    if spec.prefix:
+        lines.append("{{ " + _expr(spec.prefix) + " }}")
+    if spec.system_style == "separate":
+        lines.append("{% if system %}{{ " + system + " }}{% endif %}")
+    user_first = (
+        "{% if loop.first and system %}{{ "
+        + _expr(spec.format_user, f"({system}) + message['content']")
+        + " }}{% else %}{{ "
+        + _expr(spec.format_user)
+        + " }}{% endif %}"
+        if spec.system_style == "first_user"
+        else "{{ " + _expr(spec.format_user) + " }}"
+    )
+    gen = _expr(spec.generation_prompt) if spec.generation_prompt else None
+    lines += [
+        "{% for message in loop_messages %}",
+        "{% if message['role'] == 'user' %}" + user_first,
+        "{% elif message['role'] == 'assistant' %}"
+        + ("{{ " + gen + " }}" if gen else "")
+        + "{{ "
+        + _expr(spec.format_assistant)
+        + " }}",
+        "{% elif message['role'] == 'tool' %}{{ " + _expr(tool) + " }}",
+        "{% else %}{{ raise_exception('unsupported role ' + message['role']) }}{% endif %}",
+        "{% endfor %}",
+    ]
+    if gen:
+        lines.append("{% if add_generation_prompt %}{{ " + gen + " }}{% endif %}")
+    return "".join(lines)
+
+
+def load_template_file(path: str | Path) -> dict[str, TemplateSpec]:
+    """Read user templates from a YAML file mapping names to TemplateSpec fields (or `chat_template`).
 
     Raises:
-        SftflowError: unknown template name, or no template at all.
+        SftflowError: the file is missing or not YAML, a template is not a mapping, or names an unknown
+            field, or its assistant format does not contain `{content}`.
     """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SftflowError(f"template_file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SftflowError(f"template_file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise SftflowError(f"template_file {path} must map template names to their fields.")
+    known = {f.name for f in fields(TemplateSpec)}
+    specs: dict[str, TemplateSpec] = {}
+    for name, body in raw.items():
+        where = f"template_file {path}, template {name!r}"
+        if not isinstance(body, dict):
+            raise SftflowError(f"{where}: expected a mapping of fields ({', '.join(sorted(known))}).")
+        unknown = sorted(set(body) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SftflowError(
+                f"{where}: unknown field {unknown[0]!r}.{hint} Fields: {', '.join(sorted(known))}."
+            )
+        bad = [k for k, v in body.items() if k != "special_tokens" and not isinstance(v, str)]
+        if bad:
+            raise SftflowError(f"{where}: field {bad[0]!r} must be a string.")
+        if body.get("system_style", "separate") not in ("separate", "first_user"):
+            raise SftflowError(f"{where}: system_style must be separate or first_user.")
+        if "chat_template" not in body and "{content}" not in body.get("format_assistant", "{content}"):
+            raise SftflowError(f"{where}: format_assistant must contain {{content}}.")
+        specs[str(name)] = TemplateSpec(**{**body, "special_tokens": tuple(body.get("special_tokens", ()))})
+    return specs
+
+
+def apply_template(tokenizer: Any, name: str | None, template_file: str | Path | None = None) -> None:
+    """Install the chosen template as the tokenizer's chat_template (None keeps the tokenizer's own).
+
+    Args:
+        tokenizer: a HF tokenizer; its `chat_template` is replaced.
+        name: a built-in name, a name defined in `template_file` (those win over built-ins), or None.
+        template_file: a YAML file of user templates (see the module docstring).
+
+    Raises:
+        SftflowError: unknown template name, no template at all, or a template whose special tokens the
+            tokenizer lacks.
+    """
+    available = dict(BUILTIN_TEMPLATES)
+    if template_file:
+        user = load_template_file(template_file)
+        available.update(user)
+        if name is None:
+            raise SftflowError(
+                f"template_file {template_file} is set but template is not; set template to one of "
+                f"{', '.join(user)}."
+            )
     if name is None:
         if not getattr(tokenizer, "chat_template", None):
             raise SftflowError(
                 "this tokenizer has no chat template; set template to one of "
-                f"{', '.join(BUILTIN_TEMPLATES)} (e.g. template: alpaca for a base model)."
+                f"{', '.join(BUILTIN_TEMPLATES)} (e.g. template: alpaca for a base model), or define one "
+                "in a YAML template_file."
             )
         return
-    if name not in BUILTIN_TEMPLATES:
-        close = difflib.get_close_matches(name, list(BUILTIN_TEMPLATES), n=1)
+    if name not in available:
+        close = difflib.get_close_matches(name, list(available), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise SftflowError(
-            f"unknown template {name!r}.{hint} Built-in: {', '.join(BUILTIN_TEMPLATES)}; "
-            "leave template unset to use the tokenizer's own."
-        )
-    if name == "chatml":
-        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
-        if missing:
-            raise SftflowError(
-                f"template chatml needs the special tokens {missing}, which this tokenizer lacks."
+            f"unknown template {name!r}.{hint} Built-in: {', '.join(BUILTIN_TEMPLATES)}"
+            + (
+                f"; from {template_file}: {', '.join(sorted(set(available) - set(BUILTIN_TEMPLATES)))}"
+                if template_file
+                else ""
             )
-    tokenizer.chat_template = BUILTIN_TEMPLATES[name]
+            + "; leave template unset to use the tokenizer's own."
+        )
+    spec = available[name]
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in spec.special_tokens if t not in vocab]
+    if missing:
+        raise SftflowError(
+            f"template {name} needs the special tokens {missing}, which this tokenizer lacks. Use the "
+            "template of this model's family, a template without special tokens (alpaca, default, plain, "
+            "vicuna, llama2, mistral), or add them with new_special_tokens."
+        )
+    tokenizer.chat_template = compile_template(spec)
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The template's text for `messages` (what the model sees), via the tokenizer's chat template."""
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
-def split_turns(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, str]]:
-    """Cut the rendered conversation into (prompt text, response text) pairs, one per assistant turn.
+def turn_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and, for each assistant turn, (prompt_end, turn_end) character offsets.
 
-    The pieces concatenate to exactly `render(messages)`. A prompt ends where the template's generation
-    prompt ends (what inference sees); a response runs to the start of the next prompt, so it holds the
-    end-of-turn token and any template glue after it.
+    `full[:prompt_end]` is what the template renders for the conversation before that answer with the
+    generation prompt (what inference sees); `full[prompt_end:turn_end]` is the answer with its
+    end-of-turn text.
 
     Raises:
         SftflowError: the template does not render conversations incrementally (a prefix of the
             conversation renders differently from the start of the whole), so turns cannot be cut.
     """
     full = render(tokenizer, messages)
-    pairs, cursor = [], 0
+    spans, cursor = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -97,11 +338,25 @@ def split_turns(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[st
             raise SftflowError(
                 "the chat template renders a conversation prefix differently from the whole conversation "
                 f"(at turn {i}), so prompt and response cannot be separated. Use a built-in template "
-                "(template: chatml/alpaca/default) or fix the template."
+                f"({', '.join(BUILTIN_TEMPLATES)}) or fix the template."
             )
-        pairs.append((full[cursor : len(prompt_end)], full[len(prompt_end) : len(turn_end)]))
+        spans.append((len(prompt_end), len(turn_end)))
         cursor = len(turn_end)
-    if cursor != len(full):  # text after the last assistant turn belongs to nobody's response
-        last_prompt, last_response = pairs[-1]
-        pairs[-1] = (last_prompt, last_response + full[cursor:])
+    if not spans:
+        raise SftflowError("the conversation has no assistant turn, so there is nothing to train on.")
+    return full, spans
+
+
+def split_turns(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """Cut the rendered conversation into (prompt text, response text) pairs, one per assistant turn.
+
+    The pieces concatenate to exactly `render(messages)`; text after the last answer joins its response.
+    """
+    full, spans = turn_spans(tokenizer, messages)
+    pairs, cursor = [], 0
+    for prompt_end, turn_end in spans:
+        pairs.append((full[cursor:prompt_end], full[prompt_end:turn_end]))
+        cursor = turn_end
+    last_prompt, last_response = pairs[-1]
+    pairs[-1] = (last_prompt, last_response + full[cursor:])
     return pairs

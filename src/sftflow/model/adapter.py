@@ -1,11 +1,18 @@
-"""Decide what trains: LoRA adapters (PEFT), every weight (full), or the last layers (freeze)."""
+"""Decide what trains: LoRA adapters (PEFT), every weight (full), or chosen layers (freeze).
+
+Whatever the tuning type, trainable parameters end up in fp32 (optimizer states and updates stay exact on a
+bf16/fp16/quantized base), gradient checkpointing is on only when asked, and existing adapters are either
+continued or merged into the base before a new one is trained.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow.errors import SftflowError
+from sftflow.model.loader import check_safe_weights, is_quantized, new_token_ids
 
 if TYPE_CHECKING:
     from sftflow.config import FinetuningArguments, ModelArguments
@@ -13,30 +20,92 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def adapter_paths(value: str | None) -> list[str]:
+    """Split `adapter_name_or_path` (comma-separated) into adapter dirs, in stacking order.
+
+    >>> adapter_paths("saves/a, saves/b")
+    ['saves/a', 'saves/b']
+    """
+    return [p.strip() for p in (value or "").split(",") if p.strip()]
+
+
+def check_adapter_dir(path: str, allow_pickle: bool) -> None:
+    """Raise SftflowError unless `path` is a local PEFT adapter dir with loadable weights."""
+    adapter = Path(path).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise SftflowError(
+            f"adapter_name_or_path: {path} is not a PEFT adapter dir (no adapter_config.json). Point it at the "
+            "output_dir of a LoRA run."
+        )
+    check_safe_weights(adapter, "adapter", allow_pickle)
+
+
 def linear_module_names(model: Any) -> list[str]:
     """Short names of the linear layers LoRA can target (the output head excluded)."""
     import torch
 
     output_head = model.get_output_embeddings()
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output_head
-    }
+    names = set()
+    for name, module in model.named_modules():
+        if module is output_head or ".lora_" in name or name.endswith("base_layer"):
+            continue
+        # bitsandbytes Linear4bit/Linear8bitLt subclass nn.Linear, so quantized bases are covered
+        if isinstance(module, torch.nn.Linear):
+            names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
 
-def apply_finetuning(model: Any, model_args: ModelArguments, finetuning_args: FinetuningArguments) -> Any:
+def apply_finetuning(
+    model: Any,
+    model_args: ModelArguments,
+    finetuning_args: FinetuningArguments,
+    tokenizer: Any = None,
+    gradient_checkpointing: bool = False,
+    gradient_checkpointing_kwargs: dict | None = None,
+) -> Any:
     """Return the model ready to train: wrapped in a LoRA PeftModel, or with the right params frozen.
 
+    Args:
+        model: the base model from `load_model` (already resized for new_special_tokens).
+        model_args: the model section (adapters to continue or stack, new_special_tokens).
+        finetuning_args: tuning type and its settings.
+        tokenizer: needed with new_special_tokens, to find the rows of the new tokens.
+        gradient_checkpointing: recompute activations in backward (less memory, ~20% slower).
+        gradient_checkpointing_kwargs: passed to torch.utils.checkpoint (default: use_reentrant=False).
+
     Raises:
-        SftflowError: lora_target names no module of the model.
+        SftflowError: a setting that does not fit the model (unknown module names, adapters with
+            full/freeze tuning, adapters to merge into a quantized base, ...).
     """
     kind = finetuning_args.finetuning_type
+    quantized = is_quantized(model)
+    if adapter_paths(model_args.adapter_name_or_path) and kind != "lora":
+        raise SftflowError(
+            f"adapter_name_or_path works with finetuning_type: lora, not {kind}. To train a merged model "
+            "fully, merge it first with `sftflow export` and point model_name_or_path at export_dir."
+        )
+    new_ids = new_token_ids(tokenizer, model_args) if tokenizer is not None else []
+    if model_args.new_special_tokens and tokenizer is None:
+        raise SftflowError("new_special_tokens needs the tokenizer passed to apply_finetuning.")
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # casts the non-quantized weights (norms, embeddings) to fp32 and freezes everything
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
     if kind == "lora":
-        model = _apply_lora(model, model_args, finetuning_args)
+        model = _apply_lora(model, model_args, finetuning_args, new_ids, quantized)
     elif kind == "freeze":
-        _freeze_all_but_last_layers(model, finetuning_args.freeze_trainable_layers)
+        freeze_layers(
+            model,
+            finetuning_args.freeze_trainable_layers,
+            finetuning_args.freeze_trainable_modules,
+            finetuning_args.freeze_extra_modules,
+        )
+        if new_ids:  # the new rows must learn; freeze saves whole weights anyway
+            model.get_input_embeddings().requires_grad_(True)
+            model.get_output_embeddings().requires_grad_(True)
     else:
         model.requires_grad_(True)
     for param in model.parameters():
@@ -44,12 +113,28 @@ def apply_finetuning(model: Any, model_args: ModelArguments, finetuning_args: Fi
             param.data = param.data.float()  # optimizer states and updates in fp32 even on a bf16 base
     trainable, total = count_parameters(model)
     logger.info(
-        "trainable params: %s || all params: %s || trainable%%: %.4f",
+        "trainable params: %s || all params: %s || trainable%%: %.4f%s",
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
+        " || gradient checkpointing on" if gradient_checkpointing else "",
     )
     return model
+
+
+def enable_gradient_checkpointing(model: Any, kwargs: dict | None = None) -> None:
+    """Turn on activation recomputation, with the input-grad hook that frozen embeddings need.
+
+    With LoRA or freeze the embedding output does not require grad; without the hook, reentrant
+    checkpointing would silently give the checkpointed layers no gradient.
+    """
+    kwargs = dict(kwargs) if kwargs else {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    model.config.use_cache = False  # the cache is useless in training and conflicts with recomputation
 
 
 def _float32() -> Any:
@@ -58,14 +143,28 @@ def _float32() -> Any:
     return torch.float32
 
 
-def _apply_lora(model: Any, model_args: ModelArguments, args: FinetuningArguments) -> Any:
+def _apply_lora(
+    model: Any, model_args: ModelArguments, args: FinetuningArguments, new_ids: list[int], quantized: bool
+) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if model_args.adapter_name_or_path:
-        return PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
+    paths = adapter_paths(model_args.adapter_name_or_path)
+    if paths:
+        for path in paths:
+            check_adapter_dir(path, allow_pickle=not model_args.use_safetensors)
+        if quantized and (len(paths) > 1 or args.create_new_adapter):
+            raise SftflowError(
+                "a quantized base cannot have adapters merged into it: give one adapter_name_or_path to continue "
+                "training it, or merge on the unquantized base first (sftflow export)."
+            )
+        to_merge = paths if args.create_new_adapter else paths[:-1]
+        model = merge_adapters(model, to_merge, allow_pickle=not model_args.use_safetensors)
+        if not args.create_new_adapter:
+            logger.info("continuing to train the adapter %s (its own rank and targets apply)", paths[-1])
+            return PeftModel.from_pretrained(model, paths[-1], is_trainable=True)
     available = linear_module_names(model)
     if args.lora_target == ["all"]:
-        targets: list[str] | str = available
+        targets: list[str] = available
     else:
         unknown = [t for t in args.lora_target if t not in available]
         if unknown:
@@ -73,24 +172,88 @@ def _apply_lora(model: Any, model_args: ModelArguments, args: FinetuningArgument
                 f"lora_target {unknown} not found in the model; its linear layers are {available} (or use all)."
             )
         targets = args.lora_target
+    extra = args.additional_target or None
+    if extra:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [t for t in extra if t not in names]
+        if unknown:
+            raise SftflowError(f"additional_target {unknown} names no module of the model.")
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=targets,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+        modules_to_save=extra,
+        # only the rows of the new tokens train and are saved; tied input/output embeddings stay tied
+        trainable_token_indices=new_ids or None,
     )
     return get_peft_model(model, config)
 
 
-def _freeze_all_but_last_layers(model: Any, n: int) -> None:
+def merge_adapters(model: Any, paths: list[str], allow_pickle: bool = False) -> Any:
+    """Load each adapter in turn and merge it into the weights (the stacking order of the list).
+
+    Raises:
+        SftflowError: an adapter dir is invalid, or the model is quantized (merging would be lossy).
+    """
+    if not paths:
+        return model
+    from peft import PeftModel
+
+    if is_quantized(model):
+        raise SftflowError(
+            "cannot merge adapters into a quantized base (the result would lose the adapter's precision). "
+            "Load the base without quantization_bit to merge."
+        )
+    for path in paths:
+        check_adapter_dir(path, allow_pickle)
+        model = PeftModel.from_pretrained(model, path)
+        model = model.merge_and_unload()
+        logger.info("merged the adapter %s into the model", path)
+    return model
+
+
+def freeze_layers(model: Any, n: int, modules: list[str], extra: list[str] | None) -> None:
+    """Train only the last n decoder layers (first n if n < 0), optionally only some of their modules.
+
+    Raises:
+        SftflowError: n selects no layer, or a module name matches nothing.
+    """
     layers = _decoder_layers(model)
     chosen = layers[-n:] if n > 0 else layers[:-n]
-    if not chosen:
+    if n == 0 or not chosen:
         raise SftflowError(f"freeze_trainable_layers={n} selects no layer (the model has {len(layers)}).")
     model.requires_grad_(False)
-    for layer in chosen:
-        layer.requires_grad_(True)
+    if modules == ["all"]:
+        for layer in chosen:
+            layer.requires_grad_(True)
+    else:
+        available = sorted(
+            {part for name, _ in layers[0].named_modules() for part in name.split(".") if part}
+        )
+        unknown = [m for m in modules if m not in available]
+        if unknown:
+            raise SftflowError(
+                f"freeze_trainable_modules {unknown} not found in a decoder layer; its modules are {available} "
+                "(or use all)."
+            )
+        for layer in chosen:
+            for name, param in layer.named_parameters():
+                if set(name.split(".")) & set(modules):
+                    param.requires_grad_(True)
+    for wanted in extra or []:
+        matched = [
+            module
+            for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] == wanted and not any(module is layer for layer in layers)
+        ]
+        if not matched:
+            raise SftflowError(f"freeze_extra_modules: {wanted!r} names no module of the model.")
+        for module in matched:
+            module.requires_grad_(True)
 
 
 def _decoder_layers(model: Any) -> Any:
@@ -104,6 +267,16 @@ def _decoder_layers(model: Any) -> Any:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts as the number of values it packs."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     return trainable, total
+
+
+def _numel(param: Any) -> int:
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        import math
+
+        return math.prod(quant_state.shape)
+    return param.numel()

@@ -4,9 +4,12 @@ args -> tokenizer/template -> datasets -> model (+LoRA) -> collator -> trainer -
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,9 @@ from typing import Any
 import yaml
 
 from sftflow.config import RunArgs
-from sftflow.data.collator import SftCollator
+from sftflow.data.collator import PackedCollator, SftCollator
 from sftflow.data.loader import load_conversations, split_train_eval
+from sftflow.data.packing import pack_dataset
 from sftflow.data.processor import IGNORE_INDEX, encode_prompt, encode_sft, stop_token_ids
 from sftflow.data.template import apply_template, render
 from sftflow.errors import SftflowError
@@ -33,38 +37,45 @@ class SftResult:
     metrics: dict[str, float] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
     sample: dict[str, str] | None = None  # one held-out question with tuned and base answers
+    report: Path | None = None  # report.html
 
 
-def run_sft(args: RunArgs) -> SftResult:
-    """Run the sft workflow described by `args` and write everything under `output_dir`."""
-    from transformers import GenerationConfig, set_seed
+def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> SftResult:
+    """Run the sft workflow described by `args` and write everything under `output_dir`.
 
-    from sftflow.train.plotting import plot_losses
-    from sftflow.train.trainer import JsonlLogCallback, SftTrainer
+    `callbacks` are extra `transformers.TrainerCallback`s, added after sftflow's own.
+    """
+    from transformers import GenerationConfig
+
+    from sftflow.train.callbacks import JsonlLogCallback
+    from sftflow.train.trainer import SftTrainer
 
     training = args.training
-    output_dir = Path(training.output_dir)
-    prepare_output_dir(output_dir, args)
-    set_seed(training.seed)  # before the model is built: the LoRA init draws from this seed
+    output_dir, resume = start_run(args)
 
     # 1. Tokenizer and chat template (the tokenizer's own unless `template` names a built-in).
-    tokenizer = load_tokenizer(args.model)
-    apply_template(tokenizer, args.data.template)
+    tokenizer = load_chat_tokenizer(args)
     stop_ids = stop_token_ids(tokenizer)
 
     # 2. Datasets: load, convert to messages, hold out eval data, tokenize (main process first).
     with training.main_process_first(desc="dataset preprocessing"):
-        train_convs, eval_convs = load_datasets(args)
-        train_set = tokenize_sft(train_convs, tokenizer, args, stop_ids, "train") if train_convs else None
-        eval_set = tokenize_sft(eval_convs, tokenizer, args, stop_ids, "eval") if eval_convs else None
+        prepared = prepare_datasets(args, tokenizer, stop_ids)
+        train_set, eval_set, eval_convs = prepared.train, prepared.eval, prepared.eval_conversations
         predict_set, predict_rows = (
             tokenize_prompts(eval_convs, tokenizer, args) if training.do_predict else (None, [])
         )
     if training.process_index == 0:
         preview(train_set if train_set is not None else eval_set, tokenizer, args.data.preview_rows)
+    if args.data.packing:  # after the preview, which shows the examples one by one
+        train_set, eval_set = (
+            pack_dataset(d, args.data.cutoff_len) if d is not None else None for d in (train_set, eval_set)
+        )
 
-    # 3. Model, with LoRA / freeze / full tuning applied.
-    model = apply_finetuning(load_model(args.model), args.model, args.finetuning)
+    # 3. Model (embeddings resized for new_special_tokens), with LoRA / freeze / full tuning applied
+    #    and, when asked, gradient checkpointing with the input-grad hook frozen embeddings need.
+    model = build_model(args, tokenizer)
+    if args.data.packing:  # with a KV cache transformers ignores position_ids when building the mask
+        model.config.use_cache = False
 
     # 4. Trainer: right-padded batches for training and eval loss.
     generation_config = GenerationConfig(
@@ -77,45 +88,21 @@ def run_sft(args: RunArgs) -> SftResult:
         args=training,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=SftCollator(tokenizer.pad_token_id),
+        data_collator=(PackedCollator if args.data.packing else SftCollator)(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(output_dir)],
+        callbacks=[JsonlLogCallback(output_dir), *(callbacks or [])],
         generation_config=generation_config,
+        skip_nan=args.finetuning.skip_nan,
     )
     result = SftResult(output_dir)
 
     # 5. Train, then save the adapter/model, the tokenizer (with the template used) and the arguments.
     if training.do_train:
-        train_output = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.save_state()
-        metrics = dict(train_output.metrics)
-        if trainer.state.num_input_tokens_seen and metrics.get("train_runtime"):
-            # non-pad tokens per second of the whole train() call (what a user waits for)
-            metrics["train_tokens_per_second"] = round(
-                trainer.state.num_input_tokens_seen / metrics["train_runtime"], 2
-            )
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        result.metrics.update(metrics)
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(output_dir)
-            (output_dir / "sftflow_args.yaml").write_text(
-                yaml.safe_dump(args.to_yaml_dict(), sort_keys=False)
-            )
-            if args.finetuning.plot_loss:
-                result.plots = plot_losses(trainer.state.log_history, output_dir)
+        train_and_save(trainer, args, tokenizer, resume, result)
 
     # 6. Eval: loss and perplexity on the held-out set.
     if training.do_eval:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-        if "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        result.metrics.update(metrics)
-        if trainer.is_world_process_zero() and args.finetuning.plot_loss:
-            result.plots = plot_losses(trainer.state.log_history, output_dir)
+        evaluate_and_report(trainer, args, result, perplexity=True)
 
     # 7. Predict: generate answers from prompts only (left-padded), tuned and, with LoRA, base model.
     if training.do_predict:
@@ -131,44 +118,214 @@ def run_sft(args: RunArgs) -> SftResult:
         result.metrics.update(metrics)
 
     if trainer.is_world_process_zero():
+        from sftflow.train.report import write_report
+
+        result.report = write_report(output_dir)  # 8. report.html: config, data, curves, metrics, answers
         print(format_summary(result), flush=True)
     return result
 
 
+def start_run(args: RunArgs) -> tuple[Path, str | None]:
+    """The first step of every stage: prepare output_dir, settle (or refuse) the checkpoint to resume from
+    before anything heavy loads, warn about a single-process multi-GPU launch, and set the seed (before the
+    model is built: LoRA and reward-head inits draw from it). Returns output_dir and the checkpoint."""
+    import torch
+    from transformers import set_seed
+
+    from sftflow.train.trainer import check_launch, launch_advice, resolve_resume
+
+    training = args.training
+    output_dir = Path(training.output_dir)
+    check_launch(os.environ, training.world_size)  # before any rank touches output_dir
+    prepare_output_dir(output_dir, args)
+    resume = resolve_resume(output_dir, training.resume_from_checkpoint) if training.do_train else None
+    if advice := launch_advice(torch.cuda.device_count(), os.environ):
+        logger.warning(advice)
+    set_seed(training.seed)
+    return output_dir, resume
+
+
+def load_chat_tokenizer(args: RunArgs) -> Any:
+    """The tokenizer with the chat template installed (its own unless `template` names another)."""
+    tokenizer = load_tokenizer(args.model)
+    apply_template(tokenizer, args.data.template, args.data.template_file)
+    return tokenizer
+
+
+def build_model(args: RunArgs, tokenizer: Any, base: Any = None) -> Any:
+    """`base` (default: the causal LM of model_name_or_path, embeddings resized for new_special_tokens) with
+    LoRA / freeze / full tuning applied and, when asked, gradient checkpointing with the input-grad hook
+    that frozen embeddings need."""
+    return apply_finetuning(
+        base if base is not None else load_model(args.model, tokenizer),
+        args.model,
+        args.finetuning,
+        tokenizer=tokenizer,
+        gradient_checkpointing=bool(args.training.gradient_checkpointing),
+        gradient_checkpointing_kwargs=args.training.gradient_checkpointing_kwargs,
+    )
+
+
+def train_and_save(
+    trainer: Any, args: RunArgs, tokenizer: Any, resume: str | None, result: SftResult
+) -> None:
+    """Train, then save the adapter/model, the trainer state, the train metrics (with non-pad tokens/s), the
+    tokenizer (with the template used), sftflow_args.yaml and the loss plot. Any stage's Trainer works."""
+    from sftflow.train.plotting import plot_losses
+
+    output_dir = Path(args.training.output_dir)
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    metrics = dict(train_output.metrics)
+    if trainer.state.num_input_tokens_seen and metrics.get("train_runtime"):
+        # non-pad tokens per second of the whole train() call (what a user waits for)
+        metrics["train_tokens_per_second"] = round(
+            trainer.state.num_input_tokens_seen / metrics["train_runtime"], 2
+        )
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    result.metrics.update(metrics)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        (output_dir / "sftflow_args.yaml").write_text(yaml.safe_dump(args.to_yaml_dict(), sort_keys=False))
+        if args.finetuning.plot_loss:
+            result.plots = plot_losses(trainer.state.log_history, output_dir)
+
+
+def evaluate_and_report(trainer: Any, args: RunArgs, result: SftResult, perplexity: bool) -> dict[str, float]:
+    """Evaluate on the held-out set (with `perplexity`, exp(eval_loss) too), save eval_results.json and
+    redraw the loss plots with the eval loss. Returns the eval metrics."""
+    from sftflow.train.plotting import plot_losses
+
+    metrics = trainer.evaluate(metric_key_prefix="eval")
+    if perplexity and "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    result.metrics.update(metrics)
+    if trainer.is_world_process_zero() and args.finetuning.plot_loss:
+        result.plots = plot_losses(trainer.state.log_history, args.training.output_dir)
+    return metrics
+
+
 def prepare_output_dir(output_dir: Path, args: RunArgs) -> None:
-    """Refuse to write over an earlier run unless asked; start a fresh trainer_log.jsonl."""
+    """Refuse to write over an earlier run unless asked; start a fresh trainer_log.jsonl and drop the
+    earlier run's checkpoints (so a later resume cannot pick one of them up)."""
     if output_dir.is_dir() and any(output_dir.iterdir()):
-        resuming = args.training.resume_from_checkpoint
+        resume = args.training.resume_from_checkpoint
+        resuming = bool(resume) and str(resume).strip().lower() not in ("false", "none", "null")
         if not (args.finetuning.overwrite_output_dir or resuming):
             raise SftflowError(
                 f"output_dir {output_dir} already holds files. Set overwrite_output_dir: true to write over "
                 "them, resume_from_checkpoint to continue a run, or choose another output_dir."
             )
-        if not resuming:
+        if not resuming and args.training.process_index == 0:
             (output_dir / "trainer_log.jsonl").unlink(missing_ok=True)
+            for old in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".tmp-checkpoint-*")]:
+                shutil.rmtree(old, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def load_datasets(args: RunArgs) -> tuple[Any, Any]:
-    """Training conversations and held-out conversations (eval_dataset, or a val_size split)."""
+@dataclass
+class PreparedData:
+    """The data step's output: tokenized train/eval sets, the held-out conversations (for predict) and
+    counts for the preview (per dataset: read/skipped/kept rows; per split: examples/truncated/dropped)."""
+
+    train: Any = None
+    eval: Any = None
+    eval_conversations: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_datasets(
+    args: RunArgs, tokenizer: Any, stop_ids: set[int], use_cache: bool = True
+) -> PreparedData:
+    """Load, convert, split and tokenize the data, or reuse the tokenized cache when the data files,
+    tokenizer, template and every preprocessing flag are unchanged (see `sftflow.data.cache`)."""
+    from sftflow.data.cache import TokenizedCache, cache_key
+    from sftflow.data.loader import LoadReport
+
+    data, training = args.data, args.training
+    stage = getattr(args.finetuning, "stage", "sft")
+    cache = None
+    if use_cache and not data.streaming:
+        splits = ["train", "eval"] if training.do_train else ["eval"]
+        key = cache_key(data, stage, training.seed, splits, tokenizer)
+        cache = TokenizedCache.for_key(key, data.tokenized_cache_dir)
+        hit = None if data.overwrite_cache else cache.load()
+        if hit is not None:
+            parts, meta = hit
+            return PreparedData(parts.get("train"), parts.get("eval"), parts.get("eval_conversations"), meta)
+    report = LoadReport()
+    train_convs, eval_convs = load_datasets(args, report)
+    stats: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+    train_set = (
+        tokenize_sft(train_convs, tokenizer, args, stop_ids, "train", stats["train"]) if train_convs else None
+    )
+    eval_set = (
+        tokenize_sft(eval_convs, tokenizer, args, stop_ids, "eval", stats["eval"]) if eval_convs else None
+    )
+    meta = {
+        "datasets": {name: dataclasses.asdict(count) for name, count in report.datasets.items()},
+        "splits": stats,
+    }
+    if cache is not None:
+        cache.save({"train": train_set, "eval": eval_set, "eval_conversations": eval_convs}, meta)
+    return PreparedData(train_set, eval_set, eval_convs, meta)
+
+
+def load_datasets(args: RunArgs, report: Any = None, stage: str | None = None) -> tuple[Any, Any]:
+    """Training conversations and held-out conversations (eval_dataset, or a val_size split).
+
+    `report` (a `sftflow.data.loader.LoadReport`) collects per-dataset row counts. `stage` is the data
+    form to load (pt, sft or rm; default: the run's stage). A streamed held-out
+    set is small (val_size is a count) and is read into memory, so eval and predict can index it.
+    """
+    from datasets import Dataset, IterableDataset
+
     data, seed = args.data, args.training.seed
-    train = load_conversations(data.dataset, data, seed) if data.dataset else None
+    stage = stage or getattr(args.finetuning, "stage", "sft")
+    train = load_conversations(data.dataset, data, seed, stage, report) if data.dataset else None
     held_out = None
     if data.eval_dataset:
-        held_out = load_conversations(data.eval_dataset, data, seed)
+        held_out = load_conversations(data.eval_dataset, data, seed, stage, report)
     elif data.val_size and train is not None:
         train, held_out = split_train_eval(train, data.val_size, seed)
-    if train is not None:
-        train = train.shuffle(seed=seed) if args.training.do_train else train
+    if isinstance(held_out, IterableDataset):
+        held_out = Dataset.from_list(list(held_out), features=held_out.features)
+    if train is not None and args.training.do_train:
+        if isinstance(train, IterableDataset):
+            train = train.shuffle(seed=seed, buffer_size=data.buffer_size)
+        else:
+            train = train.shuffle(seed=seed)
     return (train if args.training.do_train else None), held_out
 
 
-def tokenize_sft(conversations: Any, tokenizer: Any, args: RunArgs, stop_ids: set[int], split: str) -> Any:
-    """Tokenize conversations into input_ids/labels; report truncated and dropped examples."""
+def tokenize_sft(
+    conversations: Any,
+    tokenizer: Any,
+    args: RunArgs,
+    stop_ids: set[int],
+    split: str,
+    stats: dict[str, int] | None = None,
+) -> Any:
+    """Tokenize conversations into input_ids/labels; report truncated and dropped examples (and count
+    them in `stats`: examples, truncated, dropped). A stream is tokenized lazily, uncounted."""
+    from datasets import IterableDataset
+
     data = args.data
 
     def encode(row: dict) -> dict:
-        encoded = encode_sft(tokenizer, row["messages"], data.cutoff_len, data.train_on_prompt, stop_ids)
+        encoded = encode_sft(
+            tokenizer,
+            row["messages"],
+            data.cutoff_len,
+            data.train_on_prompt,
+            stop_ids,
+            mask_history=data.mask_history,
+            cutoff_policy=data.cutoff_policy,
+        )
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
@@ -176,14 +333,21 @@ def tokenize_sft(conversations: Any, tokenizer: Any, args: RunArgs, stop_ids: se
             "dropped": encoded.dropped,
         }
 
+    if isinstance(conversations, IterableDataset):
+        encoded = conversations.map(encode, remove_columns=conversations.column_names)
+        encoded = encoded.filter(lambda reason: not reason, input_columns="dropped")
+        return encoded.remove_columns(["truncated", "dropped"])
+    workers = data.preprocessing_num_workers
     encoded = conversations.map(
         encode,
         remove_columns=conversations.column_names,
-        num_proc=data.preprocessing_num_workers,
+        num_proc=min(workers, len(conversations)) if workers and workers > 1 else None,
         desc=f"Tokenizing {split}",
     )
     dropped = [i for i, reason in enumerate(encoded["dropped"]) if reason]
     truncated = sum(encoded["truncated"])
+    if stats is not None:
+        stats.update(examples=len(encoded) - len(dropped), truncated=truncated, dropped=len(dropped))
     if truncated:
         logger.warning(
             "%s: %d of %d examples exceed cutoff_len=%d and were truncated.",
@@ -194,14 +358,15 @@ def tokenize_sft(conversations: Any, tokenizer: Any, args: RunArgs, stop_ids: se
         )
     if dropped:
         logger.warning(
-            "%s: dropped %d examples whose prompt alone exceeds cutoff_len=%d (e.g. example %d: %s). Raise cutoff_len to keep them.",
+            "%s: dropped %d examples that do not fit cutoff_len=%d (e.g. example %d: %s). Raise cutoff_len to keep them.",
             split,
             len(dropped),
             data.cutoff_len,
             dropped[0],
             encoded[dropped[0]]["dropped"],
         )
-        encoded = encoded.select([i for i in range(len(encoded)) if i not in set(dropped)])
+        dropped_set = set(dropped)
+        encoded = encoded.select([i for i in range(len(encoded)) if i not in dropped_set])
     if len(encoded) == 0:
         raise SftflowError(f"{split}: no example fits cutoff_len={data.cutoff_len}; raise cutoff_len.")
     no_labels = sum(1 for labels in encoded["labels"] if all(t == IGNORE_INDEX for t in labels))
@@ -321,6 +486,8 @@ def format_summary(result: SftResult) -> str:
             lines.append(f"  {group}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
     for plot in result.plots:
         lines.append(f"  loss plot: {plot.resolve()}")
+    if result.report:
+        lines.append(f"  report: {result.report.resolve()}")
     if result.sample:
         prompt = result.sample["prompt"]
         lines += [

@@ -1,26 +1,325 @@
-"""The Seq2SeqTrainer subclass: generation at predict time sees only the prompt, and returns only new tokens."""
+"""The Seq2SeqTrainer subclass, and the fault handling around it.
+
+- predict generates from left-padded prompts only and returns only the new tokens;
+- checkpoints are written to a staging dir and renamed into `checkpoint-N` once complete, and resuming
+  picks the latest complete one, so a run killed mid-save never resumes from a half-written checkpoint;
+- a NaN/inf training loss stops the run naming the step (or, with `skip_nan`, skips that batch);
+- out-of-memory errors say which knobs help; SIGTERM/SIGINT save a checkpoint and stop (callbacks.py).
+- the training loss computes logits only at trained positions of a padding-free row (loss.py), and every
+  training log entry carries non-pad tokens/s, MFU and peak memory.
+"""
 
 from __future__ import annotations
 
-import json
-import time
+import contextlib
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, Seq2SeqTrainer, TrainerCallback
+from transformers import GenerationConfig, Seq2SeqTrainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from sftflow.errors import SftflowError
+from sftflow.train.callbacks import GracefulStopCallback, JsonlLogCallback, TrainingInterrupted
+from sftflow.train.loss import ThroughputMeter, causal_lm_loss, sequence_lengths, supports_fast_loss
+
+__all__ = [
+    "JsonlLogCallback",
+    "SftTrainer",
+    "check_launch",
+    "complete_checkpoints",
+    "launch_advice",
+    "resolve_resume",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = (
+    ".tmp-"  # staging dirs: output_dir/.tmp-checkpoint-N/checkpoint-N (never matched by checkpoint-*)
+)
+INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # the sentinel of transformers' own JIT checkpoints
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_RESUME_LATEST = {"true", "latest", "last"}
+_RESUME_NONE = {"", "false", "none", "null"}
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint dir is complete when the Trainer wrote its state file (the last file it writes) and
+    no in-progress marker is left in it."""
+    return (path / "trainer_state.json").is_file() and not (path / INCOMPLETE_MARKER).exists()
+
+
+def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """The `checkpoint-N` dirs under `output_dir`, complete ones and incomplete ones, by step."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return [], []
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
+    )
+    complete = [p for _, p in found if is_complete_checkpoint(p)]
+    return complete, [p for _, p in found if not is_complete_checkpoint(p)]
+
+
+def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | bool | None) -> str | None:
+    """The checkpoint to resume from: `true`/`latest` means the latest complete one in `output_dir`.
+
+    Raises:
+        SftflowError: there is no complete checkpoint to resume from, or the named one is incomplete.
+    """
+    value = resume_from_checkpoint
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _RESUME_NONE):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in _RESUME_LATEST):
+        complete, incomplete = complete_checkpoints(output_dir)
+        if incomplete:
+            logger.warning(
+                "skipping incomplete checkpoints (a save was interrupted): %s",
+                ", ".join(p.name for p in incomplete),
+            )
+        if not complete:
+            raise SftflowError(
+                f"resume_from_checkpoint: no complete checkpoint in {output_dir}"
+                + (f" (incomplete: {', '.join(p.name for p in incomplete)})" if incomplete else "")
+                + ". Checkpoints are written with save_strategy: steps and save_steps: N; to start over, "
+                "drop resume_from_checkpoint and set overwrite_output_dir: true."
+            )
+        logger.info("resuming from %s", complete[-1])
+        return str(complete[-1])
+    path = Path(value)
+    if not path.is_dir():
+        raise SftflowError(
+            f"resume_from_checkpoint: {path} is not a directory (give a checkpoint-N dir or true)."
+        )
+    if not is_complete_checkpoint(path):
+        raise SftflowError(
+            f"resume_from_checkpoint: {path} is incomplete (no trainer_state.json, or its save was interrupted). "
+            "Use resume_from_checkpoint: true to pick the latest complete checkpoint."
+        )
+    return str(path)
+
+
+def launch_advice(device_count: int, env: dict[str, str] | os._Environ) -> str | None:
+    """What to tell a user who sees several GPUs but started one process (the Trainer would fall back to
+    the slow torch DataParallel); None when there is nothing to say."""
+    if device_count <= 1 or "WORLD_SIZE" in env or "LOCAL_RANK" in env:
+        return None
+    return (
+        f"{device_count} GPUs are visible but sftflow runs as a single process, so the Trainer would use slow "
+        f"DataParallel. Launch one process per GPU: torchrun --nproc_per_node {device_count} -m sftflow.cli "
+        "train CONFIG.yaml (or accelerate launch / deepspeed, see examples/), or pick one GPU with "
+        "CUDA_VISIBLE_DEVICES=0."
+    )
+
+
+def check_launch(env: dict[str, str] | os._Environ, world_size: int) -> None:
+    """Refuse a multi-process launch that the Trainer did not turn into one distributed run.
+
+    Raises:
+        SftflowError: torchrun/accelerate started several processes but each would train alone.
+    """
+    launched = int(env.get("WORLD_SIZE") or 1)
+    if launched > 1 and world_size == 1:
+        raise SftflowError(
+            f"started as {launched} processes (WORLD_SIZE={launched}) but the Trainer set up no process "
+            "group, so each process would train alone and write the same output_dir. On CPU set "
+            "use_cpu: true (gloo backend); on GPUs make sure every process sees CUDA."
+        )
+
+
+def oom_message(stage: str) -> str:
+    """The advice for an out-of-memory error in `stage` (training, evaluation, prediction)."""
+    if stage == "training":
+        knobs = (
+            "lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the global batch), "
+            "lower cutoff_len, set gradient_checkpointing: true, use quantization_bit: 4 (QLoRA) or "
+            "finetuning_type: lora, or shard with DeepSpeed ZeRO / FSDP (examples/)"
+        )
+    else:
+        knobs = "lower per_device_eval_batch_size, cutoff_len or max_new_tokens, or use quantization_bit: 4"
+    return f"out of memory during {stage}. To fit: {knobs}."
+
+
+@contextlib.contextmanager
+def oom_advice(stage: str) -> Iterator[None]:
+    """Turn an out-of-memory error (GPU, or a failed CPU allocation) into an SftflowError with advice."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise SftflowError(oom_message(stage)) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):
+            raise
+        raise SftflowError(oom_message(stage)) from exc
 
 
 class SftTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer that generates from left-padded prompts with an explicit GenerationConfig.
+    """Seq2SeqTrainer that generates from left-padded prompts with an explicit GenerationConfig, saves
+    checkpoints atomically and stops on NaN loss, signals and OOM with a message.
 
     Eval (loss) runs on prompt+response batches; predict runs on prompt-only batches (no labels), so no
     response token can reach `generate`.
     """
 
-    def __init__(self, *args: Any, generation_config: GenerationConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        generation_config: GenerationConfig | None = None,
+        skip_nan: bool = False,
+        fast_loss: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.sft_generation_config = generation_config
+        self.skip_nan = skip_nan
+        self.fast_loss = fast_loss  # training loss with logits only at trained positions (loss.py)
+        self.throughput = ThroughputMeter(self.model)
+        self.nan_skipped = 0
+        self.stop_callback = GracefulStopCallback()
+        self.add_callback(self.stop_callback)
+        self._staging_dir: str | None = None
+
+    # ---- train / evaluate / predict: resume resolution, OOM advice, signal stop ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`Trainer.train`, resuming from the latest *complete* checkpoint when asked for `true`.
+
+        Raises:
+            TrainingInterrupted: a SIGTERM/SIGINT stopped training (after saving a checkpoint).
+            SftflowError: NaN/inf loss, out of memory, or nothing to resume from.
+        """
+        resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
+        if self.args.should_save:
+            remove_staging_dirs(self.args.output_dir)
+        with oom_advice("training"):
+            output = super().train(resume_from_checkpoint=resume, **kwargs)
+        if self.stop_callback.stopped_by:
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.stop_callback.step}"
+            raise TrainingInterrupted(
+                f"training stopped by {self.stop_callback.stopped_by} at step {self.stop_callback.step} of "
+                f"{self.state.max_steps}; checkpoint saved to {checkpoint}. Resume with the same command plus "
+                "resume_from_checkpoint=true (e.g. sftflow train CONFIG.yaml resume_from_checkpoint=true)."
+            )
+        return output
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with oom_advice("evaluation"):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with oom_advice("prediction"):
+            return super().predict(*args, **kwargs)
+
+    # ---- the training loss (logits only where trained) and throughput logs ----
+
+    def trained_token_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """`causal_lm_loss` (sum over trained tokens / num_items_in_batch), scaled for DDP as
+        `Trainer.compute_loss` scales the model's own loss (DDP averages gradients over ranks while
+        num_items_in_batch counts the tokens of all ranks)."""
+        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch:
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add non-pad tokens/s, MFU and peak memory (since the last log) to every training log entry."""
+        if "loss" in logs:
+            logs = {**logs, **self.throughput.report()}
+        super().log(logs, *args, **kwargs)
+
+    # ---- NaN / inf loss ----
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        if model.training:
+            pad_id = getattr(self.processing_class, "pad_token_id", None)
+            self.throughput.add(sequence_lengths(inputs, pad_id))
+        if self.fast_loss and model.training and not return_outputs and supports_fast_loss(model, inputs):
+            output = self.trained_token_loss(model, inputs, num_items_in_batch)
+        else:
+            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = output[0] if return_outputs else output
+        if not model.training or bool(torch.isfinite(loss.detach()).all()):
+            return output
+        step = self.state.global_step + 1  # the optimizer step this batch belongs to
+        value = loss.detach().float().mean().item()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        weights_ok = all(bool(torch.isfinite(p.detach()).all()) for p in trainable)
+        if not self.skip_nan or not weights_ok:
+            reason = (
+                ""
+                if weights_ok
+                else " The trainable weights themselves hold NaN/inf, so skipping cannot help."
+            )
+            raise SftflowError(
+                f"training loss is {value} at step {step} (epoch {self.state.epoch or 0:.2f}); training stopped."
+                f"{reason} Try a lower learning_rate, max_grad_norm: 1.0, bf16 instead of fp16, or check the "
+                "data; skip_nan: true skips batches whose loss is NaN/inf instead of stopping."
+            )
+        self.nan_skipped += 1
+        logger.warning(
+            "step %d: loss is %s; skipping this batch (skip_nan, %d skipped so far).",
+            step,
+            value,
+            self.nan_skipped,
+        )
+        # A zero-gradient loss on every trainable weight (so DDP's gradient hooks still fire) that keeps the
+        # non-finite value for the log (the Trainer's logging_nan_inf_filter leaves it out of the average).
+        skipped = sum((p * 0).sum() for p in trainable) + loss.detach()
+        return (skipped, *output[1:]) if return_outputs else skipped
+
+    # ---- atomic checkpoints ----
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write checkpoint-N into a staging dir, then rename it into place once every rank is done."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staging:
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every rank has written its part (rng state, shards)
+        if self.args.should_save:
+            final = run_dir / name
+            if (staging / name).is_dir():  # another node sharing the filesystem may have renamed it already
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+    # ---- generation at predict time ----
 
     def prediction_step(
         self,
@@ -43,21 +342,11 @@ class SftTrainer(Seq2SeqTrainer):
         return None, output[:, inputs["input_ids"].size(1) :], None
 
 
-class JsonlLogCallback(TrainerCallback):
-    """Append every log entry (with elapsed seconds) to output_dir/trainer_log.jsonl, main process only."""
-
-    def __init__(self, output_dir: str | Path) -> None:
-        self.path = Path(output_dir) / "trainer_log.jsonl"
-        self.start = time.time()
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        entry = {
-            "step": state.global_step,
-            "max_steps": state.max_steps,
-            "elapsed_s": round(time.time() - self.start, 2),
-            **logs,
-        }
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+def remove_staging_dirs(output_dir: str | Path) -> None:
+    """Delete staging dirs left by a save that was killed (their checkpoint never became visible)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"):
+        logger.warning("removing %s: a checkpoint save that was interrupted", path)
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,208 @@
+"""The preference-tuning (dpo) workflow, top to bottom:
+args -> tokenizer/template -> preference pairs -> causal LM (+LoRA) -> TRL DPOTrainer (sigmoid / ipo /
+hinge, optional NLL term) or TRL's experimental ORPOTrainer -> train/eval -> report.
+
+Pairs are tokenized by sftflow (`encode_pairwise`, the same rendering and cutoff policy as sft) and handed
+to TRL already split into prompt and completion ids. With LoRA no reference model is loaded: the
+reference is the base model with the adapter disabled. With full or freeze tuning a frozen copy of the
+starting model is the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sftflow.config import RunArgs
+from sftflow.data.processor import stop_token_ids
+from sftflow.errors import SftflowError
+from sftflow.train.rm import check_pairwise_args, preview_pair, tokenize_pairs, trl_args
+from sftflow.train.sft import (
+    SftResult,
+    build_model,
+    evaluate_and_report,
+    format_summary,
+    load_chat_tokenizer,
+    load_datasets,
+    start_run,
+    train_and_save,
+)
+
+logger = logging.getLogger(__name__)
+
+# pref_loss -> DPOConfig.loss_type
+DPO_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge"}
+
+
+def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> SftResult:
+    """Run the dpo workflow described by `args` and write everything under `output_dir`.
+
+    Metrics (TRL's): train/eval loss, rewards/chosen, rewards/rejected, rewards/accuracies (the share of
+    pairs whose chosen answer gains more log-probability over the reference than the rejected one) and
+    rewards/margins.
+
+    Raises:
+        SftflowError: do_predict (nothing to generate in this stage yet), an unsupported pairwise
+            setting, or orpo without TRL's experimental ORPO trainer.
+    """
+    from sftflow.train.callbacks import JsonlLogCallback
+
+    training, finetuning = args.training, args.finetuning
+    check_pairwise_args(args)
+    if training.do_predict:
+        raise SftflowError(
+            "stage: dpo does not predict; set do_predict: false (do_eval reports the preference metrics on the "
+            "held-out pairs; `sftflow predict` answers prompts with the tuned adapter)."
+        )
+    output_dir, resume = start_run(args)
+
+    # 1. Tokenizer and chat template.
+    tokenizer = load_chat_tokenizer(args)
+    stop_ids = stop_token_ids(tokenizer)
+
+    # 2. Pairs: load (ranking: true datasets), hold out eval pairs, tokenize; completions are the trained
+    #    answers through their end-of-turn token, as in sft.
+    with training.main_process_first(desc="dataset preprocessing"):
+        train_pairs, eval_pairs = load_datasets(args, stage="rm")
+        train_set = tokenize_pairs(train_pairs, tokenizer, args, stop_ids, "train") if train_pairs else None
+        eval_set = tokenize_pairs(eval_pairs, tokenizer, args, stop_ids, "eval") if eval_pairs else None
+    if training.process_index == 0:
+        preview_pair(train_set if train_set is not None else eval_set, tokenizer)
+
+    # 3. Policy model with LoRA / freeze / full tuning.
+    model = build_model(args, tokenizer)
+
+    # 4. Trainer (TRL needs a train_dataset even when only evaluating).
+    train_set = train_set if train_set is not None else eval_set
+    trainer_callbacks = [JsonlLogCallback(output_dir), *(callbacks or [])]
+    if finetuning.pref_loss == "orpo":
+        trainer = orpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
+    else:
+        trainer = dpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
+    result = SftResult(output_dir)
+
+    # 5. Train and save; 6. eval loss and preference metrics on the held-out pairs.
+    if training.do_train:
+        train_and_save(trainer, args, tokenizer, resume, result)
+    if training.do_eval:
+        evaluate_and_report(trainer, args, result, perplexity=False)
+
+    if trainer.is_world_process_zero():
+        print(format_summary(result), flush=True)
+    return result
+
+
+def completions(pairs: Any) -> Any:
+    """TRL's preference columns from `tokenize_pairs`: the shared prompt ids and each trained answer.
+
+    >>> from datasets import Dataset
+    >>> d = Dataset.from_list([{"chosen_ids": [1, 2, 3, 4, 9], "rejected_ids": [1, 2, 5, 9],
+    ...     "prompt_len": 2, "chosen_end": 4, "rejected_end": 3, "row": 0}])
+    >>> completions(d)[0]
+    {'prompt_ids': [1, 2], 'chosen_ids': [3, 4], 'rejected_ids': [5]}
+    """
+
+    def split(row: dict) -> dict:
+        cut = row["prompt_len"]
+        return {
+            "prompt_ids": row["chosen_ids"][:cut],
+            "chosen_ids": row["chosen_ids"][cut : row["chosen_end"]],
+            "rejected_ids": row["rejected_ids"][cut : row["rejected_end"]],
+        }
+
+    return pairs.map(split, remove_columns=pairs.column_names)
+
+
+def dpo_trainer(
+    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+) -> Any:
+    """TRL's DPOTrainer on sftflow's tokenization, with pref_beta, pref_loss (+ pref_ftx) and the
+    memory-wise reference (the base with the adapter disabled under LoRA)."""
+    from trl import DPOConfig, DPOTrainer
+
+    from sftflow.model.loader import load_model
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer that takes prompt/chosen/rejected ids as they are (sftflow tokenized them)."""
+
+        def _prepare_dataset(self, dataset: Any, *unused: Any) -> Any:
+            return dataset
+
+    finetuning = args.finetuning
+    loss_type, loss_weights = [DPO_LOSSES[finetuning.pref_loss]], None
+    if finetuning.pref_ftx:
+        loss_type, loss_weights = [*loss_type, "sft"], [1.0, finetuning.pref_ftx]
+    config = trl_args(
+        DPOConfig,
+        args.training,
+        beta=finetuning.pref_beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        max_length=None,  # sftflow's cutoff_len already applies
+    )
+    lora = finetuning.finetuning_type == "lora"
+    ref_model = None
+    if not lora:  # a frozen copy of the starting model, loaded like the policy
+        ref_model = load_model(args.model, tokenizer).requires_grad_(False).eval()
+    trainer = PretokenizedDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=completions(train_set),
+        eval_dataset=completions(eval_set) if eval_set is not None else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora and "ref" in getattr(peft_model, "peft_config", {}):
+        # TRL keeps a frozen copy of the adapter as reference; without it the reference is the base with
+        # the adapter disabled (identical for a fresh adapter, and never saved beside it)
+        peft_model.delete_adapter("ref")
+    return trainer
+
+
+def orpo_trainer(
+    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+) -> Any:
+    """TRL's experimental ORPOTrainer (no reference model) on sftflow's tokenization; pref_beta is ORPO's
+    lambda (the weight of the odds-ratio term).
+
+    Raises:
+        SftflowError: this TRL has no experimental ORPO trainer.
+    """
+    try:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    except ImportError as exc:
+        raise SftflowError(
+            f"pref_loss: orpo needs TRL's experimental ORPO trainer (trl.experimental.orpo), which this TRL "
+            f"does not have ({exc}). Install a TRL that ships it, or use pref_loss: sigmoid, ipo or hinge."
+        ) from None
+
+    class PretokenizedORPOTrainer(ORPOTrainer):
+        """ORPOTrainer that builds its rows from sftflow's ids instead of tokenizing text."""
+
+        def tokenize_row(self, feature: dict, model: Any = None) -> dict:
+            prompt = list(feature["prompt_ids"])
+            out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = list(feature[f"{side}_ids"])
+                out[f"{side}_input_ids"] = prompt + answer
+                out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                out[f"{side}_labels"] = [-100] * len(prompt) + answer
+            return out
+
+    config = trl_args(
+        ORPOConfig,
+        args.training,
+        beta=args.finetuning.pref_beta,
+        max_length=args.data.cutoff_len,  # rows are already within cutoff_len
+        remove_unused_columns=False,
+    )
+    return PretokenizedORPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=completions(train_set),
+        eval_dataset=completions(eval_set) if eval_set is not None else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )

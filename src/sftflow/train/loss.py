@@ -1,0 +1,267 @@
+"""The sft training loss, computed only where it is trained.
+
+A causal LM spends a large part of its FLOPs and most of its activation memory on the output head:
+every position gets a `vocab_size` row of logits, kept (in fp32) for the backward pass. In SFT the prompt
+and padding positions carry label -100, so their logits are thrown away. `causal_lm_loss`:
+
+1. flattens the batch into one padding-free row (`flatten_batch`): the real tokens of every example
+   back to back, `position_ids` restarting at 0 for each example and no attention mask, which is
+   transformers' documented padding-free input (flash-attention reads the boundaries from the position
+   ids; sdpa/eager build a block-diagonal causal mask from them when there is no KV cache). No FLOP is
+   spent on padding and no token attends across examples;
+2. asks the model for logits only at the positions whose next token is trained, through the
+   `logits_to_keep` argument of the model's own forward (with a 1-D tensor of positions);
+3. sums the cross-entropy over those positions and divides by `num_items_in_batch`, the number of trained
+   tokens in the whole accumulation window (over all ranks under DDP), so batch 8 x accumulation 1 and
+   batch 1 x accumulation 8 give the same loss and gradients, as the Trainer's own loss does.
+
+The model is always called through its (possibly DDP/PEFT-wrapped) forward; nothing is patched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from sftflow.data.processor import IGNORE_INDEX
+
+# Inputs the flattened forward knows how to carry; any other key (pixel_values, ...) means: use the
+# model's own loss instead.
+_FLATTENABLE = {"input_ids", "attention_mask", "labels", "position_ids"}
+
+
+def supports_fast_loss(model: Any, inputs: dict[str, Any]) -> bool:
+    """True when `causal_lm_loss` applies: the model's forward takes `logits_to_keep` (transformers causal
+    LMs do; PEFT/DDP wrappers pass it through) and the batch holds only token inputs and labels."""
+    if "labels" not in inputs or not set(inputs) <= _FLATTENABLE:
+        return False
+    inner = model
+    for attr in ("module", "base_model", "model"):  # DDP -> PeftModel -> LoraModel -> the causal LM
+        if hasattr(inner, "get_output_embeddings") and _takes_logits_to_keep(inner):
+            return True
+        inner = getattr(inner, attr, inner)
+    return hasattr(inner, "get_output_embeddings") and _takes_logits_to_keep(inner)
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def shift_labels(labels: Any) -> Any:
+    """The target of each position: the label of the next token in the same row (-100 at the end).
+
+    >>> import torch
+    >>> shift_labels(torch.tensor([[-100, 5, 6], [-100, -100, 7]])).tolist()
+    [[5, 6, -100], [-100, 7, -100]]
+    """
+    import torch
+
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def flatten_batch(inputs: dict[str, Any]) -> dict[str, Any]:
+    """One padding-free row from a padded or packed batch: input_ids, position_ids and the shifted targets.
+
+    With an `attention_mask`, only its tokens are kept (right or left padding alike) and their positions
+    count from 0 within each row; without one, every token is kept with the given `position_ids`
+    (packed rows, whose padding is a block of its own that is never trained). Targets are shifted
+    within each row before flattening, so no token is trained to predict the next example.
+
+    >>> import torch
+    >>> flat = flatten_batch({"input_ids": torch.tensor([[5, 6, 0], [7, 8, 9]]),
+    ...     "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+    ...     "labels": torch.tensor([[-100, 6, -100], [-100, 8, 9]])})
+    >>> flat["input_ids"].tolist(), flat["position_ids"].tolist(), flat["targets"].tolist()
+    ([[5, 6, 7, 8, 9]], [[0, 1, 0, 1, 2]], [[6, -100, 8, 9, -100]])
+    """
+    import torch
+
+    input_ids, labels = inputs["input_ids"], inputs["labels"]
+    targets = shift_labels(labels)
+    mask = inputs.get("attention_mask")
+    positions = inputs.get("position_ids")
+    if mask is None:
+        if positions is None:
+            positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        keep = mask.bool()
+        if positions is None:
+            positions = (keep.long().cumsum(1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids[keep].unsqueeze(0),
+        "position_ids": positions[keep].unsqueeze(0),
+        "targets": targets[keep].unsqueeze(0),
+    }
+
+
+def causal_lm_loss(
+    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+) -> tuple[Any, Any]:
+    """Cross-entropy over the trained tokens of `inputs`, with logits computed only there.
+
+    Args:
+        model: the causal LM as the Trainer holds it (DDP/PEFT wrappers included); called once.
+        inputs: input_ids, labels and attention_mask (padded) or position_ids (packed).
+        num_items_in_batch: trained tokens in the whole accumulation window (all ranks); the sum of the
+            token losses is divided by it. None: divide by this batch's trained tokens (a mean).
+
+    Returns:
+        (loss, model outputs); `outputs.logits` holds only the kept positions, shape (1, kept, vocab).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    flat = flatten_batch(inputs)
+    targets = flat["targets"][0]
+    keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    outputs = model(
+        input_ids=flat["input_ids"],
+        position_ids=flat["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,  # a KV cache makes transformers ignore the position_ids when building the mask
+    )
+    logits = outputs.logits[0].float()
+    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = keep.numel()
+    # An empty window (every label -100) would divide 0 by 0; the loss is then 0 with a zero gradient.
+    if torch.is_tensor(num_items_in_batch):
+        return total / num_items_in_batch.to(total.device).clamp(min=1), outputs
+    return total / max(int(num_items_in_batch), 1), outputs
+
+
+def sequence_lengths(inputs: dict[str, Any], pad_token_id: int | None = None) -> list[int]:
+    """The non-pad length of every example in a padded (attention_mask) or packed (position_ids) batch.
+
+    In packed rows an example starts where position_ids is 0; the collator's trailing pad block (all
+    pad ids, never trained) is not an example.
+
+    >>> import torch
+    >>> sequence_lengths({"input_ids": torch.tensor([[5, 6, 7, 0, 0]]), "labels": torch.tensor([[-100, 6, 7,
+    ...     -100, -100]]), "position_ids": torch.tensor([[0, 1, 0, 0, 1]])}, pad_token_id=0)
+    [2, 1]
+    """
+    if "attention_mask" in inputs:
+        return [int(n) for n in inputs["attention_mask"].sum(1).tolist()]
+    ids, labels = inputs["input_ids"], inputs.get("labels")
+    positions = inputs.get("position_ids")
+    if positions is None:
+        return [ids.size(1)] * ids.size(0)
+    lengths = []
+    for row in range(ids.size(0)):
+        starts = (positions[row] == 0).nonzero().squeeze(1).tolist() + [ids.size(1)]
+        for begin, end in zip(starts[:-1], starts[1:]):
+            pad_block = pad_token_id is not None and bool((ids[row, begin:end] == pad_token_id).all())
+            if pad_block and (labels is None or bool((labels[row, begin:end] == IGNORE_INDEX).all())):
+                continue
+            lengths.append(end - begin)
+    return lengths
+
+
+def model_flops(lengths: list[int], n_params: int, n_trainable: int, n_layers: int, hidden: int) -> float:
+    """Model FLOPs of one training pass over examples of these lengths (recomputation not counted).
+
+    Per token: 2N forward + 2N backward through the activations + 2 x trainable for weight gradients,
+    i.e. 4N for a frozen base with LoRA and 6N for full tuning; plus attention 12 * layers * hidden * s
+    per token of an example of length s (scores and values, forward and backward; causal masking not
+    discounted, as in the PaLM MFU formula).
+
+    >>> model_flops([10], n_params=100, n_trainable=0, n_layers=1, hidden=2)
+    6400.0
+    """
+    tokens = sum(lengths)
+    return float((4 * n_params + 2 * n_trainable) * tokens + 12 * n_layers * hidden * sum(s * s for s in lengths))
+
+
+class ThroughputMeter:
+    """Non-pad tokens/s, MFU and peak memory between two training logs (this process).
+
+    `add` is called with the example lengths of every training batch; `report` returns the figures for
+    the batches since the last report:
+
+    - tokens_per_second: non-pad tokens / wall seconds;
+    - mfu: `model_flops` per second / this device's matmul peak, measured once with a square matmul in
+      the model's dtype (CPU: fp32 at 1024; GPU: 4096), so it is the fraction of what the matmul units
+      reach here, not of a datasheet figure;
+    - peak_memory_gb: the peak resident set size of the process (CPU) or the peak allocated GPU memory.
+    """
+
+    def __init__(self, model: Any) -> None:
+        config = getattr(model, "config", None)  # PeftModel forwards .config to the base model
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        unique = list({id(p): p for p in model.parameters()}.values())  # tied weights counted once
+        self.n_trainable = sum(p.numel() for p in unique if p.requires_grad)
+        self.n_params = sum(p.numel() for p in unique)  # 4N + 2 x trainable: ~4N LoRA, 6N full
+        self.n_layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+        self.hidden = int(getattr(text, "hidden_size", 0) or 0)
+        param = next(iter(unique), None)
+        self.device = param.device if param is not None else None
+        self.dtype = param.dtype if param is not None else None
+        self.peak_flops: float | None = None
+        self._lengths: list[int] = []
+        self._start: float | None = None
+
+    def add(self, lengths: list[int]) -> None:
+        import time
+
+        if self._start is None:
+            self._start = time.perf_counter()
+        self._lengths.extend(lengths)
+
+    def report(self) -> dict[str, float]:
+        """The figures since the last report (empty when no batch was seen), then start a new window."""
+        import time
+
+        if self._start is None or not self._lengths:
+            return {}
+        seconds = max(time.perf_counter() - self._start, 1e-9)
+        flops = model_flops(self._lengths, self.n_params, self.n_trainable, self.n_layers, self.hidden)
+        out = {"tokens_per_second": round(sum(self._lengths) / seconds, 2)}
+        if self.peak_flops is None:
+            self.peak_flops = measure_peak_flops(self.device, self.dtype)
+        if self.peak_flops:
+            out["mfu"] = round(flops / seconds / self.peak_flops, 4)
+        out["peak_memory_gb"] = round(peak_memory_bytes(self.device) / 2**30, 3)
+        self._lengths, self._start = [], time.perf_counter()
+        return out
+
+
+def measure_peak_flops(device: Any = None, dtype: Any = None) -> float:
+    """FLOP/s of a square matmul on `device` in `dtype` (best of a few runs), the MFU denominator."""
+    import time
+
+    import torch
+
+    device = torch.device(device or "cpu")
+    dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_memory_bytes(device: Any = None) -> int:
+    """Peak allocated GPU memory on a CUDA device, else the peak resident set size of this process."""
+    import resource
+    import sys
+
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

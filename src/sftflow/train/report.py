@@ -1,0 +1,356 @@
+"""`report.html`: one self-contained page (images inline, no network) that says whether a run worked.
+
+Written at the end of `sftflow train` and by `sftflow report OUTPUT_DIR` from the files a run leaves in
+its output dir: sftflow_args.yaml (config), trainer_log.jsonl and *.png (curves), all_results.json
+(metrics), generated_predictions.jsonl and generated_predictions_base.jsonl (answers); the data
+statistics are recomputed from the config's datasets with the run's saved tokenizer.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sftflow.errors import SftflowError
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+MAX_SAMPLES = 50
+SECTIONS = ("config", "data", "curves", "metrics", "base-vs-tuned", "samples")
+RUN_FILES = (
+    "all_results.json",
+    "trainer_log.jsonl",
+    "sftflow_args.yaml",
+    "generated_predictions.jsonl",
+    "training_loss.png",
+)
+PER_SECOND = ("runtime", "per_second")
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#1d232a;padding:0 1rem;line-height:1.45}
+h1{margin-bottom:.2rem}h2{border-bottom:2px solid #e3e7ec;padding-bottom:.3rem;margin-top:2.2rem}
+.sub{color:#5b6673;margin-top:0}table{border-collapse:collapse;width:100%;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #dde2e8;padding:.35rem .55rem;text-align:left;vertical-align:top}
+th{background:#f3f5f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.better{color:#137333;font-weight:600}.worse{color:#b3261e;font-weight:600}
+pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:.85rem;max-height:14rem;overflow:auto}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:0 1.2rem}
+figure{margin:.6rem 0}figure img{max-width:100%;border:1px solid #e3e7ec}figcaption{color:#5b6673;font-size:.85rem}
+.note{color:#5b6673;font-style:italic}table.samples td:nth-child(2){width:34%}table.samples td:first-child{width:1.5rem}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the run
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when absent."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines file, or [] when absent (blank lines skipped)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_config(output_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = output_dir / "sftflow_args.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def base_vs_tuned(metrics: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(metric, base, tuned) for every predict_X that has a predict_base_X (timings left out).
+
+    >>> base_vs_tuned({"predict_rouge-l": 60.5, "predict_base_rouge-l": 20.7, "predict_runtime": 3.0})
+    [('rouge-l', 20.7, 60.5)]
+    """
+    rows = []
+    for key, tuned in metrics.items():
+        if not key.startswith("predict_") or key.startswith("predict_base_") or key.endswith(PER_SECOND):
+            continue
+        name = key[len("predict_") :]
+        base = metrics.get(f"predict_base_{name}")
+        if isinstance(base, (int, float)) and isinstance(tuned, (int, float)):
+            rows.append((name, float(base), float(tuned)))
+    return rows
+
+
+def sample_rows(output_dir: Path, limit: int = MAX_SAMPLES) -> tuple[list[dict[str, str]], int]:
+    """Predictions joined line by line with the base model's: prompt, reference, base and tuned answers."""
+    tuned = read_jsonl(output_dir / "generated_predictions.jsonl")
+    base = read_jsonl(output_dir / "generated_predictions_base.jsonl")
+    if base and len(base) != len(tuned):
+        logger.warning(
+            "report: %d base predictions for %d tuned ones; base answers left out", len(base), len(tuned)
+        )
+        base = []
+    rows = [
+        {
+            "prompt": row.get("prompt", ""),
+            "reference": row.get("label", ""),
+            "base": base[i].get("predict", "") if base else None,
+            "tuned": row.get("predict", ""),
+        }
+        for i, row in enumerate(tuned[:limit])
+    ]
+    return rows, len(tuned)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[Any]], numeric_from: int = 1, css: str = "") -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{cell}</td>' if i >= numeric_from else f"<td>{cell}</td>"
+            for i, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def png_tag(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
+
+
+def config_section(config: dict[str, Any]) -> str:
+    if not config:
+        return '<p class="note">no sftflow_args.yaml in the output dir.</p>'
+    cells = [[f"<code>{esc(k)}</code>", esc(fmt(v))] for k, v in config.items()]
+    half = (len(cells) + 1) // 2  # two key/value columns: half the height
+    rows = [cells[i] + (cells[i + half] if i + half < len(cells) else ["", ""]) for i in range(half)]
+    return table(["key", "value", "key", "value"], rows, numeric_from=4)
+
+
+def data_section(output_dir: Path, config: dict[str, Any], work_dir: Path) -> str:
+    """Data statistics from the config's datasets, tokenized with the run's saved tokenizer."""
+    try:
+        audit = _audit(output_dir, config)
+    except (SftflowError, OSError, ValueError) as exc:
+        return f'<p class="note">data statistics unavailable from here: {esc(exc)}</p>'
+    pct = audit.percentiles()
+    trained = audit.percentiles(audit.trained)
+    rows = [
+        ["examples per dataset", esc(", ".join(f"{k}: {v}" for k, v in audit.per_dataset.items()))],
+        ["train / held out", f"{audit.examples} / {audit.eval_examples}"],
+        ["length in tokens", esc(", ".join(f"{k} {v}" for k, v in pct.items()))],
+        ["trained tokens per example", esc(", ".join(f"{k} {v}" for k, v in trained.items()))],
+        [f"at cutoff_len {audit.cutoff_len}", f"{audit.truncated} truncated, {audit.dropped} dropped"],
+        ["trained share of tokens", f"{audit.trained_share:.1%}"],
+        ["duplicates", f"{audit.duplicates} exact, {audit.conflicting} prompts with differing answers"],
+        ["empty responses", str(audit.empty_responses)],
+        [
+            "end-of-turn token trained",
+            f"{len(audit.lengths) - audit.eot_untrained} of {len(audit.lengths)} ({esc(', '.join(audit.eot_tokens))})",
+        ],
+    ]
+    return table(["", "training data"], rows, numeric_from=2) + png_tag(
+        length_histogram(audit.full_lengths, audit.cutoff_len, work_dir), "example lengths (tokens)"
+    )
+
+
+def _audit(output_dir: Path, config: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    from sftflow.config import load_args
+    from sftflow.train.plan import audit_data
+
+    if not config:
+        raise SftflowError("no sftflow_args.yaml")
+    if not (output_dir / "tokenizer_config.json").is_file():
+        raise SftflowError("the run saved no tokenizer")
+    args = load_args(output_dir / "sftflow_args.yaml", ["do_train=true"])
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)  # saved with the chat template the run used
+    return audit_data(args, tokenizer)
+
+
+def length_histogram(lengths: list[int], cutoff_len: int, work_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="#1f77b4")
+    if max(lengths) >= 0.5 * cutoff_len:
+        ax.axvline(cutoff_len, color="#b3261e", linestyle="--", label=f"cutoff_len {cutoff_len}")
+        ax.legend()
+    ax.set_xlabel("tokens per example (before cutoff_len)")
+    ax.set_ylabel("examples")
+    ax.grid(alpha=0.3)
+    path = work_dir / "lengths.png"
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def curves_section(output_dir: Path, log: list[dict[str, Any]], work_dir: Path) -> str:
+    """Every PNG the run wrote; loss curves drawn from trainer_log.jsonl when it wrote none."""
+    from sftflow.train.plotting import plot_losses
+
+    pngs = sorted(output_dir.glob("*.png"), key=lambda p: (p.name != "training_loss.png", p.name))
+    if not pngs and log:
+        pngs = plot_losses(log, work_dir)
+    if not pngs:
+        return '<p class="note">no loss was logged.</p>'
+    steps = [e for e in log if "loss" in e]
+    note = ""
+    if steps:
+        first, last = steps[0], steps[-1]
+        note = (
+            f"<p>train loss {fmt(first['loss'])} at step {first.get('step')} &rarr; "
+            f"{fmt(last['loss'])} at step {last.get('step')} ({len(steps)} logged points).</p>"
+        )
+    return note + '<div class="grid">' + "".join(png_tag(p, p.name) for p in pngs) + "</div>"
+
+
+def metrics_section(metrics: dict[str, Any]) -> str:
+    if not metrics:
+        return '<p class="note">no all_results.json in the output dir.</p>'
+    groups: dict[str, list[list[Any]]] = {}
+    for key, value in metrics.items():
+        group = key.split("_", 1)[0] if key.split("_", 1)[0] in ("train", "eval", "predict") else "run"
+        groups.setdefault(group, []).append([f"<code>{esc(key)}</code>", esc(fmt(value))])
+    return "".join(f"<h3>{esc(g)}</h3>" + table(["metric", "value"], rows) for g, rows in groups.items())
+
+
+def base_vs_tuned_section(metrics: dict[str, Any]) -> str:
+    rows = base_vs_tuned(metrics)
+    if not rows:
+        return '<p class="note">predict did not run on both the base and the tuned model.</p>'
+    out = []
+    for name, base, tuned in rows:
+        delta = tuned - base
+        css = "better" if delta > 0 else "worse" if delta < 0 else ""
+        out.append([esc(name), fmt(base), fmt(tuned), f'<span class="{css}">{delta:+.4g}</span>'])
+    return (
+        "<p>Scores on the held-out set (x100, higher is better), generated from the same prompts with the "
+        "adapter disabled (base) and enabled (tuned).</p>" + table(["metric", "base", "tuned", "change"], out)
+    )
+
+
+def samples_section(rows: list[dict[str, str]], total: int) -> str:
+    if not rows:
+        return '<p class="note">no generated_predictions.jsonl in the output dir.</p>'
+    has_base = rows[0]["base"] is not None
+    header = ["#", "prompt", "reference", *(["base answer"] if has_base else []), "tuned answer"]
+    body = []
+    for i, row in enumerate(rows):
+        cells = [str(i), f"<pre>{esc(row['prompt'])}</pre>", esc(row["reference"])]
+        if has_base:
+            cells.append(esc(row["base"]))
+        cells.append(esc(row["tuned"]))
+        body.append(cells)
+    shown = f"the first {len(rows)} of {total}" if total > len(rows) else f"all {total}"
+    return f"<p>{shown} held-out examples.</p>" + table(header, body, len(header), css="samples")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+
+
+def build_html(output_dir: Path) -> str:
+    """The report page for the run in `output_dir`."""
+    config = read_config(output_dir)
+    metrics = read_json(output_dir / "all_results.json")
+    log = read_jsonl(output_dir / "trainer_log.jsonl")
+    samples, total = sample_rows(output_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        parts = [
+            section("config", "Config", config_section(config)),
+            section("data", "Data", data_section(output_dir, config, work)),
+            section("curves", "Loss and eval curves", curves_section(output_dir, log, work)),
+            section("metrics", "Final metrics", metrics_section(metrics)),
+            section("base-vs-tuned", "Base vs tuned model", base_vs_tuned_section(metrics)),
+            section("samples", "Sample predictions", samples_section(samples, total)),
+        ]
+    model = config.get("model_name_or_path", "?")
+    method = config.get("finetuning_type", "?")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    headline = ""
+    if "eval_loss" in metrics:
+        headline += f" eval loss {fmt(metrics['eval_loss'])}."
+    if rows := base_vs_tuned(metrics):
+        name, base, tuned = next((r for r in rows if r[0] == "rouge-l"), rows[0])
+        headline += f" {name}: base {fmt(base)} &rarr; tuned {fmt(tuned)}."
+    nav = " · ".join(f'<a href="#{s}">{s}</a>' for s in SECTIONS)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>sftflow report: {esc(output_dir.name)}</title><style>{CSS}</style></head><body>\n"
+        f'<h1>sftflow run report</h1>\n<p class="sub">{esc(output_dir.resolve())} &middot; '
+        f"{esc(model)} &middot; {esc(method)} &middot; written {when}.{headline}</p>\n<nav>{nav}</nav>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
+
+
+def write_report(output_dir: str | Path) -> Path:
+    """Write `report.html` into `output_dir` and return its path.
+
+    Raises:
+        SftflowError: `output_dir` is not a run's output dir.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise SftflowError(f"{output_dir} is not a directory; pass a run's output_dir.")
+    if not any((output_dir / name).is_file() for name in RUN_FILES):
+        raise SftflowError(
+            f"{output_dir} holds none of {', '.join(RUN_FILES)}: is it the output_dir of a `sftflow train` run?"
+        )
+    path = output_dir / REPORT_NAME
+    path.write_text(build_html(output_dir), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    """`sftflow report OUTPUT_DIR`."""
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(
+            "usage: sftflow report OUTPUT_DIR\n\nWrite OUTPUT_DIR/report.html (self-contained, offline) from a "
+            "finished run: config, data statistics, curves, metrics, base vs tuned, sample predictions."
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from sftflow.cli import setup_logging
+
+    setup_logging()
+    print(f"report: {write_report(argv[0]).resolve()}")
+    return 0

@@ -1,0 +1,221 @@
+"""The chat engine on a tiny model + LoRA adapter: loading from a run dir, generation, streaming, stop
+strings, length checks, and concurrent callers that never mix."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftflow.errors import SftflowError
+from sftflow.infer.engine import (
+    RequestError,
+    SamplingParams,
+    StopBuffer,
+    cut_at_stop,
+    load_engine,
+    load_infer_args,
+    validate_messages,
+)
+
+QUESTION = [{"role": "user", "content": "What is two plus two?"}]
+
+
+def make_run_dir(model_dir: Path, out: Path, max_new_tokens: int = 8) -> Path:
+    """What `sftflow train` leaves in output_dir: a LoRA adapter (random B, so it changes the model),
+    the tokenizer with its chat template, and sftflow_args.yaml."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    args = {
+        "model_name_or_path": str(model_dir),
+        "output_dir": "somewhere/else",
+        "cutoff_len": 128,
+        "max_new_tokens": max_new_tokens,
+    }
+    (out / "sftflow_args.yaml").write_text(yaml.safe_dump(args))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir):
+    engine = load_engine(load_infer_args(str(run_dir), []))
+    yield engine
+    engine.close()
+
+
+def test_run_dir_alone_gives_model_adapter_and_settings(run_dir, tiny_model_dir):
+    args = load_infer_args(str(run_dir), ["max_new_tokens=5"])
+    assert args.model.model_name_or_path == str(tiny_model_dir)
+    assert args.model.adapter_name_or_path == str(run_dir)
+    assert args.generating.max_new_tokens == 5  # overrides win over sftflow_args.yaml
+    assert args.training.output_dir == str(run_dir)  # the run dir, not the path written at training time
+
+
+def test_adapter_without_args_file_finds_its_base_model(run_dir, tiny_model_dir, tmp_path):
+    bare = tmp_path / "adapter"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (bare / name).write_bytes((run_dir / name).read_bytes())
+    args = load_infer_args(str(bare), [])
+    assert (
+        args.model.model_name_or_path
+        == json.loads((bare / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
+    assert args.model.model_name_or_path == str(tiny_model_dir)
+    flags = load_infer_args(None, [], model=str(tiny_model_dir), adapter=str(run_dir), default_output_dir=".")
+    assert (flags.model.model_name_or_path, flags.model.adapter_name_or_path) == (
+        str(tiny_model_dir),
+        str(run_dir),
+    )
+
+
+def test_dir_without_model_or_adapter_is_refused(tmp_path):
+    with pytest.raises(SftflowError, match="neither a LoRA adapter"):
+        load_infer_args(str(tmp_path), [])
+
+
+def test_generate_matches_the_peft_model_on_the_chat_template(
+    engine, run_dir, tiny_model_dir, tiny_tokenizer
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = engine.generate(QUESTION, SamplingParams(max_new_tokens=6))
+    prompt = tiny_tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    ids = tiny_tokenizer.encode(prompt, add_special_tokens=False)
+    assert result.prompt_tokens == len(ids)
+
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir
+    ).eval()
+    with torch.no_grad():
+        expected = reference.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+    new = expected[0, len(ids) :].tolist()
+    assert result.choices[0].text == tiny_tokenizer.decode(new, skip_special_tokens=True)
+    assert result.choices[0].completion_tokens == 6 and result.choices[0].finish_reason == "length"
+    # the adapter is applied: the base model alone scores the prompt differently
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(torch.tensor([ids])).logits, engine.model(torch.tensor([ids])).logits)
+
+
+def test_stream_yields_the_same_answer_as_generate(engine):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    plain = engine.generate(QUESTION, params).choices[0]
+    stream, prompt_tokens = engine.stream(QUESTION, params)
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == plain.text
+    assert (stream.finish_reason, stream.completion_tokens) == (plain.finish_reason, plain.completion_tokens)
+    assert prompt_tokens == engine.generate(QUESTION, SamplingParams(max_new_tokens=1)).prompt_tokens
+
+
+def test_stop_strings_cut_plain_and_streamed_answers(engine):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
+    full = engine.generate(QUESTION, params).choices[0].text
+    stop = full[4:6]
+    assert stop and stop in full
+    expected = full[: full.find(stop)]
+    cut = engine.generate(QUESTION, SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, stop=[stop]))
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    stream, _ = engine.stream(
+        QUESTION, SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, stop=[stop])
+    )
+    assert "".join(stream) == expected and stream.finish_reason == "stop"
+
+
+def test_n_answers_sampled_with_a_seed_are_reproducible(engine):
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=11)
+    first = [c.text for c in engine.generate(QUESTION, params).choices]
+    assert len(first) == 3 and len(set(first)) > 1
+    assert [c.text for c in engine.generate(QUESTION, params).choices] == first
+    greedy = engine.generate(QUESTION, SamplingParams(max_new_tokens=4, n=2))
+    assert len(greedy.choices) == 2 and greedy.choices[0] == greedy.choices[1]
+
+
+def test_concurrent_callers_get_their_own_answers(engine):
+    """Eight threads at once, each with its own prompt and seed, get exactly their sequential answers."""
+    prompts = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(8)]
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=i) for i in range(8)]
+    sequential = [engine.generate(p, s).choices[0].text for p, s in zip(prompts, params, strict=True)]
+    assert len(set(sequential)) > 4
+    results: dict[int, str] = {}
+    start = threading.Barrier(8)
+
+    def ask(i: int) -> None:
+        start.wait()
+        if i % 2:
+            stream, _ = engine.stream(prompts[i], params[i])
+            results[i] = "".join(stream)
+        else:
+            results[i] = engine.generate(prompts[i], params[i]).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results[i] for i in range(8)] == sequential
+
+
+def test_context_length_is_enforced(engine):
+    assert engine.context_length == 512  # max_position_embeddings of the tiny model
+    long = [{"role": "user", "content": "the quick brown fox " * 200}]
+    with pytest.raises(RequestError, match="context length of 512") as info:
+        engine.generate(long)
+    assert info.value.param == "messages"
+    prompt_tokens = len(engine.encode(QUESTION))
+    with pytest.raises(RequestError, match=f"Lower max_tokens to {512 - prompt_tokens}"):
+        engine.generate(QUESTION, SamplingParams(max_new_tokens=512))
+    assert engine.max_new_tokens(510, None) == 2  # the config's max_new_tokens is capped to the room left
+
+
+def test_fit_history_drops_the_oldest_turns_first(engine):
+    system = {"role": "system", "content": "Be brief."}
+    old = [{"role": "user", "content": "fox " * 100}, {"role": "assistant", "content": "dog " * 100}]
+    recent = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    question = {"role": "user", "content": "Who are you?"}
+    messages, dropped = engine.fit_history([system, *old, *old, *recent, question], reserve=100)
+    assert messages[0] == system and messages[-3:] == [*recent, question]
+    assert dropped >= 2 and len(engine.encode(messages)) + 100 <= 512
+
+
+def test_validate_messages():
+    ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    assert validate_messages(ok) == ok
+    for bad, match in [
+        ([], "messages is empty"),
+        ([{"role": "robot", "content": "x"}], "role is 'robot'"),
+        ([{"role": "user", "content": "  "}], r"messages\[0\].content is empty"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "system message may only"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must"),
+    ]:
+        with pytest.raises(RequestError, match=match):
+            validate_messages(bad)
+
+
+def test_stop_helpers():
+    assert cut_at_stop("abc###def", ["###", "d"]) == ("abc", True)
+    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+    buffer = StopBuffer(["</s>", "END"])
+    assert buffer.feed("Hello <") == ("Hello ", False)  # "<" may start "</s>": held back
+    assert buffer.feed("b> E") == ("<b> ", False)
+    assert buffer.feed("N") == ("", False)
+    assert buffer.feed("Dx") == ("", True)  # "END" reached: nothing of it is emitted
+    buffer = StopBuffer(["END"])
+    assert buffer.feed("the EN") == ("the ", False)
+    assert buffer.flush() == "EN"

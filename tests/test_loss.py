@@ -1,0 +1,197 @@
+"""The trained-token loss (sftflow.train.loss) is exact: same loss and LoRA gradients as the model's own
+loss, and batch 8 x accumulation 1 equals batch 1 x accumulation 8 through the Trainer, padded and packed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sftflow.data.collator import PackedCollator, SftCollator
+from sftflow.data.packing import pack_rows
+from sftflow.train.loss import (
+    ThroughputMeter,
+    causal_lm_loss,
+    flatten_batch,
+    model_flops,
+    sequence_lengths,
+    supports_fast_loss,
+)
+
+TOL = 1e-5
+
+
+def examples(tokenizer, n: int = 8) -> list[dict[str, list[int]]]:
+    """n examples of different lengths: a prompt (label -100) then an answer (trained)."""
+    rows = []
+    for i in range(n):
+        prompt = tokenizer(f"<|im_start|>user\nWhat is {i} plus {i * 3}? " + "Paris " * (i % 4))["input_ids"]
+        answer = tokenizer(f"It is {i * 4}." + " Wren" * (i % 3) + "<|im_end|>")["input_ids"]
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
+def lora_model(model_dir, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():  # non-zero B, so the A gradients are non-zero too
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=TOL, rtol=0), (name, (a[name] - b[name]).abs().max())
+
+
+def test_flatten_drops_padding_and_keeps_positions():
+    flat = flatten_batch(
+        {
+            "input_ids": torch.tensor([[5, 6, 0], [0, 7, 8]]),
+            "attention_mask": torch.tensor([[1, 1, 0], [0, 1, 1]]),  # right and left padding
+            "labels": torch.tensor([[-100, 6, -100], [-100, -100, 8]]),
+        }
+    )
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8]]
+    assert flat["position_ids"].tolist() == [[0, 1, 0, 1]]
+    assert flat["targets"].tolist() == [[6, -100, 8, -100]]
+
+
+def test_loss_and_lora_grads_equal_the_model_loss(tiny_model_dir, tiny_tokenizer):
+    model = lora_model(tiny_model_dir)
+    batch = SftCollator(tiny_tokenizer.pad_token_id)(examples(tiny_tokenizer))
+    assert supports_fast_loss(model, batch)
+
+    reference = model(**batch, use_cache=False).loss  # transformers' own mean over trained tokens
+    reference.backward()
+    expected = lora_grads(model)
+
+    loss, outputs = causal_lm_loss(model, batch)
+    loss.backward()
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    assert outputs.logits.shape == (1, trained, model.config.vocab_size)  # no logits on prompt/padding
+    assert abs(loss.item() - reference.item()) <= TOL
+    assert_close(lora_grads(model), expected)
+
+
+def test_packed_loss_equals_the_padded_loss(tiny_model_dir, tiny_tokenizer):
+    model = lora_model(tiny_model_dir)
+    rows = examples(tiny_tokenizer)
+    padded = SftCollator(tiny_tokenizer.pad_token_id)(rows)
+    packed = PackedCollator(tiny_tokenizer.pad_token_id)([pack_rows(rows[:5]), pack_rows(rows[5:])])
+
+    model(**padded, use_cache=False).loss.backward()
+    expected = lora_grads(model)
+    # the model's own loss on packed rows (block-diagonal mask from position_ids) and ours agree with it
+    reference = model(**packed, use_cache=False).loss
+    loss, _ = causal_lm_loss(model, packed)
+    loss.backward()
+    assert abs(loss.item() - reference.item()) <= TOL
+    assert_close(lora_grads(model), expected)
+
+
+def test_empty_window_gives_zero_loss(tiny_model_dir, tiny_tokenizer):
+    model = lora_model(tiny_model_dir)
+    rows = [{"input_ids": r["input_ids"], "labels": [-100] * len(r["labels"])} for r in examples(tiny_tokenizer, 2)]
+    loss, _ = causal_lm_loss(model, SftCollator(tiny_tokenizer.pad_token_id)(rows))
+    assert loss.item() == 0.0
+    loss.backward()  # still a graph, so DDP's hooks fire on every rank
+
+
+def one_step_lora_update(tmp_path, model_dir, tokenizer, batch, accumulation, packed, fast_loss):
+    """LoRA weights after one SGD step (lr 1, no clipping) over the same 8 examples, and the logged loss."""
+    from datasets import Dataset
+    from transformers import Seq2SeqTrainingArguments
+
+    from sftflow.train.trainer import SftTrainer
+
+    rows = examples(tokenizer)
+    if packed:  # one example per packed row, so the batch sizes mean the same examples
+        rows = [pack_rows([r]) for r in rows]
+    model = lora_model(model_dir)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path / f"out-{batch}-{accumulation}-{packed}-{fast_loss}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+    )
+    collator = (PackedCollator if packed else SftCollator)(tokenizer.pad_token_id)
+    trainer = SftTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=tokenizer,
+        fast_loss=fast_loss,
+    )
+    trainer.train()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    log = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    return weights, log
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_batch_8_equals_batch_1_times_accumulation_8(tmp_path, tiny_model_dir, tiny_tokenizer, packed):
+    big, big_log = one_step_lora_update(tmp_path, tiny_model_dir, tiny_tokenizer, 8, 1, packed, True)
+    small, small_log = one_step_lora_update(tmp_path, tiny_model_dir, tiny_tokenizer, 1, 8, packed, True)
+    plain, plain_log = one_step_lora_update(tmp_path, tiny_model_dir, tiny_tokenizer, 8, 1, packed, False)
+    start = {n: p.detach() for n, p in lora_model(tiny_model_dir).named_parameters() if p.requires_grad}
+    assert any((big[n] - start[n]).abs().max() > 1e-3 for n in big)  # the step moved the weights
+    assert_close(big, small)
+    assert_close(big, plain)  # the same update as the model's own loss
+    assert abs(big_log["loss"] - small_log["loss"]) <= TOL
+    assert abs(big_log["loss"] - plain_log["loss"]) <= TOL
+    # throughput figures are logged with the loss
+    assert big_log["tokens_per_second"] > 0 and 0 < big_log["mfu"] and big_log["peak_memory_gb"] > 0
+
+
+def test_sequence_lengths_and_flops():
+    packed = PackedCollator(0)(
+        [pack_rows([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7], "labels": [7]}])]
+        + [pack_rows([{"input_ids": [8], "labels": [8]}])]
+    )
+    assert sequence_lengths({**packed}, pad_token_id=0) == [2, 1, 1]  # the pad block is no example
+    padded = SftCollator(0)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert sequence_lengths(padded) == [3, 1]
+    # LoRA (frozen base): 4N per token; full: 6N; plus 12*L*d*s per token of attention
+    assert model_flops([3, 1], n_params=10, n_trainable=0, n_layers=2, hidden=4) == 4 * 10 * 4 + 96 * (9 + 1)
+    assert model_flops([4], n_params=10, n_trainable=10, n_layers=0, hidden=0) == 6 * 10 * 4
+
+
+def test_meter_counts_lora_and_tied_weights_once(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    meter = ThroughputMeter(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert meter.n_trainable == lora
+    base = model.get_base_model()
+    assert meter.n_params == sum(p.numel() for p in base.parameters())  # tied head/embedding once
+    assert (meter.n_layers, meter.hidden) == (2, 64)
+    assert meter.report() == {}
+    meter.add([3, 5])
+    report = meter.report()
+    assert report["tokens_per_second"] > 0 and report["peak_memory_gb"] > 0
+    json.dumps(report)

@@ -1,0 +1,194 @@
+"""`sftflow plan`: its formulas against a tiny model's exact parameter, activation and FLOP counts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sftflow.config import load_args
+from sftflow.config.args import FinetuningArguments, ModelArguments
+from sftflow.train.plan import (
+    ModelShape,
+    TrainSetup,
+    activation_bytes,
+    batches,
+    flops_per_token,
+    optimizer_bytes_per_param,
+    packed_rows,
+    padded_tokens,
+)
+
+SETUPS = {
+    "lora_all": {"finetuning_type": "lora", "lora_target": ["all"], "lora_rank": 4},
+    "lora_qv": {"finetuning_type": "lora", "lora_target": ["q_proj", "v_proj"], "lora_rank": 8},
+    "lora_mlp": {"finetuning_type": "lora", "lora_target": ["down_proj"], "lora_rank": 2},
+    "full": {"finetuning_type": "full"},
+    "freeze_last": {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
+    "freeze_first": {"finetuning_type": "freeze", "freeze_trainable_layers": -1},
+}
+
+
+def tuned_model(model_dir, setup: dict, attn: str = "sdpa"):
+    """The tiny model as `sftflow train` would tune it (fp32, lora_dropout 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from sftflow.model.adapter import apply_finetuning
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", attn_implementation=attn)
+    model_args = ModelArguments(model_name_or_path=str(model_dir))
+    finetuning = FinetuningArguments(**setup)
+    return apply_finetuning(model, model_args, finetuning), finetuning
+
+
+def saved_bytes(model, batch: int, seq: int) -> int:
+    """Bytes of every distinct non-parameter tensor autograd saves in one forward pass with loss."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(storages.values())
+
+
+@pytest.fixture(scope="module")
+def shape(tiny_model_dir):
+    from transformers import AutoConfig
+
+    return ModelShape.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+
+
+def test_parameter_count_matches_the_tiny_model(tiny_model_dir, shape):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, type(model.lm_head)))
+    assert shape.matmul_params() == linears  # the 14 block linears plus the (tied) output head
+
+
+def test_parameter_count_untied_with_biases():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    assert ModelShape.from_config(config).total_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_trainable_parameters_match_apply_finetuning(tiny_model_dir, shape, name):
+    model, finetuning = tuned_model(tiny_model_dir, SETUPS[name])
+    expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert TrainSetup.from_args(shape, finetuning).trainable_params(shape) == expected
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+@pytest.mark.parametrize(("batch", "seq"), [(1, 9), (3, 17)])
+def test_activation_bytes_equal_what_autograd_saves(tiny_model_dir, shape, name, batch, seq):
+    model, finetuning = tuned_model(tiny_model_dir, SETUPS[name])
+    setup = TrainSetup.from_args(shape, finetuning)
+    assert activation_bytes(shape, setup, batch, seq).total == saved_bytes(model, batch, seq)
+
+
+def test_gradient_checkpointing_keeps_block_inputs_and_one_block(shape):
+    setup = TrainSetup("lora", frozenset({"q_proj", "v_proj"}), 4)
+    plain = activation_bytes(shape, setup, 2, 10)
+    checkpointed = activation_bytes(shape, setup, 2, 10, gradient_checkpointing=True)
+    # block 0 gets no gradient input (frozen embedding), so it keeps nothing; block 1 keeps its input
+    assert checkpointed.layers == [0, 2 * 10 * shape.hidden * 4, max(plain.layers)]
+    assert checkpointed.final == plain.final
+
+
+def test_flops_per_token_match_torch_flop_counter(tiny_model_dir, shape):
+    """Full tuning: 6N + attention exactly. LoRA: 4N is an upper bound that is tight for deep models
+    (autograd skips input gradients of the first block's q/k/v/gate/up, whose input needs none).
+    Eager attention, whose matmuls the counter sees (it does not count the CPU sdpa kernel)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, seq = 2, 16
+    for name, tolerance in (("full", 0.0), ("lora_all", 0.15)):
+        model, finetuning = tuned_model(tiny_model_dir, SETUPS[name], attn="eager")
+        ids = torch.randint(3, model.config.vocab_size, (batch, seq))
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, labels=ids).loss.backward()
+        predicted = batch * seq * flops_per_token(shape, TrainSetup.from_args(shape, finetuning), seq, False)
+        measured = counter.get_total_flops()
+        assert measured <= predicted * (1 + 1e-9)
+        assert predicted <= measured * (1 + tolerance) + 1e-9, (name, predicted, measured)
+
+
+def test_batches_padding_and_packing():
+    lengths = [5, 9, 3, 7, 2]
+    assert sorted(sum(batches(lengths, 2, seed=0), [])) == sorted(lengths)
+    assert padded_tokens([4, 4, 4, 4], 2, seed=1) == 16
+    assert padded_tokens(lengths, 1, seed=0) == sum(lengths)
+    assert packed_rows([3, 4, 5, 2], cutoff_len=8) == [7, 7]
+
+
+def test_optimizer_state_bytes():
+    assert optimizer_bytes_per_param("adamw_torch_fused") == 8
+    assert optimizer_bytes_per_param("adamw_bnb_8bit") == 2
+    assert optimizer_bytes_per_param("sgd") == 0
+
+
+def test_plan_on_toy_data_audits_and_advises(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    """The whole command on the tiny model: audit counts are exact and advice follows from them."""
+    import json
+
+    from sftflow.cli import main
+
+    rows = json.loads((toy_data_dir / "train.json").read_text())
+    rows.append(dict(rows[0]))  # one exact duplicate
+    rows.append({**rows[1], "output": "A different answer. Wren"})  # same prompt, other answer
+    (toy_data_dir / "train.json").write_text(json.dumps(rows))
+    config = {
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(toy_data_dir),
+        "dataset": "toy",
+        "eval_dataset": "toy_heldout",
+        "cutoff_len": 30,
+        "output_dir": str(tmp_path / "out"),
+        "do_train": True,
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 2,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+
+    from sftflow.train.plan import build_plan
+
+    plan = build_plan(load_args(path))
+    audit = plan.audit
+    assert audit.per_dataset == {"toy": 20, "toy_heldout": 4}
+    assert (audit.examples, audit.eval_examples, audit.duplicates, audit.conflicting) == (20, 4, 1, 1)
+    assert audit.truncated == sum(length > 30 for length in audit.full_lengths) > 0
+    assert audit.eot_untrained == audit.truncated  # truncation cut the end-of-turn token off
+    assert plan.steps == 2 * 5
+    assert plan.largest_seq == 30
+    changes = " ".join(a.change for a in plan.advice)
+    assert "cutoff_len:" in changes and "remove duplicate examples" in changes
+    for section in ("Memory per device", "Time", "Data", "Advice", "predicted peak", "end-of-turn trained"):
+        assert section in out

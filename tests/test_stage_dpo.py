@@ -1,0 +1,84 @@
+"""stage: dpo on a tiny random model: the DPO loss goes down from log(2), the preference metrics are
+reported, the reference is the base with the adapter disabled, and the same outputs as sft are written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tests.test_stage_rm import pair_config
+
+from sftflow.config import load_args
+from sftflow.errors import SftflowError
+
+
+@pytest.mark.parametrize("pref_loss", ["sigmoid", "orpo"])
+def test_dpo_loss_goes_down_and_writes_the_sft_outputs(tmp_path, tiny_model_dir, pref_loss):
+    from sftflow.train.run import run_stage
+
+    args = load_args(
+        None,
+        pair_config(tmp_path, tiny_model_dir, stage="dpo", pref_loss=pref_loss, pref_beta=0.5, max_steps=8),
+    )
+    result = run_stage(args)
+    out = tmp_path / "out"
+    for name in [
+        "adapter_model.safetensors",
+        "train_results.json",
+        "eval_results.json",
+        "trainer_log.jsonl",
+        "training_loss.png",
+        "sftflow_args.yaml",
+    ]:
+        assert (out / name).is_file(), name
+    assert not (out / "ref").exists()  # no reference adapter copy is kept or saved
+    losses = [
+        e["loss"]
+        for e in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+        if "loss" in e
+    ]
+    assert len(losses) == 8
+    if pref_loss == "sigmoid":
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
+        assert result.metrics["eval_rewards/accuracies"] > 0.5
+        assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2
+    else:  # ORPO's loss is mostly the NLL of the chosen answers, large on a random model
+        assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+
+
+def test_dpo_config_maps_pref_keys_and_keeps_fp32(tmp_path, tiny_model_dir):
+    from sftflow.data.processor import stop_token_ids
+    from sftflow.train.dpo import dpo_trainer
+    from sftflow.train.rm import tokenize_pairs
+    from sftflow.train.sft import build_model, load_chat_tokenizer, load_datasets
+
+    args = load_args(
+        None, pair_config(tmp_path, tiny_model_dir, stage="dpo", pref_loss="ipo", pref_beta=0.3, pref_ftx=0.5)
+    )
+    tokenizer = load_chat_tokenizer(args)
+    train, _ = load_datasets(args, stage="rm")
+    pairs = tokenize_pairs(train, tokenizer, args, stop_token_ids(tokenizer), "train")
+    trainer = dpo_trainer(args, build_model(args, tokenizer), tokenizer, pairs, None, [])
+    assert trainer.args.beta == 0.3
+    assert trainer.args.loss_type == ["ipo", "sft"] and trainer.args.loss_weights == [1.0, 0.5]
+    assert trainer.args.bf16 is False and trainer.args.learning_rate == 3e-2  # the run's values, not TRL's
+    assert trainer.ref_model is None and "ref" not in trainer.model.peft_config
+    # completions are the trained answers through their end-of-turn token, after the shared prompt
+    row = trainer.train_dataset[0]
+    assert tokenizer.decode(row["chosen_ids"]).endswith("Wren<|im_end|>")
+    assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_dpo_refuses_do_predict_and_a_plain_dataset(tmp_path, tiny_model_dir):
+    from sftflow.train.run import run_stage
+
+    with pytest.raises(SftflowError, match="do_predict: false"):
+        run_stage(
+            load_args(
+                None,
+                pair_config(
+                    tmp_path, tiny_model_dir, stage="dpo", do_predict=True, predict_with_generate=True
+                ),
+            )
+        )
