@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(
         import sftflow.train.sft
         from sftflow.cli import main
 
-        sftflow.train.sft.run_sft = lambda args: run_sft(args, callbacks=[Fault()])
+        sftflow.train.sft.run_sft = lambda args, callbacks=None: run_sft(args, callbacks=[*(callbacks or []), Fault()])
         sys.exit(main(["train", config]))
     run_sft(load_args(config), callbacks=[Fault()])
     """

@@ -219,6 +219,9 @@ class FinetuningArguments:
     skip_nan: bool = False
     """Skip a training batch whose loss is NaN/inf (its gradients are dropped, a warning names the step) instead of stopping the run."""
 
+    fast_loss: bool = True
+    """Training loss on a padding-free row with logits only at trained (label != -100) positions: same loss and gradients as the model's own loss, less time and memory. false: the model's own loss on the padded batch."""
+
     pref_beta: float = 0.1
     """dpo: the beta of the preference loss (how far the policy may move from the reference; higher = stay closer). For orpo, the weight of the odds-ratio term."""
 
@@ -240,7 +243,9 @@ class FinetuningArguments:
         if self.pref_ftx < 0:
             raise SftflowError(f"pref_ftx must be >= 0, got {self.pref_ftx}.")
         if self.pref_ftx and self.pref_loss == "orpo":
-            raise SftflowError("pref_ftx does not apply to pref_loss: orpo (its loss already holds the NLL term).")
+            raise SftflowError(
+                "pref_ftx does not apply to pref_loss: orpo (its loss already holds the NLL term)."
+            )
 
 
 @dataclass

@@ -209,6 +209,8 @@ def coerce(tp: Any, value: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML `resume_from_checkpoint: true`: keep the word, as on the CLI
+            return str(value).lower()
         raise ValueError(f"expected a string, got {value!r}")
     if origin is list:
         item_type = args[0] if args else Any
@@ -295,7 +297,7 @@ def _check_together(
         raise SftflowError(
             "do_eval/do_predict need held-out data: set eval_dataset (a dataset name) or val_size (e.g. 0.1)."
         )
-    if training.do_predict and not training.predict_with_generate:
+    if training.do_predict and finetuning.stage == "sft" and not training.predict_with_generate:
         raise SftflowError(
             "do_predict needs predict_with_generate: true (sftflow predicts by generating answers)."
         )

@@ -135,5 +135,13 @@ class TokenizedCache:
         DatasetDict({k: v for k, v in splits.items() if v is not None}).save_to_disk(str(tmp / "data"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         shutil.rmtree(self.path, ignore_errors=True)
-        os.replace(tmp, self.path)
+        try:
+            os.replace(tmp, self.path)
+        except OSError:
+            # Another process (e.g. a second torchrun rank or a parallel run) placed the same key first;
+            # same key means same content, so keep theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (self.path / "meta.json").is_file():
+                raise
+            return
         logger.info("Saved tokenized data to the cache %s", self.path)

@@ -16,14 +16,13 @@ from typing import Any
 from sftflow.config import RunArgs
 from sftflow.data.processor import stop_token_ids
 from sftflow.errors import SftflowError
-from sftflow.train.rm import check_pairwise_args, preview_pair, tokenize_pairs, trl_args
+from sftflow.train.rm import check_pairwise_args, prepare_pairs, trl_args
 from sftflow.train.sft import (
     SftResult,
     build_model,
     evaluate_and_report,
     format_summary,
     load_chat_tokenizer,
-    load_datasets,
     start_run,
     train_and_save,
 )
@@ -62,12 +61,7 @@ def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> SftResult:
 
     # 2. Pairs: load (ranking: true datasets), hold out eval pairs, tokenize; completions are the trained
     #    answers through their end-of-turn token, as in sft.
-    with training.main_process_first(desc="dataset preprocessing"):
-        train_pairs, eval_pairs = load_datasets(args, stage="rm")
-        train_set = tokenize_pairs(train_pairs, tokenizer, args, stop_ids, "train") if train_pairs else None
-        eval_set = tokenize_pairs(eval_pairs, tokenizer, args, stop_ids, "eval") if eval_pairs else None
-    if training.process_index == 0:
-        preview_pair(train_set if train_set is not None else eval_set, tokenizer)
+    train_set, eval_set, _ = prepare_pairs(args, tokenizer, stop_ids)
 
     # 3. Policy model with LoRA / freeze / full tuning.
     model = build_model(args, tokenizer)

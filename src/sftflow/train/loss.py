@@ -99,9 +99,7 @@ def flatten_batch(inputs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def causal_lm_loss(
-    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
-) -> tuple[Any, Any]:
+def causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
     """Cross-entropy over the trained tokens of `inputs`, with logits computed only there.
 
     Args:
@@ -155,7 +153,7 @@ def sequence_lengths(inputs: dict[str, Any], pad_token_id: int | None = None) ->
     lengths = []
     for row in range(ids.size(0)):
         starts = (positions[row] == 0).nonzero().squeeze(1).tolist() + [ids.size(1)]
-        for begin, end in zip(starts[:-1], starts[1:]):
+        for begin, end in zip(starts[:-1], starts[1:], strict=True):
             pad_block = pad_token_id is not None and bool((ids[row, begin:end] == pad_token_id).all())
             if pad_block and (labels is None or bool((labels[row, begin:end] == IGNORE_INDEX).all())):
                 continue
@@ -175,7 +173,9 @@ def model_flops(lengths: list[int], n_params: int, n_trainable: int, n_layers: i
     6400.0
     """
     tokens = sum(lengths)
-    return float((4 * n_params + 2 * n_trainable) * tokens + 12 * n_layers * hidden * sum(s * s for s in lengths))
+    return float(
+        (4 * n_params + 2 * n_trainable) * tokens + 12 * n_layers * hidden * sum(s * s for s in lengths)
+    )
 
 
 class ThroughputMeter:

@@ -34,15 +34,12 @@ def _prepare(argv: list[str]) -> tuple[Any, Any]:
     from sftflow.cli import setup_logging, split_config_and_overrides
     from sftflow.config import load_args
     from sftflow.data.processor import stop_token_ids
-    from sftflow.data.template import apply_template
-    from sftflow.model.loader import load_tokenizer
-    from sftflow.train.sft import prepare_datasets
+    from sftflow.train.sft import load_chat_tokenizer, prepare_datasets
 
     config, overrides = split_config_and_overrides(argv)
     args = load_args(config, overrides)
     setup_logging()
-    tokenizer = load_tokenizer(args.model)
-    apply_template(tokenizer, args.data.template)
+    tokenizer = load_chat_tokenizer(args)
     return prepare_datasets(args, tokenizer, stop_token_ids(tokenizer)), tokenizer
 
 

@@ -60,12 +60,7 @@ def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> SftResult:
     stop_ids = stop_token_ids(tokenizer)
 
     # 2. Pairs: load (ranking: true datasets), hold out eval pairs, tokenize both answers on one prompt.
-    with training.main_process_first(desc="dataset preprocessing"):
-        train_pairs, eval_pairs = load_datasets(args, stage="rm")
-        train_set = tokenize_pairs(train_pairs, tokenizer, args, stop_ids, "train") if train_pairs else None
-        eval_set = tokenize_pairs(eval_pairs, tokenizer, args, stop_ids, "eval") if eval_pairs else None
-    if training.process_index == 0:
-        preview_pair(train_set if train_set is not None else eval_set, tokenizer)
+    train_set, eval_set, eval_pairs = prepare_pairs(args, tokenizer, stop_ids)
 
     # 3. Model: AutoModelForSequenceClassification with one label; its head always trains.
     model = reward_model(args, tokenizer)
@@ -142,6 +137,20 @@ def trl_args(config_class: type, training: Any, **overrides: Any) -> Any:
     names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")]
     values = {name: getattr(training, name) for name in names if hasattr(training, name)}
     return config_class(**{**values, **overrides})
+
+
+def prepare_pairs(args: RunArgs, tokenizer: Any, stop_ids: set[int]) -> tuple[Any, Any, Any]:
+    """The data step of the pairwise stages (rm, dpo): load the ranking datasets, hold out eval pairs,
+    tokenize chosen and rejected on their shared prompt (main process first), preview one pair.
+    Returns the tokenized train and eval sets and the held-out pairs as loaded."""
+    training = args.training
+    with training.main_process_first(desc="dataset preprocessing"):
+        train_pairs, eval_pairs = load_datasets(args, stage="rm")
+        train_set = tokenize_pairs(train_pairs, tokenizer, args, stop_ids, "train") if train_pairs else None
+        eval_set = tokenize_pairs(eval_pairs, tokenizer, args, stop_ids, "eval") if eval_pairs else None
+    if training.process_index == 0:
+        preview_pair(train_set if train_set is not None else eval_set, tokenizer)
+    return train_set, eval_set, eval_pairs
 
 
 def tokenize_pairs(pairs: Any, tokenizer: Any, args: RunArgs, stop_ids: set[int], split: str) -> Any:

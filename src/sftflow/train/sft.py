@@ -93,6 +93,7 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> SftResult:
         callbacks=[JsonlLogCallback(output_dir), *(callbacks or [])],
         generation_config=generation_config,
         skip_nan=args.finetuning.skip_nan,
+        fast_loss=args.finetuning.fast_loss,
     )
     result = SftResult(output_dir)
 
