@@ -151,7 +151,9 @@ class DataArguments:
                     f"interleave_probs must be >= 0 and sum to 1, got {self.interleave_probs}."
                 )
         if self.packing and self.streaming:
-            raise SftflowError("packing needs the whole dataset in memory; set packing: false or streaming: false.")
+            raise SftflowError(
+                "packing needs the whole dataset in memory; set packing: false or streaming: false."
+            )
         if self.streaming and 0 < self.val_size < 1:
             raise SftflowError("with streaming, val_size must be a number of examples (e.g. val_size: 100).")
         if self.cutoff_len < 8:
