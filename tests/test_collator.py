@@ -37,25 +37,3 @@ def test_packed_collator_pads_with_a_block_of_its_own_and_no_attention_mask():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 2, 2]]
     assert batch["labels"].tolist() == [[-100, 6, -100, 8], [-100, 10, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
-
-
-def test_pairwise_collator_puts_chosen_rows_first():
-    from sftflow.data.collator import PairwiseCollator
-
-    pairs = [
-        {
-            "chosen_input_ids": [5, 6],
-            "chosen_labels": [-100, 6],
-            "rejected_input_ids": [5],
-            "rejected_labels": [5],
-        },
-        {
-            "chosen_input_ids": [7],
-            "chosen_labels": [7],
-            "rejected_input_ids": [7, 8, 9],
-            "rejected_labels": [7, 8, 9],
-        },
-    ]
-    batch = PairwiseCollator(pad_token_id=0)(pairs)
-    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0], [5, 0, 0], [7, 8, 9]]
-    assert batch["labels"].tolist() == [[-100, 6, -100], [7, -100, -100], [5, -100, -100], [7, 8, 9]]

@@ -57,6 +57,12 @@ def test_json_config_is_read(tmp_path):
         ("val_size=-1", "val_size must be"),
         ("lr_scheduler_type=cosinee", "invalid training arguments"),
         ("nonsense", "is not of the form key=value"),
+        ("per_device_train_batch_size=0", "per_device_train_batch_size must be >= 1"),
+        ("gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
+        ("learning_rate=-1", "learning_rate must be >= 0"),
+        ("max_steps=0", "max_steps must be a positive number"),
+        ("num_train_epochs=0", "num_train_epochs must be > 0"),
+        ("logging_steps=0", "invalid training arguments: .*non-zero --logging_steps"),
     ],
 )
 def test_bad_keys_and_values_are_refused_with_a_clear_message(override, message):
@@ -82,6 +88,8 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(SftflowError, match="not valid YAML"):
         load_args(bad)
+    with pytest.raises(SftflowError, match="is a directory"):
+        load_args(tmp_path)
     listy = tmp_path / "list.yaml"
     listy.write_text("- a\n- b\n")
     with pytest.raises(SftflowError, match="key: value"):

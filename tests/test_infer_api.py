@@ -133,7 +133,10 @@ def test_n_and_stop(client):
     )
     texts = [c.message.content for c in response.choices]
     assert [c.index for c in response.choices] == [0, 1, 2] and len(set(texts)) > 1
-    assert response.usage.completion_tokens == 18 or response.choices[0].finish_reason == "stop"
+    finish = [c.finish_reason for c in response.choices]
+    assert set(finish) <= {"stop", "length"} and 3 <= response.usage.completion_tokens <= 18
+    if finish == ["length"] * 3:  # every answer used its whole max_tokens budget
+        assert response.usage.completion_tokens == 18
     full = client.chat.completions.create(
         model="any", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1
     )

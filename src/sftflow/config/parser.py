@@ -95,6 +95,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         SftflowError: the file is missing, unparsable, or not a mapping of keys to values.
     """
     path = Path(path)
+    if path.is_dir():
+        raise SftflowError(
+            f"{path} is a directory; give a YAML/JSON config file (chat, api and predict also take a run dir)."
+        )
     if not path.is_file():
         raise SftflowError(f"config file not found: {path}")
     text = path.read_text(encoding="utf-8")
@@ -297,6 +301,7 @@ def _check_together(
         raise SftflowError(
             "do_eval/do_predict need held-out data: set eval_dataset (a dataset name) or val_size (e.g. 0.1)."
         )
+    _check_training_values(training)
     if training.do_predict and finetuning.stage == "sft" and not training.predict_with_generate:
         raise SftflowError(
             "do_predict needs predict_with_generate: true (sftflow predicts by generating answers)."
@@ -348,3 +353,26 @@ def help_text() -> str:
             if doc:
                 lines.append(f"      {doc}")
     return "\n".join(lines)
+
+
+def _check_training_values(training: Any) -> None:
+    """Range checks on HF training keys that transformers only trips over later, deep inside torch."""
+    at_least_one = (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+    )
+    for key in at_least_one:
+        if getattr(training, key) < 1:
+            raise SftflowError(f"{key} must be >= 1, got {getattr(training, key)}.")
+    for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps"):
+        if getattr(training, key) < 0:
+            raise SftflowError(f"{key} must be >= 0, got {getattr(training, key)}.")
+    if training.max_steps < -1 or training.max_steps == 0:
+        raise SftflowError(
+            f"max_steps must be a positive number of steps or -1 (use num_train_epochs), got {training.max_steps}."
+        )
+    if training.max_steps == -1 and training.num_train_epochs <= 0:
+        raise SftflowError(
+            f"num_train_epochs must be > 0 (or set max_steps), got {training.num_train_epochs}."
+        )

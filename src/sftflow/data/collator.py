@@ -74,19 +74,3 @@ class PackedCollator:
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
             batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
-
-
-@dataclass
-class PairwiseCollator:
-    """Batch rm pairs (`encode_pairwise`) as one right-padded batch: the chosen sequences first, then the
-    rejected ones in the same order (rows i and i + n are a pair), as reward-model losses expect."""
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = [
-            {"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
-            for side in ("chosen", "rejected")
-            for f in features
-        ]
-        return SftCollator(self.pad_token_id)(rows)

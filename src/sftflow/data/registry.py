@@ -106,7 +106,13 @@ def read_registry(dataset_dir: str | Path) -> dict[str, dict]:
     path = Path(dataset_dir) / "dataset_info.json"
     if not path.is_file():
         raise SftflowError(
-            f"no dataset registry at {path}. Set dataset_dir to the folder holding dataset_info.json."
+            f"no dataset registry at {path}"
+            + (
+                ""
+                if path.is_absolute()
+                else f" (dataset_dir is relative to the current directory, {Path.cwd()})"
+            )
+            + ". Set dataset_dir to the folder holding dataset_info.json."
         )
     try:
         registry = json.loads(path.read_text(encoding="utf-8"))
