@@ -62,6 +62,7 @@ def apply_finetuning(
     tokenizer: Any = None,
     gradient_checkpointing: bool = False,
     gradient_checkpointing_kwargs: dict | None = None,
+    task_type: str = "CAUSAL_LM",
 ) -> Any:
     """Return the model ready to train: wrapped in a LoRA PeftModel, or with the right params frozen.
 
@@ -72,6 +73,7 @@ def apply_finetuning(
         tokenizer: needed with new_special_tokens, to find the rows of the new tokens.
         gradient_checkpointing: recompute activations in backward (less memory, ~20% slower).
         gradient_checkpointing_kwargs: passed to torch.utils.checkpoint (default: use_reentrant=False).
+        task_type: PEFT task type of the LoRA wrapper (SEQ_CLS for a reward model).
 
     Raises:
         SftflowError: a setting that does not fit the model (unknown module names, adapters with
@@ -95,7 +97,7 @@ def apply_finetuning(
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
     if kind == "lora":
-        model = _apply_lora(model, model_args, finetuning_args, new_ids, quantized)
+        model = _apply_lora(model, model_args, finetuning_args, new_ids, quantized, task_type)
     elif kind == "freeze":
         freeze_layers(
             model,
@@ -144,7 +146,12 @@ def _float32() -> Any:
 
 
 def _apply_lora(
-    model: Any, model_args: ModelArguments, args: FinetuningArguments, new_ids: list[int], quantized: bool
+    model: Any,
+    model_args: ModelArguments,
+    args: FinetuningArguments,
+    new_ids: list[int],
+    quantized: bool,
+    task_type: str,
 ) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -162,7 +169,9 @@ def _apply_lora(
         if not args.create_new_adapter:
             logger.info("continuing to train the adapter %s (its own rank and targets apply)", paths[-1])
             return PeftModel.from_pretrained(model, paths[-1], is_trainable=True)
-    available = linear_module_names(model)
+    extra = args.additional_target or None
+    # a module trained in full (modules_to_save, e.g. a reward head) is not also a LoRA target
+    available = [name for name in linear_module_names(model) if name not in (extra or [])]
     if args.lora_target == ["all"]:
         targets: list[str] = available
     else:
@@ -172,14 +181,13 @@ def _apply_lora(
                 f"lora_target {unknown} not found in the model; its linear layers are {available} (or use all)."
             )
         targets = args.lora_target
-    extra = args.additional_target or None
     if extra:
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = [t for t in extra if t not in names]
         if unknown:
             raise SftflowError(f"additional_target {unknown} names no module of the model.")
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,

@@ -21,7 +21,6 @@ from sftflow.data.template import render
 from sftflow.errors import SftflowError
 from sftflow.train.sft import (
     SftResult,
-    build_model,
     evaluate_and_report,
     format_summary,
     load_chat_tokenizer,
@@ -290,57 +289,26 @@ def load_reward_model(args: RunArgs, tokenizer: Any) -> Any:
 def reward_model(args: RunArgs, tokenizer: Any) -> Any:
     """The reward model ready to train: LoRA (PEFT SEQ_CLS, the head trained in full and saved with the
     adapter via modules_to_save), or full / freeze tuning (freeze also trains the head)."""
+    from sftflow.model.adapter import apply_finetuning
+
     model = load_reward_model(args, tokenizer)
     head = head_name(model)
     finetuning = args.finetuning
     if finetuning.finetuning_type == "freeze":
         extra = [*(finetuning.freeze_extra_modules or []), head]
-        args = dataclasses.replace(
-            args, finetuning=dataclasses.replace(finetuning, freeze_extra_modules=extra)
-        )
-    if finetuning.finetuning_type != "lora":
-        return build_model(args, tokenizer, base=model)
-    return _reward_lora(model, args, head)
-
-
-def _reward_lora(model: Any, args: RunArgs, head: str) -> Any:
-    """LoRA on the body of a sequence-classification model, the head trained in full (modules_to_save)."""
-    from peft import LoraConfig, get_peft_model
-
-    from sftflow.model.adapter import count_parameters, enable_gradient_checkpointing, linear_module_names
-
-    finetuning, training = args.finetuning, args.training
-    available = [name for name in linear_module_names(model) if name != head]
-    if finetuning.lora_target == ["all"]:
-        targets = available
-    else:
-        unknown = [t for t in finetuning.lora_target if t not in available]
-        if unknown:
-            raise SftflowError(
-                f"lora_target {unknown} not found in the model; its linear layers are {available} (or use all)."
-            )
-        targets = finetuning.lora_target
-    if training.gradient_checkpointing:
-        enable_gradient_checkpointing(model, training.gradient_checkpointing_kwargs)
-    config = LoraConfig(
+        finetuning = dataclasses.replace(finetuning, freeze_extra_modules=extra)
+    elif finetuning.finetuning_type == "lora":
+        extra = list(dict.fromkeys([head, *(finetuning.additional_target or [])]))
+        finetuning = dataclasses.replace(finetuning, additional_target=extra)
+    return apply_finetuning(
+        model,
+        args.model,
+        finetuning,
+        tokenizer=tokenizer,
+        gradient_checkpointing=bool(args.training.gradient_checkpointing),
+        gradient_checkpointing_kwargs=args.training.gradient_checkpointing_kwargs,
         task_type="SEQ_CLS",
-        r=finetuning.lora_rank,
-        lora_alpha=finetuning.lora_alpha,
-        lora_dropout=finetuning.lora_dropout,
-        target_modules=targets,
-        use_dora=finetuning.use_dora,
-        use_rslora=finetuning.use_rslora,
-        modules_to_save=list(dict.fromkeys([head, *(finetuning.additional_target or [])])),
     )
-    model = get_peft_model(model, config)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()  # optimizer states and updates in fp32 even on a bf16 base
-    trainable, total = count_parameters(model)
-    logger.info(
-        "reward model: trainable params %s of %s (LoRA + %s head)", f"{trainable:,}", f"{total:,}", head
-    )
-    return model
 
 
 def score_pairs(trainer: Any, dataset: Any) -> tuple[list[float], list[float]]:
