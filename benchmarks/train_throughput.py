@@ -323,17 +323,34 @@ def startup_time() -> float:
     return best
 
 
-def table(results: list[dict]) -> str:
-    trl = next((r["tokens_per_s"] for r in results if r["tool"].startswith("TRL")), None)
+def limit_tokens_per_s() -> tuple[float, float, int]:
+    """The 4N limit on this machine: (tokens/s, matmul FLOP/s, N). The matmul peak is the best of fp32
+    square matmuls of 1024 and 2048; N counts every parameter of the model (tied embeddings once)."""
+    from transformers import AutoConfig
+
+    from sftflow.train.loss import measure_peak_flops
+    from sftflow.train.plan import ModelShape
+
+    peak = max(measure_peak_flops() for _ in range(3))
+    n_params = ModelShape.from_config(AutoConfig.from_pretrained(model_path())).total_params()
+    return peak / (4 * n_params), peak, n_params
+
+
+def table(results: list[dict], limit: float) -> str:
+    def ratio_to(prefix: str, r: dict) -> str:
+        peer = next((p["tokens_per_s"] for p in results if p["tool"].startswith(prefix)), None)
+        return f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
+
     lines = [
-        "| tool | tokens/s (non-pad) | s/step | peak RSS (GB) | loss, last step | mean train loss | vs TRL | load 1m |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| tool | tokens/s (non-pad) | of 4N limit | s/step | peak RSS (GB) | loss, last step | mean train loss "
+        "| vs TRL | vs HF Trainer | vs LLaMA-Factory | load 1m |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        ratio = f"{r['tokens_per_s'] / trl:.2f}x" if trl else "-"
         lines.append(
-            f"| {r['tool']} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | {r['peak_rss_gb']:.2f} | "
-            f"{r['last_loss']:.4f} | {r['mean_loss']:.4f} | {ratio} | {r.get('load_avg_1m', 0):.1f} |"
+            f"| {r['tool']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / limit:.2f} | {r['s_per_step']:.2f} | "
+            f"{r['peak_rss_gb']:.2f} | {r['last_loss']:.4f} | {r['mean_loss']:.4f} | {ratio_to('TRL', r)} | "
+            f"{ratio_to('HF', r)} | {ratio_to('LLaMA', r)} | {r.get('load_avg_1m', 0):.1f} |"
         )
     return "\n".join(lines)
 
@@ -422,7 +439,12 @@ def main() -> None:
     print(
         f"\n{steps} steps x batch {BATCH} = {steps * BATCH} examples per tool, fp32, LoRA r={RANK} q_proj,v_proj\n"
     )
-    print(table(results))
+    limit, peak, n_params = limit_tokens_per_s()
+    print(
+        f"4N limit: {limit:.0f} tokens/s (fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, N = {n_params / 1e6:.1f}M, "
+        "4N FLOP per token)\n"
+    )
+    print(table(results, limit))
     print(
         f"\npreprocessing (sftflow, 999 rows, cutoff {CUTOFF}, no cache): {preprocessing_rate():.0f} examples/s"
     )

@@ -14,7 +14,9 @@ from sftflow.train.loss import (
     ThroughputMeter,
     causal_lm_loss,
     flatten_batch,
+    linear_cross_entropy,
     model_flops,
+    output_head,
     sequence_lengths,
     supports_fast_loss,
 )
@@ -71,7 +73,8 @@ def test_flatten_drops_padding_and_keeps_positions():
     assert flat["targets"].tolist() == [[6, -100, 8, -100]]
 
 
-def test_loss_and_lora_grads_equal_the_model_loss(tiny_model_dir, tiny_tokenizer):
+@pytest.mark.parametrize("fused_head", [True, False], ids=["fused_head", "kept_logits"])
+def test_loss_and_lora_grads_equal_the_model_loss(tiny_model_dir, tiny_tokenizer, fused_head):
     model = lora_model(tiny_model_dir)
     batch = SftCollator(tiny_tokenizer.pad_token_id)(examples(tiny_tokenizer))
     assert supports_fast_loss(model, batch)
@@ -80,10 +83,11 @@ def test_loss_and_lora_grads_equal_the_model_loss(tiny_model_dir, tiny_tokenizer
     reference.backward()
     expected = lora_grads(model)
 
-    loss, outputs = causal_lm_loss(model, batch)
+    loss, outputs = causal_lm_loss(model, batch, fused_head=fused_head)
     loss.backward()
     trained = int((batch["labels"][:, 1:] != -100).sum())
-    assert outputs.logits.shape == (1, trained, model.config.vocab_size)  # no logits on prompt/padding
+    # no logits on prompt/padding; with the fused head only the one position that checks the head
+    assert outputs.logits.shape == (1, 1 if fused_head else trained, model.config.vocab_size)
     assert abs(loss.item() - reference.item()) <= TOL
     assert_close(lora_grads(model), expected)
 
@@ -102,6 +106,52 @@ def test_packed_loss_equals_the_padded_loss(tiny_model_dir, tiny_tokenizer):
     loss.backward()
     assert abs(loss.item() - reference.item()) <= TOL
     assert_close(lora_grads(model), expected)
+
+
+@pytest.mark.parametrize("head_trains", [False, True], ids=["frozen_head", "trained_head"])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(head_trains):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=head_trains)
+    targets = torch.randint(0, 50, (37,))
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (plain * 0.5).backward()
+    expected = (hidden.grad.clone(), weight.grad.clone() if head_trains else None)
+    hidden.grad, weight.grad = None, None
+    fused = linear_cross_entropy(hidden, weight, targets, chunk_elements=10 * 50)  # 4 chunks, the last short
+    (fused * 0.5).backward()
+    assert abs(fused.item() - plain.item()) <= 1e-4
+    assert torch.allclose(hidden.grad, expected[0], atol=TOL, rtol=0)
+    if head_trains:
+        assert torch.allclose(weight.grad, expected[1], atol=1e-4, rtol=0)
+    else:
+        assert weight.grad is None
+
+
+def test_a_head_that_is_not_plain_linear_gets_the_model_logits(tiny_tokenizer):
+    """Gemma2 soft-caps its logits after the linear head: the one-position check sees it and the loss
+    uses the model's own (capped) logits instead of fusing the head."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=0.5,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    model = Gemma2ForCausalLM(config)
+    batch = SftCollator(tiny_tokenizer.pad_token_id)(examples(tiny_tokenizer, 4))
+    reference = model(**batch, use_cache=False).loss
+    assert output_head(model) is not None  # structurally a plain nn.Linear ...
+    got, outputs = causal_lm_loss(model, batch)
+    assert abs(got.item() - reference.item()) <= TOL  # ... but the capped logits were used
+    assert outputs.logits.shape[1] == int((batch["labels"][:, 1:] != -100).sum())
 
 
 def test_empty_window_gives_zero_loss(tiny_model_dir, tiny_tokenizer):

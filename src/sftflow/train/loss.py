@@ -20,7 +20,9 @@ The model is always called through its (possibly DDP/PEFT-wrapped) forward; noth
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
 from typing import Any
 
 from sftflow.data.processor import IGNORE_INDEX
@@ -99,7 +101,9 @@ def flatten_batch(inputs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
+def causal_lm_loss(
+    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, fused_head: bool = True
+) -> tuple[Any, Any]:
     """Cross-entropy over the trained tokens of `inputs`, with logits computed only there.
 
     Args:
@@ -107,30 +111,134 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any =
         inputs: input_ids, labels and attention_mask (padded) or position_ids (packed).
         num_items_in_batch: trained tokens in the whole accumulation window (all ranks); the sum of the
             token losses is divided by it. None: divide by this batch's trained tokens (a mean).
+        fused_head: multiply the output head into the loss chunk by chunk (`linear_cross_entropy`) when
+            the head is a plain linear map; False: ask the model for the kept positions' logits.
 
     Returns:
-        (loss, model outputs); `outputs.logits` holds only the kept positions, shape (1, kept, vocab).
+        (loss, model outputs). With a plain linear output head the logits are never materialised for the
+        whole batch (`linear_cross_entropy`) and `outputs.logits` holds at most one position; otherwise
+        it holds the kept positions, shape (1, kept, vocab).
     """
     import torch
     import torch.nn.functional as F
 
+    from sftflow.train.attention import sequence_starts, uses_segment_attention
+
     flat = flatten_batch(inputs)
     targets = flat["targets"][0]
     keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
-    outputs = model(
-        input_ids=flat["input_ids"],
-        position_ids=flat["position_ids"],
-        logits_to_keep=keep,
-        use_cache=False,  # a KV cache makes transformers ignore the position_ids when building the mask
-    )
-    logits = outputs.logits[0].float()
-    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    call: dict[str, Any] = {
+        "input_ids": flat["input_ids"],
+        "position_ids": flat["position_ids"],
+        "use_cache": False,  # a KV cache makes transformers ignore the position_ids when building the mask
+    }
+    if uses_segment_attention(model):  # each example attends within itself, at its own length's cost
+        starts, longest = sequence_starts(flat["position_ids"])
+        call.update(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=longest, max_length_k=longest)
+
+    head = output_head(model) if fused_head else None
+    total = None
+    if head is not None and _HEAD_CHECKED.get(head, True):
+        # The last hidden state at the trained positions goes straight into the fused head + loss; one
+        # position's logits come from the model itself, to check once that its head is that plain linear.
+        outputs = model(**call, logits_to_keep=keep[:1], output_hidden_states=True)
+        hidden = outputs.hidden_states[-1][0] if outputs.hidden_states is not None else None
+        if head not in _HEAD_CHECKED and hidden is not None and keep.numel():
+            mine = F.linear(hidden[keep[:1]].detach(), head.weight.detach())
+            _HEAD_CHECKED[head] = bool(
+                torch.allclose(mine.float(), outputs.logits[0].detach().float(), 1e-3, 1e-3)
+            )
+        if hidden is not None and _HEAD_CHECKED.get(head, True):
+            total = linear_cross_entropy(hidden.index_select(0, keep), head.weight, targets[keep])
+    if total is None:
+        outputs = model(**call, logits_to_keep=keep)
+        total = F.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = keep.numel()
     # An empty window (every label -100) would divide 0 by 0; the loss is then 0 with a zero gradient.
     if torch.is_tensor(num_items_in_batch):
         return total / num_items_in_batch.to(total.device).clamp(min=1), outputs
     return total / max(int(num_items_in_batch), 1), outputs
+
+
+# Output heads checked against their model's own logits (True: a plain linear map); weakly keyed so a
+# freed model takes its entry with it.
+_HEAD_CHECKED: Any = weakref.WeakKeyDictionary()
+
+
+def output_head(model: Any) -> Any:
+    """The model's output head when it is a plain, bias-free `nn.Linear` (not wrapped by LoRA or
+    modules_to_save), else None: only then can the loss multiply the hidden states by its weight itself."""
+    import torch
+
+    inner = getattr(model, "module", model)  # DDP
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head
+    return None
+
+
+def linear_cross_entropy(hidden: Any, weight: Any, targets: Any, chunk_elements: int = 2**25) -> Any:
+    """sum over rows of cross_entropy(hidden @ weight.T, targets), without keeping the logits.
+
+    The logits of a few rows at a time (at most `chunk_elements` floats) are computed in fp32, turned
+    into their gradient (softmax minus one-hot) in place and multiplied back straight away, so the
+    backward pass only scales stored gradients. Peak memory is one chunk of logits instead of the 3-4
+    (kept rows x vocab) fp32 copies of logits -> log_softmax -> gradient, and there is no full-vocab
+    pass to redo. Works for a frozen head (LoRA) and a trained one (full tuning: the weight gets its
+    gradient too). It is for training: the gradient is computed even when nothing calls backward.
+
+    >>> import torch
+    >>> h, w, t = torch.randn(5, 4, requires_grad=True), torch.randn(7, 4), torch.tensor([1, 0, 6, 2, 2])
+    >>> fused = linear_cross_entropy(h, w, t, chunk_elements=14)  # two rows per chunk
+    >>> plain = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
+    >>> bool(torch.allclose(fused, plain))
+    True
+    """
+    rows = max(1, chunk_elements // weight.shape[0])
+    return _linear_cross_entropy_function().apply(hidden, weight, targets, rows)
+
+
+@functools.cache
+def _linear_cross_entropy_function() -> Any:
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, rows: int) -> Any:
+            ctx.weight_dtype = weight.dtype
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], rows):
+                h, t = hidden[start : start + rows].to(weight.dtype), targets[start : start + rows]
+                logits = (h @ weight.T).float()
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d(sum CE)/d logits ...
+                grad[torch.arange(t.numel(), device=t.device), t] -= 1  # ... minus the one-hot target
+                grad = grad.to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + rows] = grad @ weight
+                if grad_weight is not None:
+                    grad_weight += (grad.T @ h).float()
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, grad_total: Any) -> Any:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            scale = grad_total.float()
+            return (
+                (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None,
+                (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None,
+                None,
+                None,
+            )
+
+    return LinearCrossEntropy
 
 
 def sequence_lengths(inputs: dict[str, Any], pad_token_id: int | None = None) -> list[int]:

@@ -25,6 +25,7 @@ from transformers import GenerationConfig, Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftflow.errors import SftflowError
+from sftflow.train.attention import segment_attention
 from sftflow.train.callbacks import GracefulStopCallback, JsonlLogCallback, TrainingInterrupted
 from sftflow.train.loss import ThroughputMeter, causal_lm_loss, sequence_lengths, supports_fast_loss
 
@@ -198,7 +199,9 @@ class SftTrainer(Seq2SeqTrainer):
         resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
         if self.args.should_save:
             remove_staging_dirs(self.args.output_dir)
-        with oom_advice("training"):
+        # With the trained-token loss, sdpa models attend per example on its padding-free rows.
+        attention = segment_attention(self.model) if self.fast_loss else contextlib.nullcontext()
+        with oom_advice("training"), attention:
             output = super().train(resume_from_checkpoint=resume, **kwargs)
         if self.stop_callback.stopped_by:
             checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.stop_callback.step}"
