@@ -202,6 +202,7 @@ def one_step_lora_update(tmp_path, model_dir, tokenizer, batch, accumulation, pa
         fast_loss=fast_loss,
     )
     trainer.train()
+    assert model.config._attn_implementation == "sdpa"  # per-example attention only inside train()
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     log = next(entry for entry in trainer.state.log_history if "loss" in entry)
     return weights, log

@@ -222,7 +222,7 @@ class FinetuningArguments:
     """Skip a training batch whose loss is NaN/inf (its gradients are dropped, a warning names the step) instead of stopping the run."""
 
     fast_loss: bool = True
-    """Training loss on a padding-free row with logits only at trained (label != -100) positions: same loss and gradients as the model's own loss, less time and memory. false: the model's own loss on the padded batch."""
+    """Training loss on a padding-free row with logits only at trained (label != -100) positions, each example attending only within itself (sdpa models) and the output head fused into the cross-entropy: same loss and gradients as the model's own loss, less time and memory. false: the model's own loss on the padded batch."""
 
     pref_beta: float = 0.1
     """dpo: the beta of the preference loss (how far the policy may move from the reference; higher = stay closer). For orpo, the weight of the odds-ratio term."""

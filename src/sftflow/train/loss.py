@@ -8,8 +8,11 @@ and padding positions carry label -100, so their logits are thrown away. `causal
    back to back, `position_ids` restarting at 0 for each example and no attention mask, which is
    transformers' documented padding-free input (flash-attention reads the boundaries from the position
    ids; sdpa/eager build a block-diagonal causal mask from them when there is no KV cache). No FLOP is
-   spent on padding and no token attends across examples;
-2. asks the model for logits only at the positions whose next token is trained, through the
+   spent on padding and no token attends across examples. With sdpa the row's example boundaries also go to the model as `cu_seq_lens_q` and attention runs per
+   example (`attention.py`), instead of over the whole row through a dense block-diagonal mask;
+2. computes the output head only at the positions whose next token is trained: when the head is a
+   plain linear map, from the last hidden state with the head fused into the cross-entropy chunk by
+   chunk (`linear_cross_entropy`: no (tokens x vocab) logits kept for backward); otherwise through the
    `logits_to_keep` argument of the model's own forward (with a 1-D tensor of positions);
 3. sums the cross-entropy over those positions and divides by `num_items_in_batch`, the number of trained
    tokens in the whole accumulation window (over all ranks under DDP), so batch 8 x accumulation 1 and
@@ -175,8 +178,12 @@ def output_head(model: Any) -> Any:
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if type(head) is torch.nn.Linear and head.bias is None:
-        return head
+    if (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and head.weight.shape == (head.out_features, head.in_features)
+    ):
+        return head  # (a ZeRO-3 partitioned weight has another shape: not usable outside the forward)
     return None
 
 
@@ -215,9 +222,12 @@ def _linear_cross_entropy_function() -> Any:
             for start in range(0, hidden.shape[0], rows):
                 h, t = hidden[start : start + rows].to(weight.dtype), targets[start : start + rows]
                 logits = (h @ weight.T).float()
-                lse = logits.logsumexp(-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d(sum CE)/d logits ...
+                target_logit = logits.gather(1, t[:, None])
+                # log-sum-exp and softmax in place: no second (rows x vocab) buffer to allocate and fault in
+                peak = logits.amax(-1, keepdim=True)
+                exp_sum = logits.sub_(peak).exp_().sum(-1, keepdim=True)
+                total += (peak + exp_sum.log() - target_logit).sum()
+                grad = logits.div_(exp_sum)  # softmax: d(sum CE)/d logits ...
                 grad[torch.arange(t.numel(), device=t.device), t] -= 1  # ... minus the one-hot target
                 grad = grad.to(weight.dtype)
                 if grad_hidden is not None:
@@ -339,27 +349,33 @@ class ThroughputMeter:
         return out
 
 
-def measure_peak_flops(device: Any = None, dtype: Any = None) -> float:
-    """FLOP/s of a square matmul on `device` in `dtype` (best of a few runs), the MFU denominator."""
+def measure_peak_flops(
+    device: Any = None, dtype: Any = None, size: int | None = None, runs: int = 9
+) -> float:
+    """FLOP/s of a square matmul on `device` in `dtype`, the MFU denominator: the median of `runs` runs
+    (the rate a multi-second training step sustains; single runs on a shared CPU burst 20% above it or
+    fall far below). Default size: 1024 on CPU, 4096 on GPU."""
+    import statistics
     import time
 
     import torch
 
     device = torch.device(device or "cpu")
     dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-    size = 4096 if device.type == "cuda" else 1024
+    size = size or (4096 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(4):
+    a @ b  # warm-up (thread pool, GPU kernels)
+    seconds = []
+    for _ in range(runs):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(seconds)
 
 
 def peak_memory_bytes(device: Any = None) -> int:

@@ -228,7 +228,9 @@ class SftTrainer(Seq2SeqTrainer):
         """`causal_lm_loss` (sum over trained tokens / num_items_in_batch), scaled for DDP as
         `Trainer.compute_loss` scales the model's own loss (DDP averages gradients over ranks while
         num_items_in_batch counts the tokens of all ranks)."""
-        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch)
+        # FSDP / DeepSpeed shard the head's weight outside the forward: there the model computes the logits.
+        fused_head = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch, fused_head=fused_head)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch:
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
