@@ -74,7 +74,7 @@ def segment_sdpa(
         ]
         return torch.cat(outs, dim=1), None
     # On accelerators one batched call over the right-padded layout beats many small kernel launches.
-    gather, scatter, rows, width = segment_index(starts, max_length)
+    gather, scatter, rows, width = segment_index(starts, max_length, total=query.shape[2])
     heads, dim = query.shape[1], query.shape[3]
 
     def padded(x: Any) -> Any:  # (1, h, T, d) -> (rows, h, width, d)
@@ -100,13 +100,15 @@ def per_example_calls(query: Any) -> bool:
     return query.device.type == "cpu"
 
 
-def segment_index(starts: Any, max_length: int | None = None) -> tuple[Any, Any, int, int]:
+def segment_index(
+    starts: Any, max_length: int | None = None, total: int | None = None
+) -> tuple[Any, Any, int, int]:
     """Indices between a flattened row and its right-padded (rows, width) layout.
 
     `starts` holds the cumulative example boundaries [0, s1, s1+s2, ..., T]. Returns `gather` (rows *
     width positions of the flattened row; padding repeats the row's last token, which no real query can
     see under the causal rule), `scatter` (for each of the T tokens its place in the padded layout), rows
-    and width.
+    and width. Given `max_length` and `total` (T), nothing waits on the device.
 
     >>> import torch
     >>> gather, scatter, rows, width = segment_index(torch.tensor([0, 3, 5]))
@@ -121,8 +123,9 @@ def segment_index(starts: Any, max_length: int | None = None) -> tuple[Any, Any,
     width = int(max_length) if max_length is not None else int(lengths.max())
     offsets = torch.arange(width, device=starts.device)
     gather = (starts[:-1, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)).reshape(-1)
-    row_of = torch.repeat_interleave(torch.arange(rows, device=starts.device), lengths)
-    scatter = row_of * width + torch.arange(int(starts[-1]), device=starts.device) - starts[:-1][row_of]
+    total = int(starts[-1]) if total is None else total
+    row_of = torch.repeat_interleave(torch.arange(rows, device=starts.device), lengths, output_size=total)
+    scatter = row_of * width + torch.arange(total, device=starts.device) - starts[:-1][row_of]
     return gather, scatter, rows, width
 
 
