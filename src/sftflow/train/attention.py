@@ -50,17 +50,26 @@ def segment_sdpa(
     kwargs.pop("cu_seq_lens_k", None)
     max_length = kwargs.pop("max_length_q", None)
     kwargs.pop("max_length_k", None)
+    causal = kwargs.pop("is_causal", None)
     plain = (
         starts is not None
         and query.shape[0] == 1
         and key.shape[2] == query.shape[2]  # no KV cache
-        and getattr(module, "is_causal", True)
+        and (causal if causal is not None else getattr(module, "is_causal", True))
         and getattr(module, "sliding_window", None) is None
         and all(kwargs.get(name) is None for name in _NOT_PLAIN)
     )
     if not plain:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=causal,
+            **kwargs,
         )
     if per_example_calls(query):
         # One causal sdpa call per example on views of the row: costs sum(length^2), nothing on padding.

@@ -8,8 +8,9 @@ and padding positions carry label -100, so their logits are thrown away. `causal
    back to back, `position_ids` restarting at 0 for each example and no attention mask, which is
    transformers' documented padding-free input (flash-attention reads the boundaries from the position
    ids; sdpa/eager build a block-diagonal causal mask from them when there is no KV cache). No FLOP is
-   spent on padding and no token attends across examples. With sdpa the row's example boundaries also go to the model as `cu_seq_lens_q` and attention runs per
-   example (`attention.py`), instead of over the whole row through a dense block-diagonal mask;
+   spent on padding and no token attends across examples. With sdpa the row's example boundaries also
+   go to the model as `cu_seq_lens_q` and attention runs per example (`attention.py`), instead of over
+   the whole row through a dense block-diagonal mask;
 2. computes the output head only at the positions whose next token is trained: when the head is a
    plain linear map, from the last hidden state with the head fused into the cross-entropy chunk by
    chunk (`linear_cross_entropy`: no (tokens x vocab) logits kept for backward); otherwise through the
