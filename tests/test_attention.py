@@ -8,7 +8,7 @@ import doctest
 
 import pytest
 import torch
-from tests.test_loss import TOL, assert_close, examples, lora_grads, lora_model
+from tests.test_loss import TOL, assert_close, examples, lora_grads, lora_model, one_layer_config
 
 from sftflow.data.collator import PackedCollator, SftCollator
 from sftflow.data.packing import pack_rows
@@ -95,15 +95,7 @@ def test_gradient_checkpointing_carries_the_segments(tiny_model_dir, tiny_tokeni
 def test_eager_models_and_sliding_windows_are_left_alone(tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    small = dict(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
+    small = one_layer_config(tiny_tokenizer)
     eager = LlamaForCausalLM(LlamaConfig(**small, attn_implementation="eager"))
     with segment_attention(eager) as switched:
         assert not switched and eager.config._attn_implementation == "eager"

@@ -48,6 +48,19 @@ def lora_model(model_dir, seed: int = 0):
     return model
 
 
+def one_layer_config(tokenizer) -> dict:
+    """Config fields for a one-layer, hidden-32 decoder of any Llama-like family over the tiny tokenizer."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def lora_grads(model) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -134,17 +147,7 @@ def test_a_head_that_is_not_plain_linear_gets_the_model_logits(tiny_tokenizer):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        final_logit_softcapping=0.5,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
+    config = Gemma2Config(**one_layer_config(tiny_tokenizer), head_dim=16, final_logit_softcapping=0.5)
     model = Gemma2ForCausalLM(config)
     batch = SftCollator(tiny_tokenizer.pad_token_id)(examples(tiny_tokenizer, 4))
     reference = model(**batch, use_cache=False).loss
