@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
+from tests.test_distributed import config as run_config
 
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
@@ -66,29 +66,15 @@ CHILD = textwrap.dedent(
 
 
 def fault_config(path: Path, model_dir: Path, data_dir: Path, out: Path, **overrides) -> Path:
-    config = {
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(data_dir),
-        "dataset": "toy",
-        "cutoff_len": 64,
-        "lora_target": "all",
-        "lora_rank": 4,
-        "output_dir": str(out),
-        "tokenized_cache_dir": str(out.parent / f"cache-{out.name}"),  # concurrent runs share no cache entry
-        "do_train": True,
+    """The distributed tests' config, with checkpoints every 2 of MAX_STEPS steps at batch 2."""
+    faults = {
         "per_device_train_batch_size": 2,
-        "learning_rate": 5e-3,
         "max_steps": MAX_STEPS,
-        "logging_steps": 1,
         "save_strategy": "steps",
         "save_steps": 2,
         "plot_loss": False,
-        "seed": 7,
-        "preview_rows": 0,
-        **overrides,
     }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return run_config(path, model_dir, data_dir, out, **{**faults, **overrides})
 
 
 def run_in_process(config: Path, *overrides: str, callbacks: list | None = None):
