@@ -59,6 +59,15 @@ class ModelArguments:
     export_size: float = 5
     """sftflow export: max size of one safetensors shard, in GB."""
 
+    export_format: Literal["hf", "gguf"] = "hf"
+    """sftflow export: hf writes the merged HF dir; gguf also writes model-<export_quantization>.gguf and an Ollama Modelfile beside it (Llama-architecture models)."""
+
+    export_quantization: Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] = "f16"
+    """sftflow export with export_format: gguf: the GGUF tensor type (norms stay f32; under q4_*/q5_* the output head stays q8_0)."""
+
+    export_hub_model_id: str | None = None
+    """sftflow export: also upload export_dir to this Hugging Face hub repo (needs network and a login; same key as LLaMA-Factory)."""
+
     def __post_init__(self) -> None:
         if self.quantization_bit not in (None, 4, 8):
             raise SftflowError(f"quantization_bit must be 4, 8 or unset, got {self.quantization_bit}.")
