@@ -37,8 +37,10 @@ class ChatPieces:
     """A chat template as literal pieces around each message.
 
     Attributes:
-        head: written first when the conversation has no system message (bos, a default system prompt).
-        system_prefix: written first, before a system message.
+        head: written first when the conversation has no system message (bos, a default system prompt);
+            with `system_in_first_user`, written first in every conversation.
+        system_prefix: written first, before a system message (with `system_in_first_user`: at the start
+            of the first user message's content).
         system_suffix: after the system message.
         user_prefix: before each user message.
         user_suffix: after each user message.
@@ -46,6 +48,8 @@ class ChatPieces:
         answer_prefix: before each answer in the history (the generation prompt, and any text the template
             puts before an answer's content, e.g. a space).
         answer_suffix: after each answer (its end-of-turn token and glue).
+        system_in_first_user: the system message is folded into the first user turn (Llama 2, Mistral,
+            Gemma) instead of standing alone.
     """
 
     head: str
@@ -56,17 +60,20 @@ class ChatPieces:
     generation_prompt: str
     answer_prefix: str
     answer_suffix: str
+    system_in_first_user: bool = False
 
     def render(self, messages: list[dict[str, str]], system: str = "") -> str:
         """What the Modelfile template renders for `messages` (as Ollama would, ending with the generation
         prompt after a user turn); `system` is Ollama's .System (a system message, else SYSTEM)."""
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
-        out = [self.system_prefix + system + self.system_suffix if system else self.head]
+        folded = self.system_prefix + system + self.system_suffix if system else ""
+        out = [self.head if self.system_in_first_user or not system else folded]
         for i, message in enumerate(messages):
             last = i == len(messages) - 1
             if message["role"] == "user":
-                out.append(self.user_prefix + message["content"] + self.user_suffix)
+                fold = folded if self.system_in_first_user and i == 0 else ""
+                out.append(self.user_prefix + fold + message["content"] + self.user_suffix)
                 out.append(self.generation_prompt if last else "")
             elif message["role"] == "assistant":
                 out.append(self.answer_prefix + message["content"] + ("" if last else self.answer_suffix))
@@ -119,10 +126,25 @@ def chat_pieces(tokenizer: Any) -> ChatPieces:
         user_prefix = _strip_prefix(q2, answer_suffix, "between an answer and the next user turn")
         generation_prompt = _strip_prefix(q3, user_suffix, "after the last user turn")
         head = _strip_suffix(q0, user_prefix, "before the first user turn")
-        p0, p1, *rest = _cut(render(tokenizer, [system, user1, answer1, user2], True), s["system"], s["u1"])
-        system_suffix = _strip_suffix(p1, user_prefix, "between the system message and the first user turn")
+        p0, p1, _ = _cut(render(tokenizer, [system, user1, answer1, user2], True), s["system"], s["u1"])
+        folded = not p1.endswith(user_prefix) and p0.startswith(head + user_prefix)
+        if folded:  # <head><user prefix><system prefix>SYSTEM<system suffix>USER...
+            system_prefix, system_suffix = p0[len(head + user_prefix) :], p1
+        else:
+            system_prefix = p0
+            system_suffix = _strip_suffix(
+                p1, user_prefix, "between the system message and the first user turn"
+            )
         pieces = ChatPieces(
-            head, p0, system_suffix, user_prefix, user_suffix, generation_prompt, answer_prefix, answer_suffix
+            head,
+            system_prefix,
+            system_suffix,
+            user_prefix,
+            user_suffix,
+            generation_prompt,
+            answer_prefix,
+            answer_suffix,
+            folded,
         )
         probes = [
             [user1],
@@ -153,20 +175,27 @@ def _literal(text: str) -> str:
 
 
 def go_template(pieces: ChatPieces) -> str:
-    """The Ollama TEMPLATE (Go text/template over .System and .Messages) that renders like `pieces.render`."""
+    """The Ollama TEMPLATE (Go text/template over .System and .Messages) that renders like `pieces.render`.
+
+    Ollama keeps system messages in .Messages and also joins them into .System (or sets .System from the
+    Modelfile's SYSTEM when the request has none); the range below skips them and writes .System once.
+    """
     lit = _literal
+    system = lit(pieces.system_prefix) + "{{ $.System }}" + lit(pieces.system_suffix)
+    if pieces.system_in_first_user:
+        start = ["{{ $first := true }}", lit(pieces.head)]
+        fold = "{{ if and $first $.System }}" + system + "{{ end }}"
+        after = '{{ if ne .Role "system" }}{{ $first = false }}{{ end }}'
+    else:
+        start = ["{{ if .System }}", system, "{{ else }}", lit(pieces.head), "{{ end }}"]
+        fold = after = ""
     return "".join(
         [
-            "{{ if .System }}",
-            lit(pieces.system_prefix),
-            "{{ .System }}",
-            lit(pieces.system_suffix),
-            "{{ else }}",
-            lit(pieces.head),
-            "{{ end }}",
+            *start,
             "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}",
             '{{ if eq .Role "user" }}',
             lit(pieces.user_prefix),
+            fold,
             "{{ .Content }}",
             lit(pieces.user_suffix),
             "{{ if $last }}",
@@ -178,7 +207,9 @@ def go_template(pieces: ChatPieces) -> str:
             "{{ if not $last }}",
             lit(pieces.answer_suffix),
             "{{ end }}",
-            "{{ end }}{{ end }}",
+            "{{ end }}",
+            after,
+            "{{ end }}",
         ]
     )
 
