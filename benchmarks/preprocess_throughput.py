@@ -30,10 +30,9 @@ def main() -> None:
     from datasets import disable_caching
 
     from sftflow.config import load_args
-    from sftflow.data.processor import stop_token_ids
+    from sftflow.data.prepare import prepare
     from sftflow.data.template import apply_template
     from sftflow.model.loader import load_tokenizer
-    from sftflow.train.sft import prepare_datasets
 
     disable_caching()  # no reuse of datasets' own map cache between repeats
     with tempfile.TemporaryDirectory() as out:
@@ -51,11 +50,10 @@ def main() -> None:
         )
         tokenizer = load_tokenizer(args.model)
         apply_template(tokenizer, args.data.template)
-        stops = stop_token_ids(tokenizer)
         times, n = [], 0
         for _ in range(cli.repeat):
             start = time.perf_counter()
-            prepared = prepare_datasets(args, tokenizer, stops, use_cache=False)
+            prepared = prepare("sft", args.data, tokenizer, args.training.seed, use_cache=False)
             times.append(time.perf_counter() - start)
             n = len(prepared.train)
     best, median = min(times), statistics.median(times)

@@ -84,7 +84,7 @@ def model_path() -> str:
 
 def run_sftflow(data: Path, steps: int, out: Path, extra: list[str]) -> dict:
     from sftflow.config import load_args
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     args = load_args(
         None,
@@ -297,8 +297,8 @@ def run_child(
 def preprocessing_rate() -> float:
     """Examples/s for load + convert + tokenize of the 999-row demo (sftflow, no cache), best of 2."""
     from sftflow.config import load_args
-    from sftflow.data.processor import stop_token_ids
-    from sftflow.train.sft import load_chat_tokenizer, prepare_datasets
+    from sftflow.data.prepare import prepare
+    from sftflow.model.loader import load_chat_tokenizer
 
     with tempfile.TemporaryDirectory() as out:
         args = load_args(
@@ -312,11 +312,11 @@ def preprocessing_rate() -> float:
                 "do_train=true",
             ],
         )
-        tokenizer = load_chat_tokenizer(args)
+        tokenizer = load_chat_tokenizer(args.model, args.data)
         best = float("inf")
         for _ in range(2):
             start = time.perf_counter()
-            prepared = prepare_datasets(args, tokenizer, stop_token_ids(tokenizer), use_cache=False)
+            prepared = prepare("sft", args.data, tokenizer, args.training.seed, use_cache=False)
             best = min(best, time.perf_counter() - start)
         return len(prepared.train) / best
 
@@ -343,7 +343,7 @@ def limit_tokens_per_s() -> tuple[float, float, float, int]:
     import torch
     from transformers import AutoConfig
 
-    from sftflow.train.plan import ModelShape
+    from sftflow.tools.plan import ModelShape
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     rates = []

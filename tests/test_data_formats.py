@@ -202,38 +202,39 @@ def _run_args(tmp_path: Path, model_dir: Path, data_dir: Path, **extra):
 
 
 def test_tokenized_cache_reuses_and_rebuilds_on_any_change(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from sftflow.data.processor import stop_token_ids
-    from sftflow.train.sft import prepare_datasets
+    from sftflow.data.prepare import prepare
+
+    def prepare_datasets(args, tokenizer):
+        return prepare(
+            args.finetuning.stage, args.data, tokenizer, args.training.seed, args.training.do_train
+        )
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     _two_datasets(data_dir)
-    stops = stop_token_ids(tiny_tokenizer)
 
     def entries() -> set[str]:
         return {p.name for p in (tmp_path / "cache").iterdir()} if (tmp_path / "cache").exists() else set()
 
-    first = prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), tiny_tokenizer, stops)
+    first = prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), tiny_tokenizer)
     assert len(entries()) == 1
-    again = prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), tiny_tokenizer, stops)
+    again = prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), tiny_tokenizer)
     assert entries() == entries() and len(entries()) == 1
     assert again.train["input_ids"] == first.train["input_ids"] and again.meta == first.meta
-    prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir, cutoff_len=48), tiny_tokenizer, stops)
-    prepare_datasets(
-        _run_args(tmp_path, tiny_model_dir, data_dir, train_on_prompt="true"), tiny_tokenizer, stops
-    )
+    prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir, cutoff_len=48), tiny_tokenizer)
+    prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir, train_on_prompt="true"), tiny_tokenizer)
     assert len(entries()) == 3
     rows = json.loads((data_dir / "a.json").read_text())
     rows[0]["output"] = "changed"
     (data_dir / "a.json").write_text(json.dumps(rows))
-    changed = prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), tiny_tokenizer, stops)
+    changed = prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), tiny_tokenizer)
     assert len(entries()) == 4 and changed.train["input_ids"] != first.train["input_ids"]
     other = tiny_tokenizer.__class__.from_pretrained(tiny_model_dir)
     other.chat_template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
-    prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), other, stops)
+    prepare_datasets(_run_args(tmp_path, tiny_model_dir, data_dir), other)
     assert len(entries()) == 5
     (Path(tmp_path / "cache") / sorted(entries())[0] / "meta.json").write_text("{}")  # forced rebuild below
     forced = prepare_datasets(
-        _run_args(tmp_path, tiny_model_dir, data_dir, overwrite_cache="true"), tiny_tokenizer, stops
+        _run_args(tmp_path, tiny_model_dir, data_dir, overwrite_cache="true"), tiny_tokenizer
     )
     assert forced.train["input_ids"] == changed.train["input_ids"] and len(entries()) == 5

@@ -62,7 +62,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, toy_
     import torch
     from safetensors.torch import load_file
 
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     two = config(

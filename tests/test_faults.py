@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     from transformers import TrainerCallback
     from sftflow.config import load_args
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     config, mode, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -43,22 +43,22 @@ CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives while step `step` runs
 
     if mode == "kill_mid_save":
-        from sftflow.train.trainer import SftTrainer
+        from sftflow.train.trainer import SftflowTrainer
 
-        save_rng = SftTrainer._save_rng_state
+        save_rng = SftflowTrainer._save_rng_state
 
         def dying_save_rng(self, output_dir):  # model and optimizer are written, rng/state are not
             if self.state.global_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
             save_rng(self, output_dir)
 
-        SftTrainer._save_rng_state = dying_save_rng
+        SftflowTrainer._save_rng_state = dying_save_rng
 
     if mode == "sigterm":  # through the CLI (its exit code and message), with the callback added
-        import sftflow.train.sft
+        import sftflow.stages.sft
         from sftflow.cli import main
 
-        sftflow.train.sft.run_sft = lambda args, callbacks=None: run_sft(args, callbacks=[*(callbacks or []), Fault()])
+        sftflow.stages.sft.run_sft = lambda args, callbacks=None: run_sft(args, callbacks=[*(callbacks or []), Fault()])
         sys.exit(main(["train", config]))
     run_sft(load_args(config), callbacks=[Fault()])
     """
@@ -81,7 +81,7 @@ def run_in_process(config: Path, *overrides: str, callbacks: list | None = None)
     """run_sft single-threaded, like the children."""
     import torch
 
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -196,13 +196,13 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs):
 
 
 def is_complete(path: Path) -> bool:
-    from sftflow.train.trainer import is_complete_checkpoint
+    from sftflow.train.checkpoints import is_complete_checkpoint
 
     return is_complete_checkpoint(path)
 
 
 def test_resume_picks_latest_complete_checkpoint(tmp_path):
-    from sftflow.train.trainer import resolve_resume
+    from sftflow.train.checkpoints import resolve_resume
 
     for step, complete in [(2, True), (10, True), (12, False), (14, "marker")]:
         path = tmp_path / f"checkpoint-{step}"

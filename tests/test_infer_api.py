@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.infer.engine import SamplingParams, load_engine, load_infer_args
+from sftflow.config.run_dir import infer_args
+from sftflow.infer.engine import SamplingParams, load_engine
 from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
@@ -89,7 +90,7 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(run_dir):
-    engine = load_engine(load_infer_args(str(run_dir), []))
+    engine = load_engine(infer_args(str(run_dir), []))
     yield engine
     engine.close()
 
@@ -271,8 +272,8 @@ def test_api_key_is_required_when_set(engine):
 
 
 def test_host_and_port_come_from_flags_then_env(monkeypatch):
+    from sftflow.cli.api import host_and_port
     from sftflow.errors import SftflowError
-    from sftflow.infer.api import host_and_port
 
     monkeypatch.delenv("API_HOST", raising=False)
     monkeypatch.delenv("API_PORT", raising=False)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.errors import SftflowError
-from sftflow.infer.chat import main, run_chat
-from sftflow.infer.engine import load_engine, load_infer_args
+from sftflow.cli.chat import main
+from sftflow.config.run_dir import infer_args
+from sftflow.infer.chat import run_chat
+from sftflow.infer.engine import load_engine
 from test_infer_engine import make_run_dir
 
 
@@ -20,7 +21,7 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(run_dir):
-    engine = load_engine(load_infer_args(str(run_dir), []))
+    engine = load_engine(infer_args(str(run_dir), []))
     yield engine
     engine.close()
 
@@ -95,6 +96,9 @@ def test_chat_command_on_a_run_dir(run_dir, monkeypatch, capsys):
     assert f"Chatting with {run_dir}." in printed and printed.count("Assistant: ") == 1
 
 
-def test_chat_command_needs_a_model():
-    with pytest.raises(SftflowError, match="needs a run dir, a config file or --model"):
+def test_chat_command_needs_a_model(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: sftflow chat" in err and "give a run dir, a config file or --model" in err

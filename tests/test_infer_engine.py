@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.engine import (
     RequestError,
@@ -17,7 +18,6 @@ from sftflow.infer.engine import (
     StopBuffer,
     cut_at_stop,
     load_engine,
-    load_infer_args,
     validate_messages,
 )
 
@@ -52,13 +52,13 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(run_dir):
-    engine = load_engine(load_infer_args(str(run_dir), []))
+    engine = load_engine(infer_args(str(run_dir), []))
     yield engine
     engine.close()
 
 
 def test_run_dir_alone_gives_model_adapter_and_settings(run_dir, tiny_model_dir):
-    args = load_infer_args(str(run_dir), ["max_new_tokens=5"])
+    args = infer_args(str(run_dir), ["max_new_tokens=5"])
     assert args.model.model_name_or_path == str(tiny_model_dir)
     assert args.model.adapter_name_or_path == str(run_dir)
     assert args.generating.max_new_tokens == 5  # overrides win over sftflow_args.yaml
@@ -70,13 +70,13 @@ def test_adapter_without_args_file_finds_its_base_model(run_dir, tiny_model_dir,
     bare.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (bare / name).write_bytes((run_dir / name).read_bytes())
-    args = load_infer_args(str(bare), [])
+    args = infer_args(str(bare), [])
     assert (
         args.model.model_name_or_path
         == json.loads((bare / "adapter_config.json").read_text())["base_model_name_or_path"]
     )
     assert args.model.model_name_or_path == str(tiny_model_dir)
-    flags = load_infer_args(None, [], model=str(tiny_model_dir), adapter=str(run_dir), default_output_dir=".")
+    flags = infer_args(None, [], model=str(tiny_model_dir), adapter=str(run_dir))
     assert (flags.model.model_name_or_path, flags.model.adapter_name_or_path) == (
         str(tiny_model_dir),
         str(run_dir),
@@ -85,7 +85,7 @@ def test_adapter_without_args_file_finds_its_base_model(run_dir, tiny_model_dir,
 
 def test_dir_without_model_or_adapter_is_refused(tmp_path):
     with pytest.raises(SftflowError, match="neither a LoRA adapter"):
-        load_infer_args(str(tmp_path), [])
+        infer_args(str(tmp_path), [])
 
 
 def test_generate_matches_the_peft_model_on_the_chat_template(

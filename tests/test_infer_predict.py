@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sftflow.cli.predict import main
+from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
-from sftflow.infer.engine import load_engine, load_infer_args
-from sftflow.infer.predict import main, run_predict
+from sftflow.infer.engine import load_engine
+from sftflow.infer.predict import run_predict
 from test_infer_engine import make_run_dir
 
 
@@ -58,7 +60,7 @@ def test_predict_writes_predictions_in_dataset_order_with_metrics(
 
     monkeypatch.setattr(GenerationMixin, "generate", spy)
     config = write_config(tmp_path, tiny_model_dir, run_dir, toy_data_dir)
-    args = load_infer_args(str(config), [])
+    args = infer_args(str(config), [])
     metrics = run_predict(args)
 
     # 4 prompts in batches of 3, longest first
@@ -100,6 +102,6 @@ def test_predict_command_on_a_run_dir(run_dir, toy_data_dir, tmp_path, monkeypat
 def test_predict_without_data_is_refused(tmp_path, tiny_model_dir, run_dir, toy_data_dir):
     config = write_config(tmp_path, tiny_model_dir, run_dir, toy_data_dir, eval_dataset=None)
     with pytest.raises(SftflowError, match="needs data"):
-        run_predict(load_infer_args(str(config), []))
+        run_predict(infer_args(str(config), []))
     with pytest.raises(SftflowError, match="always generates"):
         main([str(config), "predict_with_generate=false"])

@@ -173,7 +173,7 @@ def one_step_lora_update(tmp_path, model_dir, tokenizer, batch, accumulation, pa
     from datasets import Dataset
     from transformers import Seq2SeqTrainingArguments
 
-    from sftflow.train.trainer import SftTrainer
+    from sftflow.train.trainer import SftflowTrainer
 
     rows = examples(tokenizer)
     if packed:  # one example per packed row, so the batch sizes mean the same examples
@@ -196,7 +196,7 @@ def one_step_lora_update(tmp_path, model_dir, tokenizer, batch, accumulation, pa
         seed=0,
     )
     collator = (PackedCollator if packed else SftCollator)(tokenizer.pad_token_id)
-    trainer = SftTrainer(
+    trainer = SftflowTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sftflow.data.collator import PackedCollator
+from sftflow.data.encode import IGNORE_INDEX, encode_sft
 from sftflow.data.packing import pack_dataset, pack_lengths, pack_rows
-from sftflow.data.processor import IGNORE_INDEX, encode_sft
 
 CONVERSATIONS = [
     [
@@ -107,7 +107,7 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tiny_model_dir, tiny_
 
 def test_packing_runs_through_the_workflow(tmp_path, tiny_model_dir, toy_data_dir):
     from sftflow.config import load_args
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
     from test_sft_e2e import write_config
 
     config = write_config(tmp_path, tiny_model_dir, toy_data_dir, packing=True, do_predict=False, max_steps=2)

@@ -7,7 +7,7 @@ import yaml
 
 from sftflow.config import load_args
 from sftflow.config.args import FinetuningArguments, ModelArguments
-from sftflow.train.plan import (
+from sftflow.tools.plan import (
     ModelShape,
     TrainSetup,
     activation_bytes,
@@ -178,7 +178,7 @@ def test_plan_on_toy_data_audits_and_advises(tmp_path, tiny_model_dir, toy_data_
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
 
-    from sftflow.train.plan import build_plan
+    from sftflow.tools.plan import build_plan
 
     plan = build_plan(load_args(path))
     audit = plan.audit

@@ -10,8 +10,11 @@ from pathlib import Path
 import yaml
 
 from sftflow.cli import main
+from sftflow.config import load_args
+from sftflow.data.audit import write_stats
+from sftflow.data.prepare import prepare
+from sftflow.tools.report import SECTIONS, write_report
 from sftflow.train.plotting import plot_losses
-from sftflow.train.report import SECTIONS, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,6 +84,8 @@ def fake_run(out: Path, model_dir: Path, data_dir: Path, tokenizer) -> None:
         "learning_rate": 0.001,
     }
     (out / "sftflow_args.yaml").write_text(yaml.safe_dump(config))
+    args = load_args(out / "sftflow_args.yaml", [f"tokenized_cache_dir={out.parent / 'cache'}"])
+    write_stats(prepare("sft", args.data, tokenizer, args.training.seed).meta, out)  # what the run writes
     metrics = {
         "epoch": 3.0,
         "train_loss": 1.62,
@@ -116,6 +121,8 @@ def test_report_has_every_section_inline_images_and_escapes_text(
 ):
     out = tmp_path / "run"
     fake_run(out, tiny_model_dir, toy_data_dir, tiny_tokenizer)
+    for path in toy_data_dir.glob("*.json"):  # the report reads the run's files, never the datasets
+        path.unlink()
     assert main(["report", str(out)]) == 0
     page = parse(out / "report.html")
 
@@ -172,7 +179,7 @@ def test_report_of_a_partial_run_says_what_is_missing(tmp_path, capsys):
 
 def test_train_writes_the_report(tmp_path, tiny_model_dir, toy_data_dir, capsys):
     from sftflow.config import load_args
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     config = {
         "model_name_or_path": str(tiny_model_dir),

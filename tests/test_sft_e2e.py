@@ -119,7 +119,7 @@ def test_cli_train_eval_predict_writes_every_output(tmp_path, tiny_model_dir, to
 def test_generate_only_sees_prompts(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch):
     from transformers import AutoTokenizer, GenerationMixin
 
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     seen: list[list[int]] = []
@@ -167,7 +167,7 @@ def test_cli_help_lists_keys_fast(tmp_path):
 
 
 def test_bad_lora_target_is_refused(tmp_path, tiny_model_dir, toy_data_dir):
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     config = write_config(tmp_path, tiny_model_dir, toy_data_dir, lora_target="q_proj,qkv")
     with pytest.raises(SftflowError, match=r"lora_target \['qkv'\] not found.*q_proj"):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sftflow.config import load_args
-from sftflow.data.processor import IGNORE_INDEX, encode_prompt, encode_sft
+from sftflow.data.encode import IGNORE_INDEX, encode_prompt, encode_sft
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_ids_equal_the_model_template_and_only_answers_are_trained(smol_tokenize
 
 
 def test_short_lora_run_on_the_real_model(tmp_path, smollm2_dir):
-    from sftflow.train.sft import run_sft
+    from sftflow.stages.sft import run_sft
 
     config = {
         "model_name_or_path": "smollm2-135m-instruct",

@@ -15,7 +15,7 @@ from sftflow.errors import SftflowError
 
 @pytest.mark.parametrize("pref_loss", ["sigmoid", "orpo"])
 def test_dpo_loss_goes_down_and_writes_the_sft_outputs(tmp_path, tiny_model_dir, pref_loss):
-    from sftflow.train.run import run_stage
+    from sftflow.stages.registry import run_stage
 
     args = load_args(
         None,
@@ -48,17 +48,16 @@ def test_dpo_loss_goes_down_and_writes_the_sft_outputs(tmp_path, tiny_model_dir,
 
 
 def test_dpo_config_maps_pref_keys_and_keeps_fp32(tmp_path, tiny_model_dir):
-    from sftflow.data.processor import stop_token_ids
-    from sftflow.train.dpo import dpo_trainer
-    from sftflow.train.rm import tokenize_pairs
-    from sftflow.train.sft import build_model, load_chat_tokenizer, load_datasets
+    from sftflow.data.prepare import prepare
+    from sftflow.model.loader import load_chat_tokenizer
+    from sftflow.stages.dpo import dpo_trainer
+    from sftflow.train.steps import build_model
 
     args = load_args(
         None, pair_config(tmp_path, tiny_model_dir, stage="dpo", pref_loss="ipo", pref_beta=0.3, pref_ftx=0.5)
     )
-    tokenizer = load_chat_tokenizer(args)
-    train, _ = load_datasets(args, stage="rm")
-    pairs = tokenize_pairs(train, tokenizer, args, stop_token_ids(tokenizer), "train")
+    tokenizer = load_chat_tokenizer(args.model, args.data)
+    pairs = prepare("dpo", args.data, tokenizer, args.training.seed).train
     trainer = dpo_trainer(args, build_model(args, tokenizer), tokenizer, pairs, None, [])
     assert trainer.args.beta == 0.3
     assert trainer.args.loss_type == ["ipo", "sft"] and trainer.args.loss_weights == [1.0, 0.5]
@@ -71,7 +70,7 @@ def test_dpo_config_maps_pref_keys_and_keeps_fp32(tmp_path, tiny_model_dir):
 
 
 def test_dpo_refuses_do_predict_and_a_plain_dataset(tmp_path, tiny_model_dir):
-    from sftflow.train.run import run_stage
+    from sftflow.stages.registry import run_stage
 
     with pytest.raises(SftflowError, match="do_predict: false"):
         run_stage(

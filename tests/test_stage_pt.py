@@ -40,7 +40,7 @@ def pt_config(tmp_path: Path, model_dir: Path, **overrides) -> dict:
 
 
 def test_pt_trains_every_token_and_writes_the_sft_outputs(tmp_path, tiny_model_dir):
-    from sftflow.train.run import run_stage
+    from sftflow.stages.registry import run_stage
 
     config = pt_config(tmp_path, tiny_model_dir)
     result = run_stage(load_args(None, [f"{k}={v}" for k, v in config.items()]))
@@ -71,10 +71,10 @@ def test_pt_trains_every_token_and_writes_the_sft_outputs(tmp_path, tiny_model_d
 def test_pt_rows_are_texts_plus_eos_cut_to_cutoff_len(tiny_model_dir, tiny_tokenizer, tmp_path):
     from datasets import Dataset
 
-    from sftflow.train.pt import tokenize_texts
+    from sftflow.data.prepare import tokenize_texts
 
     args = load_args(None, [f"{k}={v}" for k, v in pt_config(tmp_path, tiny_model_dir).items()])
-    rows = tokenize_texts(Dataset.from_dict({"text": TEXTS[:3]}), tiny_tokenizer, args, "train")
+    rows = tokenize_texts(Dataset.from_dict({"text": TEXTS[:3]}), tiny_tokenizer, args.data, "train")
     eos = tiny_tokenizer.eos_token_id
     stream = [t for text in TEXTS[:3] for t in [*tiny_tokenizer.encode(text, add_special_tokens=False), eos]]
     assert [t for ids in rows["input_ids"] for t in ids] == stream
@@ -83,7 +83,7 @@ def test_pt_rows_are_texts_plus_eos_cut_to_cutoff_len(tiny_model_dir, tiny_token
 
 
 def test_pt_refuses_do_predict(tmp_path, tiny_model_dir):
-    from sftflow.train.run import run_stage
+    from sftflow.stages.registry import run_stage
 
     config = pt_config(tmp_path, tiny_model_dir, do_predict=True, predict_with_generate=True)
     with pytest.raises(SftflowError, match="do_predict: false"):

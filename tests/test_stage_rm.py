@@ -52,7 +52,7 @@ def pair_config(tmp_path: Path, model_dir: Path, **overrides) -> list[str]:
 def test_rm_learns_the_preference_and_saves_the_score_head(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from sftflow.train.run import run_stage
+    from sftflow.stages.registry import run_stage
 
     args = load_args(
         None, pair_config(tmp_path, tiny_model_dir, stage="rm", do_predict=True, predict_with_generate=True)
@@ -94,7 +94,7 @@ def test_rm_adapter_reloads_with_the_same_scores(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sftflow.train.run import run_stage
+    from sftflow.stages.registry import run_stage
 
     args = load_args(None, pair_config(tmp_path, tiny_model_dir, stage="rm", max_steps=2, do_eval=False))
     run_stage(args)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from sftflow.data.processor import IGNORE_INDEX, encode_sft, stop_token_ids
+from sftflow.data.encode import IGNORE_INDEX, encode_sft, stop_token_ids
 from sftflow.data.template import BUILTIN_TEMPLATES, apply_template
 from sftflow.errors import SftflowError
 

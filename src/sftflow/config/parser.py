@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
+from sftflow.config.validate import check_stage
 from sftflow.errors import SftflowError
 
 SFTFLOW_CLASSES = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
@@ -245,7 +246,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def load_args(config_path: str | Path | None, overrides: list[str] | None = None) -> RunArgs:
+def load_args(
+    config_path: str | Path | None, overrides: list[str] | None = None, require_output_dir: bool = True
+) -> RunArgs:
     """Build the run's arguments from a config file and `key=value` overrides (overrides win).
 
     Raises:
@@ -253,6 +256,18 @@ def load_args(config_path: str | Path | None, overrides: list[str] | None = None
     """
     raw: dict[str, Any] = read_config_file(config_path) if config_path else {}
     raw.update(parse_overrides(overrides or []))
+    return args_from_dict(raw, require_output_dir)
+
+
+def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunArgs:
+    """Build the run's arguments from a flat `key: value` dict (YAML values or raw override strings).
+
+    `require_output_dir`: only commands that write a run (train) need one.
+
+    Raises:
+        SftflowError: unknown keys, values of the wrong type or out of range, missing required keys.
+    """
+    raw = dict(raw)
     index = field_index()
     known = sorted(index)
     unknown = [k for k in raw if k not in index]
@@ -270,7 +285,7 @@ def load_args(config_path: str | Path | None, overrides: list[str] | None = None
 
     if not raw.get("model_name_or_path"):
         raise SftflowError("model_name_or_path is required (e.g. model_name_or_path: smollm2-135m-instruct).")
-    if not raw.get("output_dir"):
+    if require_output_dir and not raw.get("output_dir"):
         raise SftflowError("output_dir is required (e.g. output_dir: saves/my-run).")
 
     training_cls = training_args_class()
@@ -302,6 +317,7 @@ def _check_together(
             "do_eval/do_predict need held-out data: set eval_dataset (a dataset name) or val_size (e.g. 0.1)."
         )
     _check_training_values(training)
+    check_stage(model, data, finetuning, training)
     if training.do_predict and finetuning.stage == "sft" and not training.predict_with_generate:
         raise SftflowError(
             "do_predict needs predict_with_generate: true (sftflow predicts by generating answers)."

@@ -24,7 +24,7 @@ from sftflow.data.registry import ONLINE, get_dataset_spec, read_registry
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion or tokenization code changes what it writes, so old entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # DataArguments fields that do not change the tokenized data.
 NOT_IN_KEY = {
     "preview_rows",

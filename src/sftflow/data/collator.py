@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sftflow.data.processor import IGNORE_INDEX
+from sftflow.data.encode import IGNORE_INDEX
 
 
 @dataclass

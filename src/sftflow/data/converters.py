@@ -1,6 +1,6 @@
 """Pure row converters: one raw row (alpaca, sharegpt or OpenAI messages) -> sftflow's common form.
 
-The common form depends on the stage (what the tokenizers in `processor.py` read):
+The common form depends on the stage (what the tokenizers in `encode.py` read):
 
 * ``sft``: ``{"messages": [...], "tools": str}``. ``messages`` are
   ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``; the system message, when there

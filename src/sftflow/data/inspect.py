@@ -1,16 +1,19 @@
 """Show tokenized data as a person checks it: decoded text with the trained spans marked, and statistics.
 
 Pure functions over `input_ids`/`labels` rows; `sftflow preview` and `sftflow preprocess`
-(`sftflow.train.preview`) print and write what they return.
+(`sftflow.cli.preview`, `sftflow.cli.preprocess`) print and write what they return.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from typing import IO, Any
 
-from sftflow.data.processor import IGNORE_INDEX
+from sftflow.data.encode import IGNORE_INDEX, pair_labels
+
+logger = logging.getLogger(__name__)
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -43,60 +46,48 @@ def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color
     return "".join(out)
 
 
-def percentile(sorted_values: list[int], q: float) -> int:
-    """Nearest-rank percentile of an ascending list (q in [0, 100]).
-
-    >>> percentile([1, 2, 3, 4], 50), percentile([1, 2, 3, 4], 100)
-    (2, 4)
-    """
-    if not sorted_values:
-        return 0
-    rank = max(1, -(-len(sorted_values) * q // 100))
-    return sorted_values[int(rank) - 1]
-
-
-def length_stats(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """Examples, length percentiles (p50/p90/p99/max) and the share of trained tokens.
-
-    Rows with `input_ids`/`labels` count once; pairwise rows (`chosen_input_ids`, ...) count each side.
-    """
-    lengths, trained, total = [], 0, 0
-    for row in rows:
-        for prefix in ("", "chosen_", "rejected_"):
-            ids = row.get(f"{prefix}input_ids")
-            if ids is None:
-                continue
-            labels = row.get(f"{prefix}labels") or ids
-            lengths.append(len(ids))
-            total += len(ids)
-            trained += sum(1 for t in labels if t != IGNORE_INDEX)
-    lengths.sort()
-    return {
-        "sequences": len(lengths),
-        "tokens": total,
-        "p50": percentile(lengths, 50),
-        "p90": percentile(lengths, 90),
-        "p99": percentile(lengths, 99),
-        "max": lengths[-1] if lengths else 0,
-        "trained_share": trained / total if total else 0.0,
-    }
+def render_example(tokenizer: Any, row: dict[str, Any], index: int, color: bool) -> str:
+    """One tokenized example with a header line: sft/pt rows with their trained tokens marked, pairs as
+    the shared prompt with each answer marked."""
+    if "chosen_ids" in row:
+        cut = row["prompt_len"]
+        parts = [f"--- pair {index}: prompt {cut} tokens ---", tokenizer.decode(row["chosen_ids"][:cut])]
+        for side in ("chosen", "rejected"):
+            ids, labels = row[f"{side}_ids"], pair_labels(row, side)
+            trained = sum(1 for t in labels if t != IGNORE_INDEX)
+            parts += [f"--- {side}: {len(ids) - cut} tokens, {trained} trained ---"]
+            parts += [render_marked(tokenizer, ids[cut:], labels[cut:], color)]
+        return "\n".join(parts)
+    labels = row.get("labels", row["input_ids"])
+    trained = sum(1 for t in labels if t != IGNORE_INDEX)
+    header = f"--- example {index}: {len(row['input_ids'])} tokens, {trained} trained ---"
+    return header + "\n" + render_marked(tokenizer, row["input_ids"], labels, color)
 
 
-def format_report(meta: dict[str, Any], stats: dict[str, dict[str, float]]) -> str:
-    """Per-dataset row counts (read, skipped, kept) and per-split token statistics with truncated/dropped."""
+def format_report(meta: dict[str, Any]) -> str:
+    """Per-dataset row counts (read, skipped, kept) and per-split statistics (`audit.summarize`)."""
     lines = ["datasets:"]
     for name, count in meta.get("datasets", {}).items():
         lines.append(
             f"  {name}: {count['read']} rows read, {count['skipped']} skipped as malformed, {count['kept']} used"
         )
-    for split, numbers in stats.items():
-        counts = meta.get("splits", {}).get(split, {})
+    unit = {"pt": "rows", "rm": "pairs", "dpo": "pairs"}.get(meta.get("stage", "sft"), "examples")
+    for split, stats in meta.get("splits", {}).items():
+        length = stats.get("length", {})
+        texts = f" (from {stats['texts']} texts)" if "texts" in stats else ""
         lines.append(
-            f"{split}: {counts.get('examples', numbers['sequences'])} examples, "
-            f"{counts.get('truncated', 0)} truncated, {counts.get('dropped', 0)} dropped (over cutoff_len); "
-            f"{numbers['tokens']} tokens, length p50={numbers['p50']} p90={numbers['p90']} "
-            f"p99={numbers['p99']} max={numbers['max']}; trained tokens {numbers['trained_share']:.1%}"
+            f"{split}: {stats['examples']} {unit}{texts}, {stats['truncated']} truncated, {stats['dropped']} dropped "
+            f"(over cutoff_len {meta.get('cutoff_len', '?')}); {stats['tokens']} tokens, length "
+            f"p50={length.get('p50', 0)} p90={length.get('p90', 0)} p99={length.get('p99', 0)} "
+            f"max={length.get('max', 0)}; trained tokens {stats['trained_share']:.1%}"
         )
+        if "duplicates" in stats:
+            lines.append(
+                f"  {stats['duplicates']} exact duplicates, {stats['conflicting']} prompts with differing answers, "
+                f"{stats['empty_responses']} empty answers, end-of-turn untrained in {stats['eot_untrained']}"
+            )
+    if not meta.get("splits"):
+        lines.append("(streamed: rows are read lazily and not counted)")
     return "\n".join(lines)
 
 
@@ -107,3 +98,32 @@ def write_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
         written += 1
     return written
+
+
+def log_examples(prepared: Any, tokenizer: Any, rows: int) -> None:
+    """Log the first examples as the model will see them, with the trained part shown separately (for
+    pairs: the shared prompt, then each answer)."""
+    dataset = prepared.train if prepared.train is not None else prepared.eval
+    if dataset is None:
+        return
+    for i, example in enumerate(dataset.take(rows)):
+        if "chosen_ids" in example:
+            cut = example["prompt_len"]
+            logger.info(
+                "pair %d (prompt %d tokens)\n--- prompt ---\n%s\n--- chosen ---\n%s\n--- rejected ---\n%s",
+                i,
+                cut,
+                tokenizer.decode(example["chosen_ids"][:cut]),
+                tokenizer.decode(example["chosen_ids"][cut : example["chosen_end"]]),
+                tokenizer.decode(example["rejected_ids"][cut : example["rejected_end"]]),
+            )
+            continue
+        trained = [t for t in example["labels"] if t != IGNORE_INDEX]
+        logger.info(
+            "example %d (%d tokens, %d trained)\n--- input ---\n%s\n--- trained on ---\n%s",
+            i,
+            len(example["input_ids"]),
+            len(trained),
+            tokenizer.decode(example["input_ids"]),
+            tokenizer.decode(trained),
+        )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from sftflow.data.processor import IGNORE_INDEX
+from sftflow.data.encode import IGNORE_INDEX
 
 
 def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -25,15 +24,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from sftflow.errors import SftflowError
-
 if TYPE_CHECKING:
     from sftflow.infer.engine import ChatEngine, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 MAX_N = 16
 MAX_STOPS = 4
 
@@ -253,59 +248,3 @@ def sse_events(
     finally:
         stream.close()  # the client went away or the stream ended: stop generating for it
     yield "data: [DONE]\n\n"
-
-
-def host_and_port(host: str | None, port: int | None) -> tuple[str, int]:
-    """--host/--port, else API_HOST/API_PORT, else 127.0.0.1:8000.
-
-    Raises:
-        SftflowError: API_PORT is not a port number.
-    """
-    host = host or os.environ.get("API_HOST") or DEFAULT_HOST
-    if port is None:
-        raw = os.environ.get("API_PORT")
-        try:
-            port = int(raw) if raw else DEFAULT_PORT
-        except ValueError:
-            raise SftflowError(f"API_PORT must be a port number, got {raw!r}.") from None
-    if not 0 < port < 65536:
-        raise SftflowError(f"the port must be in 1..65535, got {port}.")
-    return host, port
-
-
-def main(argv: list[str]) -> int:
-    """`sftflow api RUN_DIR|CONFIG [key=value ...] [--model M] [--adapter A] [--host H] [--port P]`."""
-    from sftflow.cli import setup_logging, split_config_and_overrides
-    from sftflow.infer.engine import argument_parser, load_engine, load_infer_args
-
-    parser = argument_parser(
-        "sftflow api",
-        "Serve a tuned model over an OpenAI-compatible API (/v1/models, /v1/chat/completions). "
-        "Set API_KEY to require `Authorization: Bearer <API_KEY>`.",
-        "a run's output_dir (e.g. saves/smollm2-135m-instruct/lora/demo) or a config file",
-    )
-    parser.add_argument("--host", help=f"address to bind (env API_HOST; default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, help=f"port (env API_PORT; default {DEFAULT_PORT})")
-    ns = parser.parse_args(argv)
-    config, overrides = split_config_and_overrides(ns.target)
-    if config is None and ns.model is None:
-        raise SftflowError("sftflow api needs a run dir, a config file or --model (see sftflow api --help).")
-    host, port = host_and_port(ns.host, ns.port)
-    api_key = os.environ.get("API_KEY") or None
-    args = load_infer_args(config, overrides, ns.model, ns.adapter, default_output_dir=".")
-    setup_logging()
-    import uvicorn
-
-    engine = load_engine(args)
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        logger.warning("serving on %s without an API key: anyone who can reach it can use it.", host)
-    print(
-        f"sftflow api: serving {engine.model_name} at http://{host}:{port}/v1 "
-        f"({'API key required' if api_key else 'no API key'})",
-        flush=True,
-    )
-    try:
-        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="info")
-    finally:
-        engine.close()
-    return 0

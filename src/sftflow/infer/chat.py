@@ -6,8 +6,6 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
-from sftflow.errors import SftflowError
-
 if TYPE_CHECKING:
     from sftflow.infer.engine import ChatEngine
 
@@ -73,30 +71,3 @@ def run_chat(
             say(" [stopped]")
         say("\n")
         history = [*messages[len(prefix) :], {"role": "assistant", "content": "".join(answer)}]
-
-
-def main(argv: list[str]) -> int:
-    """`sftflow chat RUN_DIR|CONFIG [key=value ...] [--model M] [--adapter A] [--system TEXT]`."""
-    from sftflow.cli import setup_logging, split_config_and_overrides
-    from sftflow.infer.engine import argument_parser, load_engine, load_infer_args
-
-    parser = argument_parser(
-        "sftflow chat",
-        "Chat with a tuned model in the terminal. " + HELP,
-        "a run's output_dir (e.g. saves/smollm2-135m-instruct/lora/demo) or a config file",
-    )
-    parser.add_argument("--system", help="system message put before every conversation")
-    ns = parser.parse_args(argv)
-    config, overrides = split_config_and_overrides(ns.target)
-    if config is None and ns.model is None:
-        raise SftflowError(
-            "sftflow chat needs a run dir, a config file or --model (see sftflow chat --help)."
-        )
-    args = load_infer_args(config, overrides, ns.model, ns.adapter, default_output_dir=".")
-    setup_logging()
-    engine = load_engine(args)
-    try:
-        run_chat(engine, system=ns.system)
-    finally:
-        engine.close()
-    return 0

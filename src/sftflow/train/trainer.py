@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,85 +25,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftflow.errors import SftflowError
 from sftflow.train.attention import segment_attention
-from sftflow.train.callbacks import GracefulStopCallback, JsonlLogCallback, TrainingInterrupted
+from sftflow.train.callbacks import GracefulStopCallback, TrainingInterrupted
+from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume
 from sftflow.train.loss import ThroughputMeter, causal_lm_loss, sequence_lengths, supports_fast_loss
 
-__all__ = [
-    "JsonlLogCallback",
-    "SftTrainer",
-    "check_launch",
-    "complete_checkpoints",
-    "launch_advice",
-    "resolve_resume",
-]
-
 logger = logging.getLogger(__name__)
-
-STAGING_PREFIX = (
-    ".tmp-"  # staging dirs: output_dir/.tmp-checkpoint-N/checkpoint-N (never matched by checkpoint-*)
-)
-INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # the sentinel of transformers' own JIT checkpoints
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-_RESUME_LATEST = {"true", "latest", "last"}
-_RESUME_NONE = {"", "false", "none", "null"}
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint dir is complete when the Trainer wrote its state file (the last file it writes) and
-    no in-progress marker is left in it."""
-    return (path / "trainer_state.json").is_file() and not (path / INCOMPLETE_MARKER).exists()
-
-
-def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """The `checkpoint-N` dirs under `output_dir`, complete ones and incomplete ones, by step."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return [], []
-    found = sorted(
-        (int(m.group(1)), p)
-        for p in output_dir.iterdir()
-        if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
-    )
-    complete = [p for _, p in found if is_complete_checkpoint(p)]
-    return complete, [p for _, p in found if not is_complete_checkpoint(p)]
-
-
-def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | bool | None) -> str | None:
-    """The checkpoint to resume from: `true`/`latest` means the latest complete one in `output_dir`.
-
-    Raises:
-        SftflowError: there is no complete checkpoint to resume from, or the named one is incomplete.
-    """
-    value = resume_from_checkpoint
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _RESUME_NONE):
-        return None
-    if value is True or (isinstance(value, str) and value.strip().lower() in _RESUME_LATEST):
-        complete, incomplete = complete_checkpoints(output_dir)
-        if incomplete:
-            logger.warning(
-                "skipping incomplete checkpoints (a save was interrupted): %s",
-                ", ".join(p.name for p in incomplete),
-            )
-        if not complete:
-            raise SftflowError(
-                f"resume_from_checkpoint: no complete checkpoint in {output_dir}"
-                + (f" (incomplete: {', '.join(p.name for p in incomplete)})" if incomplete else "")
-                + ". Checkpoints are written with save_strategy: steps and save_steps: N; to start over, "
-                "drop resume_from_checkpoint and set overwrite_output_dir: true."
-            )
-        logger.info("resuming from %s", complete[-1])
-        return str(complete[-1])
-    path = Path(value)
-    if not path.is_dir():
-        raise SftflowError(
-            f"resume_from_checkpoint: {path} is not a directory (give a checkpoint-N dir or true)."
-        )
-    if not is_complete_checkpoint(path):
-        raise SftflowError(
-            f"resume_from_checkpoint: {path} is incomplete (no trainer_state.json, or its save was interrupted). "
-            "Use resume_from_checkpoint: true to pick the latest complete checkpoint."
-        )
-    return str(path)
 
 
 def launch_advice(device_count: int, env: dict[str, str] | os._Environ) -> str | None:
@@ -161,7 +86,7 @@ def oom_advice(stage: str) -> Iterator[None]:
         raise SftflowError(oom_message(stage)) from exc
 
 
-class SftTrainer(Seq2SeqTrainer):
+class SftflowTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer that generates from left-padded prompts with an explicit GenerationConfig, saves
     checkpoints atomically and stops on NaN loss, signals and OOM with a message.
 
@@ -345,13 +270,3 @@ class SftTrainer(Seq2SeqTrainer):
                 generation_config=self.sft_generation_config,
             )
         return None, output[:, inputs["input_ids"].size(1) :], None
-
-
-def remove_staging_dirs(output_dir: str | Path) -> None:
-    """Delete staging dirs left by a save that was killed (their checkpoint never became visible)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return
-    for path in output_dir.glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"):
-        logger.warning("removing %s: a checkpoint save that was interrupted", path)
-        shutil.rmtree(path, ignore_errors=True)

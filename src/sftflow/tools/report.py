@@ -1,9 +1,9 @@
 """`report.html`: one self-contained page (images inline, no network) that says whether a run worked.
 
 Written at the end of `sftflow train` and by `sftflow report OUTPUT_DIR` from the files a run leaves in
-its output dir: sftflow_args.yaml (config), trainer_log.jsonl and *.png (curves), all_results.json
-(metrics), generated_predictions.jsonl and generated_predictions_base.jsonl (answers); the data
-statistics are recomputed from the config's datasets with the run's saved tokenizer.
+its output dir: sftflow_args.yaml (config), data_stats.json (the data step's counts and statistics),
+trainer_log.jsonl and *.png (curves), all_results.json (metrics), generated_predictions.jsonl and
+generated_predictions_base.jsonl (answers). It reads files only: no dataset is loaded or tokenized.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sftflow.data.audit import DATA_STATS, read_stats
 from sftflow.errors import SftflowError
+from sftflow.infer.predict import read_answers, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +59,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """A JSON-lines file, or [] when absent (blank lines skipped)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def read_config(output_dir: Path) -> dict[str, Any]:
     import yaml
 
@@ -89,24 +84,13 @@ def base_vs_tuned(metrics: dict[str, Any]) -> list[tuple[str, float, float]]:
 
 
 def sample_rows(output_dir: Path, limit: int = MAX_SAMPLES) -> tuple[list[dict[str, str]], int]:
-    """Predictions joined line by line with the base model's: prompt, reference, base and tuned answers."""
-    tuned = read_jsonl(output_dir / "generated_predictions.jsonl")
-    base = read_jsonl(output_dir / "generated_predictions_base.jsonl")
-    if base and len(base) != len(tuned):
-        logger.warning(
-            "report: %d base predictions for %d tuned ones; base answers left out", len(base), len(tuned)
-        )
-        base = []
+    """Held-out rows (`infer.predict.read_answers`): prompt, reference, base (None without) and tuned answers."""
+    answers = read_answers(output_dir)
     rows = [
-        {
-            "prompt": row.get("prompt", ""),
-            "reference": row.get("label", ""),
-            "base": base[i].get("predict", "") if base else None,
-            "tuned": row.get("predict", ""),
-        }
-        for i, row in enumerate(tuned[:limit])
+        {"prompt": r["prompt"], "reference": r["label"], "base": r.get("base"), "tuned": r["tuned"]}
+        for r in answers[:limit]
     ]
-    return rows, len(tuned)
+    return rows, len(answers)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,57 +144,59 @@ def config_section(config: dict[str, Any]) -> str:
     return table(["key", "value", "key", "value"], rows, numeric_from=4)
 
 
-def data_section(output_dir: Path, config: dict[str, Any], work_dir: Path) -> str:
-    """Data statistics from the config's datasets, tokenized with the run's saved tokenizer."""
-    try:
-        audit = _audit(output_dir, config)
-    except (SftflowError, OSError, ValueError) as exc:
-        return f'<p class="note">data statistics unavailable from here: {esc(exc)}</p>'
-    pct = audit.percentiles()
-    trained = audit.percentiles(audit.trained)
+def data_section(output_dir: Path, work_dir: Path) -> str:
+    """The data step's counts and statistics, as the run wrote them to data_stats.json."""
+    meta = read_stats(output_dir)
+    train = meta.get("splits", {}).get("train")
+    if not train:
+        return f'<p class="note">no {DATA_STATS} in the output dir (a streamed or evaluation-only run).</p>'
+    held_out = meta.get("splits", {}).get("eval", {}).get("examples", 0)
     rows = [
-        ["examples per dataset", esc(", ".join(f"{k}: {v}" for k, v in audit.per_dataset.items()))],
-        ["train / held out", f"{audit.examples} / {audit.eval_examples}"],
-        ["length in tokens", esc(", ".join(f"{k} {v}" for k, v in pct.items()))],
-        ["trained tokens per example", esc(", ".join(f"{k} {v}" for k, v in trained.items()))],
-        [f"at cutoff_len {audit.cutoff_len}", f"{audit.truncated} truncated, {audit.dropped} dropped"],
-        ["trained share of tokens", f"{audit.trained_share:.1%}"],
-        ["duplicates", f"{audit.duplicates} exact, {audit.conflicting} prompts with differing answers"],
-        ["empty responses", str(audit.empty_responses)],
         [
-            "end-of-turn token trained",
-            f"{len(audit.lengths) - audit.eot_untrained} of {len(audit.lengths)} ({esc(', '.join(audit.eot_tokens))})",
+            "examples per dataset",
+            esc(", ".join(f"{k}: {v['kept']}" for k, v in meta.get("datasets", {}).items())),
         ],
+        ["train / held out", f"{train['examples']} / {held_out}"],
+        [
+            "length in tokens (before cutoff_len)",
+            esc(", ".join(f"{k} {v}" for k, v in train["full_length"].items())),
+        ],
+        ["trained tokens per example", esc(", ".join(f"{k} {v}" for k, v in train["trained"].items()))],
+        [
+            f"at cutoff_len {meta.get('cutoff_len')}",
+            f"{train['truncated']} truncated, {train['dropped']} dropped",
+        ],
+        ["trained share of tokens", f"{train['trained_share']:.1%}"],
     ]
+    if "duplicates" in train:
+        eot = ", ".join(meta.get("eot_tokens", []))
+        rows += [
+            [
+                "duplicates",
+                f"{train['duplicates']} exact, {train['conflicting']} prompts with differing answers",
+            ],
+            ["empty responses", str(train["empty_responses"])],
+            [
+                "end-of-turn token trained",
+                f"{train['examples'] - train['eot_untrained']} of {train['examples']} ({esc(eot)})",
+            ],
+        ]
     return table(["", "training data"], rows, numeric_from=2) + png_tag(
-        length_histogram(audit.full_lengths, audit.cutoff_len, work_dir), "example lengths (tokens)"
+        length_histogram(train["histogram"], meta.get("cutoff_len", 0), work_dir), "example lengths (tokens)"
     )
 
 
-def _audit(output_dir: Path, config: dict[str, Any]) -> Any:
-    from transformers import AutoTokenizer
-
-    from sftflow.config import load_args
-    from sftflow.train.plan import audit_data
-
-    if not config:
-        raise SftflowError("no sftflow_args.yaml")
-    if not (output_dir / "tokenizer_config.json").is_file():
-        raise SftflowError("the run saved no tokenizer")
-    args = load_args(output_dir / "sftflow_args.yaml", ["do_train=true"])
-    tokenizer = AutoTokenizer.from_pretrained(output_dir)  # saved with the chat template the run used
-    return audit_data(args, tokenizer)
-
-
-def length_histogram(lengths: list[int], cutoff_len: int, work_dir: Path) -> Path:
+def length_histogram(hist: dict[str, list[int]], cutoff_len: int, work_dir: Path) -> Path:
+    """A bar chart of the lengths histogram data_stats.json holds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    edges, counts = hist["edges"], hist["counts"]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="#1f77b4")
-    if max(lengths) >= 0.5 * cutoff_len:
+    ax.bar(edges[:-1], counts, width=edges[1] - edges[0], align="edge", color="#1f77b4")  # equal-width bins
+    if edges and edges[-1] >= 0.5 * cutoff_len:
         ax.axvline(cutoff_len, color="#b3261e", linestyle="--", label=f"cutoff_len {cutoff_len}")
         ax.legend()
     ax.set_xlabel("tokens per example (before cutoff_len)")
@@ -297,7 +283,7 @@ def build_html(output_dir: Path) -> str:
         work = Path(tmp)
         parts = [
             section("config", "Config", config_section(config)),
-            section("data", "Data", data_section(output_dir, config, work)),
+            section("data", "Data", data_section(output_dir, work)),
             section("curves", "Loss and eval curves", curves_section(output_dir, log, work)),
             section("metrics", "Final metrics", metrics_section(metrics)),
             section("base-vs-tuned", "Base vs tuned model", base_vs_tuned_section(metrics)),
@@ -339,18 +325,3 @@ def write_report(output_dir: str | Path) -> Path:
     path = output_dir / REPORT_NAME
     path.write_text(build_html(output_dir), encoding="utf-8")
     return path
-
-
-def main(argv: list[str]) -> int:
-    """`sftflow report OUTPUT_DIR`."""
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(
-            "usage: sftflow report OUTPUT_DIR\n\nWrite OUTPUT_DIR/report.html (self-contained, offline) from a "
-            "finished run: config, data statistics, curves, metrics, base vs tuned, sample predictions."
-        )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from sftflow.cli import setup_logging
-
-    setup_logging()
-    print(f"report: {write_report(argv[0]).resolve()}")
-    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sftflow.data.processor import (
+from sftflow.data.encode import (
     IGNORE_INDEX,
     encode_pairwise,
     encode_pretrain,

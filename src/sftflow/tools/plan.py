@@ -416,7 +416,7 @@ def audit_conversations(
     conversations: list[list[dict[str, str]]], tokenizer: Any, data: Any, stop_ids: set[int]
 ) -> dict[str, Any]:
     """Tokenize every conversation as training will (and without cutoff_len) and count what matters."""
-    from sftflow.data.processor import IGNORE_INDEX, encode_sft
+    from sftflow.data.encode import IGNORE_INDEX, encode_sft
 
     options = {"mask_history": data.mask_history, "cutoff_policy": data.cutoff_policy}
     out: dict[str, Any] = {
@@ -465,14 +465,14 @@ def audit_data(args: Any, tokenizer: Any) -> DataAudit:
         SftflowError: a dataset is missing or malformed (the same errors `sftflow train` gives), or
             streamed (the audit reads every example).
     """
+    from sftflow.data.encode import stop_token_ids
     from sftflow.data.loader import LoadReport
-    from sftflow.data.processor import stop_token_ids
-    from sftflow.train.sft import load_datasets
+    from sftflow.data.prepare import load_datasets
 
     if args.data.streaming:
         raise SftflowError("plan reads every example to count tokens; run it with streaming=false.")
     report = LoadReport()
-    train, held_out = load_datasets(args, report)
+    train, held_out = load_datasets(args.data, args.training.seed, "sft", True, report)
     if train is None:
         raise SftflowError("plan needs training data: set dataset and do_train: true.")
     per_dataset = {name: count.kept for name, count in report.datasets.items()}
@@ -865,15 +865,14 @@ def measure_steps(args: Any, steps: int, warmup: int = 1) -> dict[str, float]:
     from transformers import Trainer, TrainerCallback
 
     from sftflow.data.collator import SftCollator
-    from sftflow.data.processor import stop_token_ids
+    from sftflow.data.prepare import prepare
     from sftflow.data.template import apply_template
     from sftflow.model.adapter import apply_finetuning
     from sftflow.model.loader import load_model, load_tokenizer
-    from sftflow.train.sft import prepare_datasets
 
     tokenizer = load_tokenizer(args.model)
     apply_template(tokenizer, args.data.template, args.data.template_file)
-    dataset = prepare_datasets(args, tokenizer, stop_token_ids(tokenizer)).train
+    dataset = prepare("sft", args.data, tokenizer, args.training.seed, True).train
     if dataset is None:
         raise SftflowError("--measure needs training data: set dataset and do_train: true.")
     batch = args.training.per_device_train_batch_size * args.training.gradient_accumulation_steps
@@ -1046,35 +1045,3 @@ def format_plan(plan: Plan) -> str:
         "  none: the config looks sound"
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    """`sftflow plan CONFIG [--measure[=N]] [key=value ...]`."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(
-            "usage: sftflow plan CONFIG.yaml [--measure[=STEPS]] [key=value ...]\n\n"
-            "Predict peak memory and run time, audit the data, and suggest config changes, without\n"
-            "training. --measure also times a few real steps (default 3) on the longest examples.\n"
-            "Formulas: docs/plan.md."
-        )
-        return 0
-    from sftflow.cli import setup_logging, split_config_and_overrides
-    from sftflow.config import load_args
-
-    measure = 0
-    rest = []
-    for item in argv:
-        if item == "--measure":
-            measure = 3
-        elif item.startswith("--measure="):
-            try:
-                measure = int(item.split("=", 1)[1])
-            except ValueError:
-                raise SftflowError(f"--measure takes a number of steps, got {item!r}") from None
-        else:
-            rest.append(item)
-    config, overrides = split_config_and_overrides(rest)
-    args = load_args(config, overrides)
-    setup_logging()
-    print(format_plan(build_plan(args, measure)), flush=True)
-    return 0

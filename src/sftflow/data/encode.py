@@ -55,6 +55,7 @@ class Encoded:
     labels: list[int]
     truncated: bool = False
     dropped: str = ""
+    full_length: int = 0  # tokens before cutoff_len
 
 
 @dataclass
@@ -67,6 +68,7 @@ class PairEncoded:
     rejected_labels: list[int]
     truncated: bool = False
     dropped: str = ""
+    full_length: int = 0  # tokens of the longer sequence before cutoff_len
 
 
 def stop_token_ids(tokenizer: Any) -> set[int]:
@@ -236,15 +238,17 @@ def encode_sft(
         return tokenize_conversation(tokenizer, msgs, stop_ids, train_on_prompt, mask_history)
 
     ids, labels, _ = encoded = encode(messages)
-    if len(ids) <= cutoff_len:
-        return Encoded(ids, labels)
+    full = len(ids)
+    if full <= cutoff_len:
+        return Encoded(ids, labels, full_length=full)
     if cutoff_policy == "drop":
-        return Encoded([], [], True, dropped=f"{len(ids)} tokens > cutoff_len {cutoff_len}")
+        return Encoded([], [], True, dropped=f"{full} tokens > cutoff_len {cutoff_len}", full_length=full)
     fitted = _fit(tokenizer, messages, cutoff_len, lambda m: encoded if m is messages else encode(m))
     if isinstance(fitted, str):
-        return Encoded([], [], True, dropped=fitted)
+        return Encoded([], [], True, dropped=fitted, full_length=full)
     ids, labels, _ = fitted[1]
-    return Encoded(ids[:cutoff_len], labels[:cutoff_len], truncated=True)  # step 3: cut the answer's end
+    # step 3: cut the answer's end
+    return Encoded(ids[:cutoff_len], labels[:cutoff_len], truncated=True, full_length=full)
 
 
 def encode_prompt(tokenizer: Any, messages: list[Message], cutoff_len: int) -> list[int] | None:
@@ -289,22 +293,28 @@ def encode_pairwise(
 
     pair = [[*prompt, answer(chosen)], [*prompt, answer(rejected)]]
     encoded = [encode(m) for m in pair]
-    if max(len(e[0]) for e in encoded) > cutoff_len:
+    longest = max(len(e[0]) for e in encoded)
+    if longest > cutoff_len:
         if cutoff_policy == "drop":
-            longest = max(len(e[0]) for e in encoded)
-            return PairEncoded([], [], [], [], True, dropped=f"{longest} tokens > cutoff_len {cutoff_len}")
+            reason = f"{longest} tokens > cutoff_len {cutoff_len}"
+            return PairEncoded([], [], [], [], True, dropped=reason, full_length=longest)
         longer = max((0, 1), key=lambda i: len(encoded[i][0]) - encoded[i][2])
         fitted = _fit(tokenizer, pair[longer], cutoff_len, encode)
         if isinstance(fitted, str):
-            return PairEncoded([], [], [], [], True, dropped=fitted)
+            return PairEncoded([], [], [], [], True, dropped=fitted, full_length=longest)
         short_prompt = fitted[0][:-1]
         encoded = [encode([*short_prompt, m[-1]]) for m in pair]
         (c_ids, c_labels, _), (r_ids, r_labels, _) = encoded
         return PairEncoded(
-            c_ids[:cutoff_len], c_labels[:cutoff_len], r_ids[:cutoff_len], r_labels[:cutoff_len], True
+            c_ids[:cutoff_len],
+            c_labels[:cutoff_len],
+            r_ids[:cutoff_len],
+            r_labels[:cutoff_len],
+            True,
+            full_length=longest,
         )
     (c_ids, c_labels, _), (r_ids, r_labels, _) = encoded
-    return PairEncoded(c_ids, c_labels, r_ids, r_labels)
+    return PairEncoded(c_ids, c_labels, r_ids, r_labels, full_length=longest)
 
 
 def encode_pretrain(tokenizer: Any, texts: list[str], cutoff_len: int) -> dict[str, list[list[int]]]:
@@ -320,3 +330,13 @@ def encode_pretrain(tokenizer: Any, texts: list[str], cutoff_len: int) -> dict[s
         stream += [*ids, tokenizer.eos_token_id]
     rows = [stream[i : i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
     return {"input_ids": rows, "labels": [list(r) for r in rows]}
+
+
+def pair_labels(row: dict[str, Any], side: str) -> list[int]:
+    """The labels of one side of a tokenized pair: its answer through the end-of-turn token is trained.
+
+    >>> pair_labels({"chosen_ids": [1, 2, 3, 4, 9], "prompt_len": 2, "chosen_end": 4}, "chosen")
+    [-100, -100, 3, 4, -100]
+    """
+    ids, cut, end = row[f"{side}_ids"], row["prompt_len"], row[f"{side}_end"]
+    return [IGNORE_INDEX] * cut + ids[cut:end] + [IGNORE_INDEX] * (len(ids) - end)

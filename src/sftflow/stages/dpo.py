@@ -1,4 +1,4 @@
-"""The preference-tuning (dpo) workflow, top to bottom:
+"""The preference-tuning (dpo) recipe, top to bottom:
 args -> tokenizer/template -> preference pairs -> causal LM (+LoRA) -> TRL DPOTrainer (sigmoid / ipo /
 hinge, optional NLL term) or TRL's experimental ORPOTrainer -> train/eval -> report.
 
@@ -10,58 +10,53 @@ starting model is the reference.
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sftflow.config import RunArgs
-from sftflow.data.processor import stop_token_ids
+from trl import DPOConfig, DPOTrainer
+
+from sftflow.data.encode import IGNORE_INDEX
 from sftflow.errors import SftflowError
-from sftflow.train.rm import check_pairwise_args, prepare_pairs, trl_args
-from sftflow.train.sft import (
-    SftResult,
+from sftflow.model.loader import load_chat_tokenizer, load_model
+from sftflow.tools.report import write_report
+from sftflow.train.callbacks import JsonlLogCallback
+from sftflow.train.steps import (
+    RunResult,
     build_model,
-    evaluate_and_report,
+    evaluate,
     format_summary,
-    load_chat_tokenizer,
+    prepare_data,
     start_run,
     train_and_save,
+    trl_args,
 )
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from sftflow.config import RunArgs
 
 # pref_loss -> DPOConfig.loss_type
 DPO_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge"}
 
 
-def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> SftResult:
-    """Run the dpo workflow described by `args` and write everything under `output_dir`.
+def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
+    """Run the dpo recipe described by `args` and write everything under `output_dir`.
 
     Metrics (TRL's): train/eval loss, rewards/chosen, rewards/rejected, rewards/accuracies (the share of
     pairs whose chosen answer gains more log-probability over the reference than the rejected one) and
     rewards/margins.
 
     Raises:
-        SftflowError: do_predict (nothing to generate in this stage yet), an unsupported pairwise
-            setting, or orpo without TRL's experimental ORPO trainer.
+        SftflowError: orpo without TRL's experimental ORPO trainer.
     """
-    from sftflow.train.callbacks import JsonlLogCallback
-
     training, finetuning = args.training, args.finetuning
-    check_pairwise_args(args)
-    if training.do_predict:
-        raise SftflowError(
-            "stage: dpo does not predict; set do_predict: false (do_eval reports the preference metrics on the "
-            "held-out pairs; `sftflow predict` answers prompts with the tuned adapter)."
-        )
     output_dir, resume = start_run(args)
 
     # 1. Tokenizer and chat template.
-    tokenizer = load_chat_tokenizer(args)
-    stop_ids = stop_token_ids(tokenizer)
+    tokenizer = load_chat_tokenizer(args.model, args.data)
 
     # 2. Pairs: load (ranking: true datasets), hold out eval pairs, tokenize; completions are the trained
     #    answers through their end-of-turn token, as in sft.
-    train_set, eval_set, _ = prepare_pairs(args, tokenizer, stop_ids)
+    prepared = prepare_data(args, tokenizer)
+    train_set, eval_set = prepared.train, prepared.eval
 
     # 3. Policy model with LoRA / freeze / full tuning.
     model = build_model(args, tokenizer)
@@ -73,15 +68,17 @@ def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> SftResult:
         trainer = orpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
     else:
         trainer = dpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
-    result = SftResult(output_dir)
+    result = RunResult(output_dir)
 
     # 5. Train and save; 6. eval loss and preference metrics on the held-out pairs.
     if training.do_train:
         train_and_save(trainer, args, tokenizer, resume, result)
     if training.do_eval:
-        evaluate_and_report(trainer, args, result, perplexity=False)
+        evaluate(trainer, args, result, perplexity=False)
 
+    # 7. report.html and the summary.
     if trainer.is_world_process_zero():
+        result.report = write_report(output_dir)
         print(format_summary(result), flush=True)
     return result
 
@@ -112,9 +109,6 @@ def dpo_trainer(
 ) -> Any:
     """TRL's DPOTrainer on sftflow's tokenization, with pref_beta, pref_loss (+ pref_ftx) and the
     memory-wise reference (the base with the adapter disabled under LoRA)."""
-    from trl import DPOConfig, DPOTrainer
-
-    from sftflow.model.loader import load_model
 
     class PretokenizedDPOTrainer(DPOTrainer):
         """DPOTrainer that takes prompt/chosen/rejected ids as they are (sftflow tokenized them)."""
@@ -182,7 +176,7 @@ def orpo_trainer(
                 answer = list(feature[f"{side}_ids"])
                 out[f"{side}_input_ids"] = prompt + answer
                 out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
-                out[f"{side}_labels"] = [-100] * len(prompt) + answer
+                out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
             return out
 
     config = trl_args(

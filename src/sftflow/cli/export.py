@@ -1,0 +1,41 @@
+"""`sftflow export CONFIG [key=value ...]`: merge LoRA adapter(s) into the base and write a model dir."""
+
+from __future__ import annotations
+
+from sftflow.cli import command_parser, parse, setup_logging
+from sftflow.errors import SftflowError
+
+KEYS = """keys:
+  model_name_or_path    the base model (HF dir, hub id, .gguf file or bundled name); not quantized
+  adapter_name_or_path  adapter dir(s) to merge, comma-separated to stack several (in that order)
+  export_dir            where to write the merged model (required)
+  export_size           max GB per safetensors shard (default 5)
+  dtype                 dtype of the written weights (default auto: the base checkpoint's own dtype)
+  template              chat template to save with the tokenizer (default: the adapter's tokenizer, else the base's)
+  new_special_tokens    tokens added at training time, if the adapter dir has no tokenizer
+  overwrite_output_dir  allow writing into a non-empty export_dir"""
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = command_parser(
+        "export",
+        "Merge LoRA adapter(s) into the base model and write a standard Hugging Face model dir.",
+        "CONFIG",
+        "a config with model_name_or_path, adapter_name_or_path and export_dir",
+    )
+    parser.epilog = KEYS + "\n\n`sftflow train --help` lists every key."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    ns = parse(parser, argv)
+    from sftflow.config import load_args
+    from sftflow.model.export import export_model
+
+    args = load_args(ns.target, ns.overrides, require_output_dir=False)
+    if not args.model.export_dir:
+        raise SftflowError("export_dir is required (e.g. export_dir: saves/merged).")
+    setup_logging()
+    export_dir = export_model(args.model, args.data, overwrite=args.finetuning.overwrite_output_dir)
+    print(f"sftflow: exported the merged model to {export_dir.resolve()}", flush=True)
+    print(f"  load it with AutoModelForCausalLM.from_pretrained({str(export_dir)!r})", flush=True)
+    return 0

@@ -1,0 +1,48 @@
+"""The model and tokenizer for generation (chat, api, predict): adapters merged, the run's chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sftflow.errors import SftflowError
+from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
+from sftflow.model.loader import is_quantized, load_chat_tokenizer, load_model
+
+if TYPE_CHECKING:
+    from sftflow.config import RunArgs
+
+
+def load_for_inference(args: RunArgs) -> tuple[Any, Any]:
+    """The model with its adapter(s) merged in (kept as a PEFT wrapper on a quantized base) on the best
+    device, and the tokenizer with the run's chat template: the last adapter's tokenizer when it has
+    one (training saves it there), else the base model's; `template` from the config replaces it.
+
+    Raises:
+        SftflowError: an adapter dir is invalid, or several adapters are given for a quantized base.
+    """
+    import torch
+
+    allow_pickle = not args.model.use_safetensors
+    paths = adapter_paths(args.model.adapter_name_or_path)
+    for path in paths:
+        check_adapter_dir(path, allow_pickle)
+    last = Path(paths[-1]).expanduser() if paths else None
+    source = str(last) if last is not None and (last / "tokenizer_config.json").is_file() else None
+    tokenizer = load_chat_tokenizer(args.model, args.data, source=source)
+
+    model = load_model(args.model, tokenizer)
+    if not is_quantized(model):
+        model = merge_adapters(model, paths, allow_pickle)  # plain weights: faster, same outputs
+    elif paths:
+        if len(paths) > 1:
+            raise SftflowError(
+                "a quantized base takes one adapter_name_or_path (adapters cannot be merged into 4/8-bit "
+                "weights); merge the others first with sftflow export."
+            )
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, paths[0])
+    if torch.cuda.is_available() and not is_quantized(model):
+        model = model.to("cuda")
+    return model.eval(), tokenizer

@@ -1,0 +1,1 @@
+"""Stage recipes: one top-to-bottom function per stage (`registry.STAGES`)."""
