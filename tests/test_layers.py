@@ -1,7 +1,7 @@
 """The layout keeps its layers: each package imports only the ones below it, nothing imports the CLI, and
 there are no import circles (read from the source with `ast`, every import counted, lazy ones too).
 
-    errors < config < data < model < train < infer < tools < stages < cli
+    errors < config < data < model < train < infer < tools < stages < board < cli
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "sftflow"
-LAYERS = ["errors", "config", "data", "model", "train", "infer", "tools", "stages", "cli"]
+LAYERS = ["errors", "config", "data", "model", "train", "infer", "tools", "stages", "board", "cli"]
 TOP_LEVEL = {"__init__", "errors"}  # sftflow/__init__.py (the version) sits below everything
 
 
