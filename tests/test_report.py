@@ -129,12 +129,17 @@ def test_report_has_every_section_inline_images_and_escapes_text(
     assert page.sections == list(SECTIONS)
     assert page.scripts == 0  # the model's "<script>" answer is text, not markup
     assert all(link.startswith("#") for link in page.links)  # offline: in-page anchors only
-    # two loss curves and the length histogram, each a valid PNG inlined as base64
-    assert len(page.images) == 3
+    # the loss curve and the length histogram, each a valid PNG inlined as base64; the eval loss,
+    # logged once, is a number rather than a one-dot chart
+    assert len(page.images) == 2
+    assert "eval_loss: 0.97 (logged once, at step 5)" in (out / "report.html").read_text()
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
 
+    # the keys the run changed come first: the fake run's own keys (sorted), then defaults
+    firsts = [row[0] for row in page.rows["config"][1:4]]
+    assert firsts == ["cutoff_len", "dataset", "dataset_dir"]
     config = {row[0]: row[1] for row in page.rows["config"][1:]}
     config.update({row[2]: row[3] for row in page.rows["config"][1:] if row[2]})
     assert config["learning_rate"] == "0.001" and config["finetuning_type"] == "lora"
@@ -207,3 +212,14 @@ def test_train_writes_the_report(tmp_path, tiny_model_dir, toy_data_dir, capsys)
     assert page.sections == list(SECTIONS)
     assert len(page.rows["samples"]) == 1 + 4  # header + the 4 held-out rows
     assert {row[0] for row in page.rows["base-vs-tuned"][1:]} == {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
+
+
+def test_report_of_a_reward_model_shows_the_scored_pairs(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.75, "predict_accuracy": 0.5}))
+    pair = {"prompt": "Q?", "chosen": "good", "rejected": "bad", "chosen_score": 1.5, "rejected_score": -0.5}
+    (out / "generated_predictions.jsonl").write_text(json.dumps(pair) + "\n")
+    page = parse(write_report(out))
+    assert page.rows["samples"][1] == ["0", "Q?", "good", "bad", "1.5", "-0.5"]
+    assert ["eval_accuracy", "0.75"] in page.rows["base-vs-tuned"]  # the outcome, as numbers

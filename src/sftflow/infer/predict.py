@@ -54,7 +54,7 @@ def run_predict(args: RunArgs) -> dict[str, float]:
     from sftflow.train.trainer import SftflowTrainer
 
     output_dir = Path(args.training.output_dir)
-    args.training.predict_with_generate = True  # SftTrainer generates only with it (else: logits)
+    args.training.predict_with_generate = True  # SftflowTrainer generates only with it (else: logits)
     model, tokenizer = load_for_inference(args)
     dataset, rows = tokenize_prompts(predict_conversations(args), tokenizer, args.data.cutoff_len)
     output_dir.mkdir(parents=True, exist_ok=True)

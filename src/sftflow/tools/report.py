@@ -9,6 +9,7 @@ generated_predictions_base.jsonl (answers). It reads files only: no dataset is l
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import logging
@@ -19,13 +20,18 @@ from typing import Any
 
 from sftflow.data.audit import DATA_STATS, read_stats
 from sftflow.errors import SftflowError
-from sftflow.infer.predict import read_answers, read_jsonl
+from sftflow.infer.predict import read_answers, read_jsonl, read_pair_scores
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 MAX_SAMPLES = 50
-SECTIONS = ("config", "data", "curves", "metrics", "base-vs-tuned", "samples")
+# the outcome first, the config last (it is what the board opens for a run)
+SECTIONS = ("base-vs-tuned", "curves", "samples", "metrics", "data", "config")
+# PNGs the run writes (train.plotting) -> the logged series each draws
+CURVES = {"training_loss.png": "loss", "training_eval_loss.png": "eval_loss"}
+# outcome metrics shown as numbers when there is no base-vs-tuned comparison
+OUTCOME = ("eval_loss", "eval_perplexity", "eval_accuracy", "predict_accuracy", "predict_margin")
 RUN_FILES = (
     "all_results.json",
     "trainer_log.jsonl",
@@ -135,13 +141,33 @@ def section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
 
 
+def config_defaults() -> dict[str, Any]:
+    """Every sftflow key's default (the HF training keys in sftflow_args.yaml are the ones a user set)."""
+    from sftflow.config.parser import SFTFLOW_CLASSES, TRAINING_DEFAULTS
+
+    out: dict[str, Any] = dict(TRAINING_DEFAULTS)
+    for cls in SFTFLOW_CLASSES:
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+    return out
+
+
 def config_section(config: dict[str, Any]) -> str:
+    """The config, the keys that differ from sftflow's defaults first (in bold)."""
     if not config:
         return '<p class="note">no sftflow_args.yaml in the output dir.</p>'
-    cells = [[f"<code>{esc(k)}</code>", esc(fmt(v))] for k, v in config.items()]
+    defaults = config_defaults()
+    changed = [k for k in config if k not in defaults or defaults[k] != config[k]]
+    rest = [k for k in config if k not in changed]
+    cells = [[f"<b><code>{esc(k)}</code></b>", f"<b>{esc(fmt(config[k]))}</b>"] for k in changed]
+    cells += [[f"<code>{esc(k)}</code>", esc(fmt(config[k]))] for k in rest]
     half = (len(cells) + 1) // 2  # two key/value columns: half the height
     rows = [cells[i] + (cells[i + half] if i + half < len(cells) else ["", ""]) for i in range(half)]
-    return table(["key", "value", "key", "value"], rows, numeric_from=4)
+    note = f"<p>{len(changed)} keys differ from sftflow's defaults (in bold, first).</p>"
+    return note + table(["key", "value", "key", "value"], rows, numeric_from=4)
 
 
 def data_section(output_dir: Path, work_dir: Path) -> str:
@@ -209,23 +235,35 @@ def length_histogram(hist: dict[str, list[int]], cutoff_len: int, work_dir: Path
 
 
 def curves_section(output_dir: Path, log: list[dict[str, Any]], work_dir: Path) -> str:
-    """Every PNG the run wrote; loss curves drawn from trainer_log.jsonl when it wrote none."""
+    """Every PNG the run wrote (loss curves drawn from trainer_log.jsonl when it wrote none); a series
+    logged once is a number, not a one-dot chart."""
     from sftflow.train.plotting import plot_losses
 
     pngs = sorted(output_dir.glob("*.png"), key=lambda p: (p.name != "training_loss.png", p.name))
     if not pngs and log:
         pngs = plot_losses(log, work_dir)
-    if not pngs:
+    single = []
+    for png in list(pngs):
+        points = [e for e in log if CURVES.get(png.name, "") in e]
+        if png.name in CURVES and len(points) == 1:
+            pngs.remove(png)
+            key = CURVES[png.name]
+            single.append(
+                f"<p>{esc(key)}: {fmt(points[0][key])} (logged once, at step {points[0].get('step')}).</p>"
+            )
+    if not pngs and not single:
         return '<p class="note">no loss was logged.</p>'
     steps = [e for e in log if "loss" in e]
     note = ""
-    if steps:
+    if len(steps) > 1:
         first, last = steps[0], steps[-1]
         note = (
             f"<p>train loss {fmt(first['loss'])} at step {first.get('step')} &rarr; "
             f"{fmt(last['loss'])} at step {last.get('step')} ({len(steps)} logged points).</p>"
         )
-    return note + '<div class="grid">' + "".join(png_tag(p, p.name) for p in pngs) + "</div>"
+    return (
+        note + "".join(single) + '<div class="grid">' + "".join(png_tag(p, p.name) for p in pngs) + "</div>"
+    )
 
 
 def metrics_section(metrics: dict[str, Any]) -> str:
@@ -239,9 +277,12 @@ def metrics_section(metrics: dict[str, Any]) -> str:
 
 
 def base_vs_tuned_section(metrics: dict[str, Any]) -> str:
+    """The outcome: base vs tuned scores, else the run's held-out metrics as numbers."""
     rows = base_vs_tuned(metrics)
     if not rows:
-        return '<p class="note">predict did not run on both the base and the tuned model.</p>'
+        outcome = [[f"<code>{esc(k)}</code>", esc(fmt(metrics[k]))] for k in OUTCOME if k in metrics]
+        note = '<p class="note">predict did not run on both the base and the tuned model.</p>'
+        return note + (table(["held-out metric", "value"], outcome) if outcome else "")
     out = []
     for name, base, tuned in rows:
         delta = tuned - base
@@ -253,7 +294,26 @@ def base_vs_tuned_section(metrics: dict[str, Any]) -> str:
     )
 
 
-def samples_section(rows: list[dict[str, str]], total: int) -> str:
+def samples_section(output_dir: Path, limit: int = MAX_SAMPLES) -> str:
+    """Held-out prompts with reference, base and tuned answers; for rm, the scored pairs."""
+    rows, total = sample_rows(output_dir, limit)
+    pairs = read_pair_scores(output_dir)
+    if pairs:
+        header = ["#", "prompt", "chosen", "rejected", "chosen score", "rejected score"]
+        body = [
+            [
+                str(i),
+                f"<pre>{esc(p['prompt'])}</pre>",
+                esc(fmt(p["chosen"])),
+                esc(fmt(p["rejected"])),
+                fmt(p["chosen_score"]),
+                fmt(p["rejected_score"]),
+            ]
+            for i, p in enumerate(pairs[:limit])
+        ]
+        rows, total = body, len(pairs)
+        shown = f"the first {len(body)} of {total}" if total > len(body) else f"all {total}"
+        return f"<p>{shown} held-out pairs, scored.</p>" + table(header, body, 4, css="samples")
     if not rows:
         return '<p class="note">no generated_predictions.jsonl in the output dir.</p>'
     has_base = rows[0]["base"] is not None
@@ -278,16 +338,15 @@ def build_html(output_dir: Path) -> str:
     config = read_config(output_dir)
     metrics = read_json(output_dir / "all_results.json")
     log = read_jsonl(output_dir / "trainer_log.jsonl")
-    samples, total = sample_rows(output_dir)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         parts = [
-            section("config", "Config", config_section(config)),
-            section("data", "Data", data_section(output_dir, work)),
+            section("base-vs-tuned", "Outcome: base vs tuned model", base_vs_tuned_section(metrics)),
             section("curves", "Loss and eval curves", curves_section(output_dir, log, work)),
+            section("samples", "Sample predictions", samples_section(output_dir)),
             section("metrics", "Final metrics", metrics_section(metrics)),
-            section("base-vs-tuned", "Base vs tuned model", base_vs_tuned_section(metrics)),
-            section("samples", "Sample predictions", samples_section(samples, total)),
+            section("data", "Data", data_section(output_dir, work)),
+            section("config", "Config", config_section(config)),
         ]
     model = config.get("model_name_or_path", "?")
     method = config.get("finetuning_type", "?")
