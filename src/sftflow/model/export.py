@@ -4,7 +4,14 @@ The dir holds safetensors shards (at most `export_size` GB each), config.json, g
 (stopping at the chat template's end-of-turn token) and the tokenizer with its chat template, so
 `AutoModelForCausalLM.from_pretrained(export_dir)` loads it with no sftflow installed. Keys are
 LLaMA-Factory's: model_name_or_path, adapter_name_or_path (comma-separated to stack several),
-export_dir, export_size, template.
+export_dir, export_size, template, export_hub_model_id.
+
+`export_format: gguf` also writes `model-<export_quantization>.gguf` (llama.cpp, LM Studio; see
+`sftflow.model.gguf`) and an Ollama `Modelfile` beside it (`sftflow.model.modelfile`).
+
+Stops are proven at every export: the token training labelled as each answer's end (found by encoding a
+probe conversation exactly as training does) must be what the written generation_config.json and the
+GGUF's eos/eot stop on, read back from disk; otherwise the export is refused with the reason.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,45 +29,6 @@ if TYPE_CHECKING:
     from sftflow.config import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
-
-USAGE = """usage: sftflow export CONFIG.yaml [key=value ...]
-
-Merge LoRA adapter(s) into the base model and write a standard Hugging Face model dir.
-
-  model_name_or_path    the base model (HF dir, hub id, .gguf file or bundled name); not quantized
-  adapter_name_or_path  adapter dir(s) to merge, comma-separated to stack several (in that order)
-  export_dir            where to write the merged model (required)
-  export_size           max GB per safetensors shard (default 5)
-  dtype                 dtype of the written weights (default auto: the base checkpoint's own dtype)
-  template              chat template to save with the tokenizer (default: the adapter's tokenizer, else the base's)
-  new_special_tokens    tokens added at training time, if the adapter dir has no tokenizer
-  overwrite_output_dir  allow writing into a non-empty export_dir
-
-`sftflow train --help` lists every key."""
-
-
-def main(argv: list[str]) -> int:
-    """The `sftflow export` command."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    from sftflow.cli import setup_logging, split_config_and_overrides
-    from sftflow.config import load_args
-    from sftflow.config.parser import parse_overrides, read_config_file
-
-    config, overrides = split_config_and_overrides(argv)
-    raw = read_config_file(config) if config else {}
-    raw.update(parse_overrides(overrides))
-    if not raw.get("export_dir"):
-        raise SftflowError("export_dir is required (e.g. export_dir: saves/merged).")
-    if not raw.get("output_dir"):  # a training key load_args requires; export writes only to export_dir
-        overrides = [*overrides, f"output_dir={raw['export_dir']}"]
-    args = load_args(config, overrides)
-    setup_logging()
-    export_dir = export_model(args.model, args.data, overwrite=args.finetuning.overwrite_output_dir)
-    print(f"sftflow: exported the merged model to {export_dir.resolve()}", flush=True)
-    print(f"  load it with AutoModelForCausalLM.from_pretrained({str(export_dir)!r})", flush=True)
-    return 0
 
 
 def export_model(
@@ -71,18 +40,22 @@ def export_model(
     or with `dtype: auto` in the base checkpoint's own dtype.
 
     Args:
-        model_args: model, adapters, export_dir, export_size, dtype.
-        data_args: its `template` (and `template_file`, when set) replace the saved chat template.
+        model_args: model, adapters, export_dir, export_size, dtype, export_format, export_quantization,
+            export_hub_model_id.
+        data_args: its `template` (and `template_file`, when set) replace the saved chat template; its
+            `dataset`, when set, is read for a system prompt shared by every row (the Modelfile's SYSTEM).
         overwrite: allow a non-empty export_dir (its old weight files are removed first).
 
     Returns:
         The export dir.
 
     Raises:
-        SftflowError: no export_dir, a quantized base, invalid adapters, or a non-empty export_dir.
+        SftflowError: no export_dir, a quantized base, invalid adapters, a non-empty export_dir, an export
+            that would not stop on the trained end-of-turn token, a model GGUF export does not support, or
+            export_hub_model_id while offline.
     """
 
-    from sftflow.data.processor import stop_token_ids
+    from sftflow.data.encode import stop_token_ids
     from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
     from sftflow.model.loader import is_quantized, load_model, model_path, resolve_dtype
 
@@ -99,6 +72,8 @@ def export_model(
             f"model_name_or_path {base} holds quantized weights (config.json has a quantization_config); "
             "merging into them would be lossy. Point model_name_or_path at the unquantized model."
         )
+    if model_args.export_hub_model_id:
+        _check_hub_online(model_args.export_hub_model_id)
     export_dir = Path(model_args.export_dir).expanduser()
     _prepare_export_dir(export_dir, overwrite)
     allow_pickle = not model_args.use_safetensors
@@ -107,6 +82,7 @@ def export_model(
         check_adapter_dir(path, allow_pickle)
 
     tokenizer = _export_tokenizer(model_args, paths, data_args)
+    end_id = trained_end_token(tokenizer)
     merge_args = dataclasses.replace(model_args, dtype="float32")
     model = load_model(merge_args, tokenizer)
     if is_quantized(model):
@@ -114,11 +90,13 @@ def export_model(
             f"model_name_or_path {base} loaded as a quantized model; export needs full precision."
         )
     model = merge_adapters(model, paths, allow_pickle)
+    stops = sorted(stop_token_ids(tokenizer) | _as_set(model.generation_config.eos_token_id))
+    if model_args.export_format == "gguf":  # from the fp32 merge, before the cast below
+        _export_gguf(model, tokenizer, export_dir, model_args.export_quantization, end_id, stops, data_args)
 
     out_dtype = resolve_dtype(model_args.dtype) if model_args.dtype != "auto" else _checkpoint_dtype(base)
     model.to(out_dtype)
     model.config.use_cache = True  # training runs turn it off; generation wants it
-    stops = sorted(stop_token_ids(tokenizer) | _as_set(model.generation_config.eos_token_id))
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(export_dir, max_shard_size=int(model_args.export_size * 10**9))
@@ -132,7 +110,135 @@ def export_model(
         len(paths),
         stops,
     )
+    prove_hf_stops(export_dir, end_id)
+    if model_args.export_hub_model_id:
+        _push_to_hub(export_dir, model_args.export_hub_model_id)
     return export_dir
+
+
+def trained_end_token(tokenizer: Any) -> int:
+    """The id training labels as the end of an answer: the last trained label of a probe conversation
+    encoded exactly as training encodes it.
+
+    Raises:
+        SftflowError: the chat template writes no end-of-turn token after an answer (training refuses it too).
+    """
+    from sftflow.data.encode import IGNORE_INDEX, encode_sft
+
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "sftflow probe answer"}]
+    labels = [t for t in encode_sft(tokenizer, probe, cutoff_len=4096).labels if t != IGNORE_INDEX]
+    return labels[-1]
+
+
+def prove_hf_stops(export_dir: Path, end_id: int) -> None:
+    """Reload the written tokenizer and generation_config.json and check generation stops where training
+    ended answers.
+
+    Raises:
+        SftflowError: the reloaded files would not stop on the trained end-of-turn token `end_id`.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    eos = _as_set(GenerationConfig.from_pretrained(export_dir).eos_token_id)
+    try:
+        reloaded = trained_end_token(tokenizer)
+    except (SftflowError, ValueError) as exc:
+        raise SftflowError(
+            f"refusing the export {export_dir}: the saved tokenizer cannot encode a chat: {exc}"
+        ) from None
+    if reloaded != end_id or end_id not in eos:
+        name = tokenizer.convert_ids_to_tokens(end_id)
+        raise SftflowError(
+            f"refusing the export {export_dir}: training ended answers with {name!r} (id {end_id}), but the saved "
+            f"tokenizer ends them with id {reloaded} and generation_config.json stops on {sorted(eos)}; "
+            "generation would not stop."
+        )
+    logger.info(
+        "stop proven: %s ends answers with %r (id %d)",
+        export_dir,
+        tokenizer.convert_ids_to_tokens(end_id),
+        end_id,
+    )
+
+
+def _export_gguf(
+    model: Any,
+    tokenizer: Any,
+    export_dir: Path,
+    quantization: str,
+    end_id: int,
+    stops: list[int],
+    data_args: DataArguments | None,
+) -> None:
+    """Write, read back and prove model-<quantization>.gguf, then the Modelfile beside it."""
+    from sftflow.model.gguf import check_gguf, gguf_file_name, write_gguf
+    from sftflow.model.modelfile import write_modelfile
+
+    start = time.perf_counter()
+    path = export_dir / gguf_file_name(quantization)
+    partial = path.with_name(f".{path.name}.partial")  # renamed into place only once proven
+    try:
+        summary = write_gguf(model, tokenizer, partial, quantization, end_id, export_dir.name)
+        check_gguf(summary, tokenizer)
+        partial.rename(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info(
+        "wrote %s: %.1f MB in %.1f s, pre-tokenizer %s, eos/eot %r (id %d)",
+        path,
+        summary.size_bytes / 1e6,
+        time.perf_counter() - start,
+        summary.pre_tokenizer,
+        summary.end_of_turn,
+        end_id,
+    )
+    texts = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stops, key=lambda i: i != end_id)]
+    try:
+        write_modelfile(export_dir / "Modelfile", path.name, tokenizer, texts, _fixed_system(data_args))
+    except SftflowError as exc:
+        logger.warning(
+            "no Ollama Modelfile written: %s The GGUF carries the chat template for llama.cpp.", exc
+        )
+        return
+    logger.info("wrote %s (ollama create NAME -f %s)", export_dir / "Modelfile", export_dir / "Modelfile")
+
+
+def _fixed_system(data_args: DataArguments | None) -> str | None:
+    """The system prompt every training row shares, when the config names the training data."""
+    if data_args is None or not data_args.dataset:
+        return None
+    from sftflow.data.loader import load_conversations
+    from sftflow.model.modelfile import fixed_system_prompt
+
+    return fixed_system_prompt(load_conversations(data_args.dataset, data_args, seed=0)["messages"])
+
+
+def _check_hub_online(repo_id: str) -> None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise SftflowError(
+            f"export_hub_model_id {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded. Unset it and log "
+            f"in (`hf auth login`), or drop export_hub_model_id and upload export_dir later with "
+            f"`hf upload {repo_id} EXPORT_DIR`."
+        )
+
+
+def _push_to_hub(export_dir: Path, repo_id: str) -> None:
+    """Upload export_dir as it was written and proven (weights, tokenizer, GGUF, Modelfile)."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(export_dir), commit_message="sftflow export")
+    except Exception as exc:  # network, auth and permission errors all leave the local export intact  # noqa: BLE001
+        raise SftflowError(
+            f"could not upload {export_dir} to the hub repo {repo_id}: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
+            f"The local export is complete; retry with `hf upload {repo_id} {export_dir}`."
+        ) from None
+    logger.info("uploaded %s to https://huggingface.co/%s", export_dir, repo_id)
 
 
 def _prepare_export_dir(export_dir: Path, overwrite: bool) -> None:
