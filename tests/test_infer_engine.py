@@ -13,6 +13,7 @@ import yaml
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.engine import (
+    EngineBusy,
     RequestError,
     SamplingParams,
     StopBuffer,
@@ -219,3 +220,120 @@ def test_stop_helpers():
     buffer = StopBuffer(["END"])
     assert buffer.feed("the EN") == ("the ", False)
     assert buffer.flush() == "EN"
+
+
+# -- the batch path (continuous batching) and the exact path's extras ------------------------------
+
+
+@pytest.fixture(scope="module")
+def batched(run_dir):
+    engine = load_engine(infer_args(str(run_dir), ["serve_max_queue=4"]), batched=True)
+    yield engine
+    engine.close()
+
+
+def test_batch_path_greedy_equals_generate_token_for_token(batched, engine):
+    prompts = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(6)]
+    params = SamplingParams(max_new_tokens=8)
+    assert batched.path(params) == "batch" and engine.path(params) == "exact"
+    expected = [engine.generate(p, params).choices[0] for p in prompts]
+    futures = [batched.submit(p, params) for p in prompts[:4]]  # four at once share forward passes
+    got = [f.result(timeout=120).choices[0] for f in futures]
+    got += [batched.generate(p, params).choices[0] for p in prompts[4:]]
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == [
+        (c.text, c.finish_reason, c.completion_tokens) for c in expected
+    ]
+    stream, prompt_tokens = batched.stream(prompts[0], params)
+    assert "".join(stream) == expected[0].text and stream.completion_tokens == 8
+    assert prompt_tokens == len(engine.encode(prompts[0]))
+
+
+def test_batch_path_routes_what_it_cannot_carry_to_the_exact_path(batched):
+    assert batched.path(SamplingParams(temperature=0.7, top_p=0.9, n=3)) == "batch"
+    for params in [
+        SamplingParams(seed=1),
+        SamplingParams(logprobs=True),
+        SamplingParams(echo=True),
+        SamplingParams(grammar="{}"),
+    ]:
+        assert batched.path(params) == "exact"
+    sampled = batched.generate(QUESTION, SamplingParams(max_new_tokens=6, temperature=1.0, n=3))
+    assert len(sampled.choices) == 3 and all(c.completion_tokens == 6 for c in sampled.choices)
+    assert len({c.text for c in sampled.choices}) > 1  # n sampled answers are n requests
+
+
+def test_batch_path_stop_string_ends_the_request_early(batched):
+    result = batched.generate(QUESTION, SamplingParams(max_new_tokens=40, stop=["\n\n"])).choices[0]
+    assert result.text == "" and result.finish_reason == "stop"  # the tiny model answers "\n\n\n..."
+    assert result.completion_tokens <= 3  # cancelled at the stop string, not run to 40 tokens
+
+
+def test_closed_stream_cancels_its_request_and_frees_its_slot(batched):
+    stream, _ = batched.stream(QUESTION, SamplingParams(max_new_tokens=400))
+    pieces = iter(stream)
+    next(pieces)
+    assert batched.held == 1 and batched._batch.pending == 1
+    stream.close()
+    assert batched.held == 0 and batched._batch.pending == 0  # handler and slot gone at once
+    after = batched.generate(QUESTION, SamplingParams(max_new_tokens=3)).choices[0]
+    assert after.completion_tokens == 3  # the engine goes on serving
+
+
+def test_full_queue_raises_engine_busy(batched):
+    streams = [batched.stream(QUESTION, SamplingParams(max_new_tokens=400))[0] for _ in range(4)]
+    with pytest.raises(EngineBusy, match="serve_max_queue=4") as info:
+        batched.submit(QUESTION, SamplingParams(max_new_tokens=2))
+    assert info.value.retry_after >= 1
+    for stream in streams:
+        stream.close()
+    assert batched.held == 0
+    assert batched.generate(QUESTION, SamplingParams(max_new_tokens=2)).choices[0].completion_tokens == 2
+
+
+def test_cache_is_sized_from_the_config_not_the_library_default(batched):
+    sizes = batched._batch.sizes
+    blocks_per_request = -(-batched.context_length // sizes["page_size"])
+    assert sizes["num_blocks"] <= 4 * blocks_per_request  # serve_max_queue=4 full-context requests at most
+    assert sizes["cache_bytes"] < 64 * 2**20 and sizes["max_batch_tokens"] == 256
+    assert batched.model.config._attn_implementation == "sdpa"
+
+
+def test_logprobs_and_echo_match_a_forward_pass(engine):
+    import torch
+
+    params = SamplingParams(max_new_tokens=4, logprobs=True, top_logprobs=3, echo=True)
+    completion = engine.generate(QUESTION, params).choices[0]
+    prompt = engine.encode(QUESTION)
+    ids = torch.tensor([prompt + completion.token_ids])
+    with torch.no_grad():
+        expected = torch.log_softmax(engine.model(ids).logits[0].float(), dim=-1)
+    assert len(completion.logprobs) == 4
+    for k, item in enumerate(completion.logprobs):
+        pos = len(prompt) - 1 + k
+        assert item.token_id == completion.token_ids[k]
+        assert item.logprob == pytest.approx(float(expected[pos, item.token_id]), abs=1e-4)
+        assert len(item.top) == 3 and item.top[0][2] == pytest.approx(float(expected[pos].max()), abs=1e-4)
+    echoed = completion.prompt_logprobs
+    assert echoed[0] is None and len(echoed) == len(prompt)
+    assert echoed[1].logprob == pytest.approx(float(expected[0, prompt[1]]), abs=1e-4)
+
+
+def test_grammar_constrains_the_answer_to_a_json_schema(engine):
+    from sftflow.infer.constrain import json_schema_grammar
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}, "unit": {"enum": ["cm", "m"]}},
+        "required": ["answer", "unit"],
+        "additionalProperties": False,
+    }
+    params = SamplingParams(max_new_tokens=60, grammar=json_schema_grammar(schema), temperature=1.0, seed=2)
+    completion = engine.generate(QUESTION, params).choices[0]
+    value = json.loads(completion.text)  # the random tiny model writes valid JSON only under the grammar
+    assert (
+        set(value) == {"answer", "unit"} and isinstance(value["answer"], int) and value["unit"] in ("cm", "m")
+    )
+    assert completion.finish_reason == "stop"
+    with pytest.raises(SftflowError, match="cannot be enforced"):
+        json_schema_grammar({"type": "no-such-type"})

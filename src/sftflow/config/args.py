@@ -38,6 +38,9 @@ class ModelArguments:
     double_quantization: bool = True
     """With quantization_bit: 4, also quantize the quantization constants (saves ~0.4 bit per weight)."""
 
+    quantization_method: Literal["bnb", "hqq"] = "bnb"
+    """Library for quantization_bit: bnb (bitsandbytes). hqq is refused (transformers 5.24's HqqConfig raises NotImplementedError)."""
+
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to from_pretrained."""
 
@@ -179,11 +182,11 @@ class DataArguments:
 class FinetuningArguments:
     """What to train and what to write besides the model."""
 
-    stage: Literal["pt", "sft", "rm", "dpo"] = "sft"
-    """Training stage. pt: continued pre-training on plain text; sft: supervised fine-tuning on conversations; rm: a pairwise reward model; dpo: preference tuning (DPO / IPO / hinge / ORPO, see pref_loss). rm and dpo read ranking: true datasets."""
+    stage: Literal["pt", "sft", "rm", "dpo", "kto"] = "sft"
+    """Training stage. pt: continued pre-training on plain text; sft: supervised fine-tuning on conversations; rm: a pairwise reward model; dpo: preference tuning (DPO / IPO / hinge / ORPO / SimPO, see pref_loss); kto: KTO on answers tagged good or bad (kto_tag). rm and dpo read ranking: true datasets."""
 
-    finetuning_type: Literal["lora", "full", "freeze"] = "lora"
-    """lora: train low-rank adapters; full: train every weight; freeze: train only the last layers."""
+    finetuning_type: Literal["lora", "oft", "full", "freeze"] = "lora"
+    """lora: train low-rank adapters; oft: orthogonal fine-tuning adapters (PEFT OFT); full: train every weight; freeze: train only the last layers."""
 
     lora_rank: int = 8
     """LoRA rank r."""
@@ -236,11 +239,134 @@ class FinetuningArguments:
     pref_beta: float = 0.1
     """dpo: the beta of the preference loss (how far the policy may move from the reference; higher = stay closer). For orpo, the weight of the odds-ratio term."""
 
-    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo"] = "sigmoid"
-    """dpo: sigmoid (DPO), ipo, hinge (SLiC), all through TRL's DPOTrainer; orpo (no reference model) through TRL's experimental ORPOTrainer."""
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
+    """dpo: sigmoid (DPO), ipo, hinge (SLiC), all through TRL's DPOTrainer; orpo (no reference model) through TRL's experimental ORPOTrainer; simpo (no reference model, length-normalised, margin simpo_gamma) through TRL's experimental CPOTrainer."""
 
     pref_ftx: float = 0.0
     """dpo: weight of an extra supervised (NLL) loss on the chosen answers, added to the sigmoid/ipo/hinge loss (0 = none)."""
+
+    simpo_gamma: float = 0.5
+    """dpo with pref_loss: simpo: the target reward margin gamma between chosen and rejected answers."""
+
+    kto_chosen_weight: float = 1.0
+    """kto: weight of the loss on desirable answers (kto_tag: true)."""
+
+    kto_rejected_weight: float = 1.0
+    """kto: weight of the loss on undesirable answers (kto_tag: false)."""
+
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the LoRA B matrices learn at loraplus_lr_ratio x learning_rate (PEFT create_loraplus_optimizer; 16 is the paper's choice)."""
+
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: learning rate of LoRA embedding layers."""
+
+    pissa_init: bool = False
+    """LoRA: initialise the adapter from the principal singular vectors of each weight (PiSSA; the base keeps the residual)."""
+
+    pissa_iter: int = 16
+    """PiSSA: iterations of fast (randomised) SVD; -1 = exact SVD (slow on big weights)."""
+
+    pissa_convert: bool = False
+    """PiSSA: also save the adapter converted to a plain LoRA on the original base (adapter dir pissa_converted/)."""
+
+    oft_rank: int = 0
+    """OFT: number of orthogonal blocks per layer (0 = set by oft_block_size; give one of the two)."""
+
+    oft_block_size: int = 32
+    """OFT: size of each orthogonal block (0 = set by oft_rank)."""
+
+    oft_target: list[str] = field(default_factory=lambda: ["all"])
+    """OFT: module names to adapt, comma-separated, or all = every linear layer but the output head."""
+
+    module_dropout: float = 0.0
+    """OFT: probability of dropping a whole orthogonal block in training."""
+
+    use_llama_pro: bool = False
+    """LLaMA Pro: train only the expanded (identity-initialised) blocks, every n_layers / freeze_trainable_layers-th layer, with freeze or lora tuning."""
+
+    use_galore: bool = False
+    """GaLore: AdamW with gradients projected to rank galore_rank on the target linear weights (galore-torch; full or freeze tuning)."""
+
+    galore_target: list[str] = field(default_factory=lambda: ["all"])
+    """GaLore: linear module names to project, comma-separated, or all = every linear layer but the output head."""
+
+    galore_rank: int = 16
+    """GaLore: rank of the gradient projection."""
+
+    galore_update_interval: int = 200
+    """GaLore: steps between recomputing the projection (SVD of the gradient)."""
+
+    galore_scale: float = 2.0
+    """GaLore: scale of the projected update."""
+
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    """GaLore: which side(s) of the gradient are projected."""
+
+    galore_layerwise: bool = False
+    """GaLore: update each layer in its backward hook (saves gradient memory; not supported: set optim: galore_adamw_layerwise instead)."""
+
+    use_apollo: bool = False
+    """APOLLO: AdamW-like updates with channel-wise scales from a random low-rank projection (apollo-torch; full or freeze tuning)."""
+
+    apollo_target: list[str] = field(default_factory=lambda: ["all"])
+    """APOLLO: linear module names to project, comma-separated, or all = every linear layer but the output head."""
+
+    apollo_rank: int = 16
+    """APOLLO: rank of the projection."""
+
+    apollo_update_interval: int = 200
+    """APOLLO: steps between redrawing the projection."""
+
+    apollo_scale: float = 32.0
+    """APOLLO: scale of the update."""
+
+    apollo_proj: Literal["svd", "random"] = "random"
+    """APOLLO: projection kind."""
+
+    apollo_proj_type: Literal["std", "right", "left"] = "std"
+    """APOLLO: which side of the gradient is projected."""
+
+    apollo_scale_type: Literal["channel", "tensor"] = "channel"
+    """APOLLO: channel-wise or tensor-wise scaling."""
+
+    apollo_scale_front: bool = False
+    """APOLLO: scale the gradient before the norm-growth limiter."""
+
+    apollo_layerwise: bool = False
+    """APOLLO: update each layer in its backward hook (not supported: set optim: apollo_adamw_layerwise instead)."""
+
+    use_badam: bool = False
+    """BAdam: block coordinate descent, Adam on one block of parameters at a time (badam; full tuning)."""
+
+    badam_mode: Literal["layer", "ratio"] = "layer"
+    """BAdam: layer = one decoder layer at a time; ratio = a random badam_update_ratio share of every weight."""
+
+    badam_start_block: int | None = None
+    """BAdam layer mode: index of the first block to train (default: by badam_switch_mode)."""
+
+    badam_switch_mode: Literal["ascending", "descending", "random", "fixed"] = "ascending"
+    """BAdam layer mode: the order blocks are visited in."""
+
+    badam_switch_interval: int = 50
+    """BAdam layer mode: optimizer steps before switching to the next block."""
+
+    badam_update_ratio: float = 0.05
+    """BAdam ratio mode: share of each weight updated."""
+
+    badam_mask_mode: Literal["adjacent", "scatter"] = "adjacent"
+    """BAdam ratio mode: adjacent or scattered updated entries."""
+
+    badam_verbose: int = 0
+    """BAdam: 0 quiet, 1 log block switches, 2 also the trainable parameters."""
+
+    use_adam_mini: bool = False
+    """Adam-mini: one second-moment value per block (head, neuron) instead of per weight (adam-mini; full or freeze tuning)."""
+
+    use_muon: bool = False
+    """Muon (torch.optim.Muon) on the 2-D weights of the decoder layers, AdamW on embeddings, output head, norms and biases."""
+
+    use_dft_loss: bool = False
+    """sft: Dynamic Fine-Tuning loss, each trained token's cross-entropy weighted by its (detached) probability (needs fast_loss)."""
 
     def __post_init__(self) -> None:
         if self.lora_rank < 1:
@@ -284,7 +410,20 @@ class GeneratingArguments:
     repetition_penalty: float = 1.0
     """Penalty > 1 discourages repeating tokens."""
 
+    serve_max_queue: int = 64
+    """`sftflow api`: requests held at once (running + waiting); more are answered 429 with Retry-After."""
+
+    serve_max_batch_tokens: int = 256
+    """`sftflow api`: tokens one batched forward pass may hold (prompt chunks + one per answering request)."""
+
+    serve_memory_fraction: float = 0.1
+    """`sftflow api`: share of free memory (RAM on CPU, GPU memory on CUDA) the batched KV cache may take."""
+
     def __post_init__(self) -> None:
+        if min(self.serve_max_queue, self.serve_max_batch_tokens) < 1:
+            raise SftflowError("serve_max_queue and serve_max_batch_tokens must be >= 1.")
+        if not 0 < self.serve_memory_fraction < 1:
+            raise SftflowError(f"serve_memory_fraction must be in (0, 1), got {self.serve_memory_fraction}.")
         if self.temperature <= 0:
             raise SftflowError(f"temperature must be > 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
