@@ -124,7 +124,17 @@ CASES: list[tuple[str, Callable, str]] = [
         overrides("lerning_rate=1e-4"),
         r"unknown key 'lerning_rate'\. Did you mean 'learning_rate'\?",
     ),
-    ("renamed-key", overrides("warmup_ratio=0.1"), r"unknown key 'warmup_ratio': .*warmup_steps"),
+    (
+        "alias-and-its-target",
+        overrides("warmup_ratio=0.1", "warmup_steps=2"),
+        r"warmup_ratio and warmup_steps are both set",
+    ),
+    (
+        "refused-llamafactory-key",
+        overrides("infer_backend=vllm"),
+        r"infer_backend: .*vLLM is not supported",
+    ),
+    ("tracker-not-installed", overrides("report_to=wandb"), r"report_to: wandb is not installed"),
     (
         "override-without-equals",
         overrides("learning_rate"),

@@ -49,25 +49,31 @@ def test_json_config_is_read(tmp_path):
     [
         ("lerning_rate=1e-4", "Did you mean 'learning_rate'"),
         ("lora_rnak=8", "Did you mean 'lora_rank'"),
-        ("warmup_ratio=0.1", "warmup_steps"),
+        ("warmup_ratio=1.0", "warmup_ratio must be in \\[0, 1\\)"),
+        ("warmup_ratio=0.1", None),  # (with warmup_steps below: both set)
         ("finetuning_type=lorra", "did you mean 'lora'"),
         ("cutoff_len=abc", "bad value for cutoff_len: expected an integer"),
         ("do_train=maybe", "bad value for do_train: expected true or false"),
         ("quantization_bit=3", "quantization_bit must be 4, 8"),
         ("val_size=-1", "val_size must be"),
-        ("lr_scheduler_type=cosinee", "invalid training arguments"),
+        ("lr_scheduler_type=cosinee", "bad value for lr_scheduler_type: .*did you mean 'cosine'"),
+        ("save_strategy=sometimes", "bad value for save_strategy: expected one of no, steps, epoch, best"),
+        ("report_to=wandb", "report_to: wandb is not installed"),
+        ("report_to=tensorbord", "report_to: 'tensorbord' is not a tracker"),
         ("nonsense", "is not of the form key=value"),
         ("per_device_train_batch_size=0", "per_device_train_batch_size must be >= 1"),
         ("gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
         ("learning_rate=-1", "learning_rate must be >= 0"),
         ("max_steps=0", "max_steps must be a positive number"),
         ("num_train_epochs=0", "num_train_epochs must be > 0"),
-        ("logging_steps=0", "invalid training arguments: .*non-zero --logging_steps"),
+        ("logging_steps=0", r"invalid training arguments \(logging_steps\): .*non-zero --logging_steps"),
     ],
 )
 def test_bad_keys_and_values_are_refused_with_a_clear_message(override, message):
+    if message is None:
+        override, message = f"{override} warmup_steps=3", "warmup_ratio and warmup_steps are both set"
     with pytest.raises(SftflowError, match=message):
-        load_args(None, [*BASE, override])
+        load_args(None, [*BASE, *override.split()])
 
 
 def test_required_keys_and_cross_checks():
@@ -97,7 +103,8 @@ def test_missing_and_malformed_config_files(tmp_path):
 
 
 def test_coerce_handles_unions_and_lists():
-    assert coerce(int | None, "none") is None
+    assert coerce(int | None, "none") is None and coerce(str | None, "null") is None
+    assert coerce(str | None, "none") == "none"  # a keyword where a string is allowed
     assert coerce(str | bool, "true") is True
     assert coerce(list[str], ["a", "b"]) == ["a", "b"]
     with pytest.raises(ValueError):
@@ -122,3 +129,41 @@ def test_sftflow_training_defaults_apply_unless_set():
     assert args.training.logging_steps == 5
     args = load_args(None, [*BASE, "logging_steps=1"])
     assert args.training.logging_steps == 1
+
+
+def test_keyword_strings_stay_strings_in_yaml_and_on_the_command_line(tmp_path):
+    """LLaMA-Factory writes `report_to: none` and `save_strategy: "no"`; HF means the words, not None/False."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model_name_or_path: m\noutput_dir: o\nreport_to: none  # choices: [none, wandb]\n"
+        "save_strategy: no\nlr_scheduler_type: cosine\nresume_from_checkpoint: null\neval_strategy: 'no'\n"
+    )
+    args = load_args(config)
+    assert args.training.report_to == []  # what HF makes of the string "none"
+    assert args.training.save_strategy == "no" and args.training.eval_strategy == "no"
+    assert args.training.lr_scheduler_type == "cosine" and args.training.resume_from_checkpoint is None
+    args = load_args(None, [*BASE, "report_to=none", "save_strategy=no", "hub_strategy=end"])
+    assert args.training.report_to == [] and args.training.save_strategy == "no"
+    assert args.training.hub_strategy == "end"
+    args = load_args(None, [*BASE, "report_to=all", "include_num_input_tokens_seen=true", "tf32=null"])
+    assert (
+        args.training.include_num_input_tokens_seen == "all" and args.training.tf32 is None
+    )  # HF: true = all
+
+
+def test_warmup_ratio_becomes_warmup_steps():
+    assert load_args(None, [*BASE, "warmup_ratio=0.1"]).training.warmup_steps == pytest.approx(0.1)
+    assert load_args(None, [*BASE, "warmup_ratio=0"]).training.warmup_steps == 0
+    assert "warmup_ratio" not in load_args(None, [*BASE, "warmup_ratio=0.1"]).to_yaml_dict()
+
+
+def test_save_steps_alone_checkpoints_and_eval_steps_alone_evaluates():
+    args = load_args(None, [*BASE, "save_steps=50"])
+    assert args.training.save_strategy == "steps" and args.training.save_steps == 50
+    assert load_args(None, BASE).training.save_strategy == "no"  # sftflow's default without save_steps
+    args = load_args(None, [*BASE, "save_steps=50", "save_strategy=epoch"])
+    assert args.training.save_strategy == "epoch"  # an explicit strategy wins
+    args = load_args(None, [*BASE, "eval_steps=10", "val_size=0.1"])
+    assert args.training.eval_strategy == "steps" and args.training.do_eval
+    with pytest.raises(SftflowError, match="held-out data"):
+        load_args(None, [*BASE, "eval_steps=10"])

@@ -13,27 +13,22 @@ import enum
 import inspect
 import json
 import textwrap
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 
 from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
-from sftflow.config.validate import check_stage
+from sftflow.config.coerce import coerce, type_name
+from sftflow.config.compat import ALIASES, REFUSED, refusal, resolve_compat
+from sftflow.config.validate import check_stage, check_training
 from sftflow.errors import SftflowError
 
-SFTFLOW_CLASSES = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
+__all__ = ["RunArgs", "args_from_dict", "coerce", "field_docs", "help_text", "load_args"]
 
-# Keys that older LLaMA-Factory/transformers configs use, with what to write instead.
-RENAMED_KEYS = {
-    "warmup_ratio": "transformers 5 merged it into warmup_steps: a value in [0, 1) is a ratio (warmup_steps: 0.1)",
-    "evaluation_strategy": "it is called eval_strategy in transformers",
-    "infer_dtype": "use dtype (auto, float32, bfloat16, float16)",
-    "torch_dtype": "use dtype (auto, float32, bfloat16, float16)",
-}
+SFTFLOW_CLASSES = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
 
 # sftflow's defaults for HF training keys, applied only when the config does not set them.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -130,8 +125,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 
 def unknown_key_message(key: str, known: list[str]) -> str:
-    if key in RENAMED_KEYS:
-        return f"unknown key {key!r}: {RENAMED_KEYS[key]}."
+    if key in REFUSED:
+        return refusal(key)
+    if key in ALIASES:
+        return f"{key} means {ALIASES[key].target}; write {ALIASES[key].target}."
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else " Run `sftflow train --help` for the list of keys."
     return f"unknown key {key!r}.{hint}"
@@ -142,108 +139,6 @@ def _resolved_hints(cls: type) -> dict[str, Any]:
         return typing.get_type_hints(cls)
     except Exception:  # some HF hints name types we cannot resolve; fall back to raw annotations
         return {f.name: f.type for f in dataclasses.fields(cls)}
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def coerce(tp: Any, value: Any) -> Any:
-    """Convert `value` (from YAML or a `key=value` string) to the annotated type `tp`.
-
-    Raises:
-        ValueError: the value does not fit the type.
-
-    >>> coerce(float, "1e-4"), coerce(list[str], "q_proj, v_proj"), coerce(int | None, "null")
-    (0.0001, ['q_proj', 'v_proj'], None)
-    """
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if type(None) in args and (
-            value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        ):
-            return None
-        options = [a for a in args if a is not type(None)]
-        # "true"/"false" strings go to bool first when the union allows a bool
-        if bool in options and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        for option in options:
-            try:
-                return coerce(option, value)
-            except (ValueError, TypeError):
-                continue
-        raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"expected one of {', '.join(map(str, args))}, got {value!r}{hint}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ValueError(f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # YAML `resume_from_checkpoint: true`: keep the word, as on the CLI
-            return str(value).lower()
-        raise ValueError(f"expected a string, got {value!r}")
-    if origin is list:
-        item_type = args[0] if args else Any
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise ValueError(f"expected a list or a comma-separated string, got {value!r}")
-        return [coerce(item_type, v) for v in items]
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"expected a mapping or a JSON object, got {value!r}") from exc
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping, got {value!r}")
-        return value
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        valid = [m.value for m in tp]
-        if value in valid:
-            return value
-        raise ValueError(f"expected one of {', '.join(map(str, valid))}, got {value!r}")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(map(str, typing.get_args(tp)))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def load_args(
@@ -262,17 +157,26 @@ def load_args(
 def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunArgs:
     """Build the run's arguments from a flat `key: value` dict (YAML values or raw override strings).
 
-    `require_output_dir`: only commands that write a run (train) need one.
+    `require_output_dir`: only commands that write a run (train) need one. LLaMA-Factory and older
+    transformers keys are mapped or refused first (config/compat.py).
 
     Raises:
-        SftflowError: unknown keys, values of the wrong type or out of range, missing required keys.
+        SftflowError: unknown or refused keys, values of the wrong type or out of range, missing required
+            keys, settings transformers would refuse later (checked here, before any model loads).
     """
-    raw = dict(raw)
     index = field_index()
     known = sorted(index)
-    unknown = [k for k in raw if k not in index]
-    if unknown:
-        raise SftflowError("\n".join(unknown_key_message(k, known) for k in unknown))
+    problems = [
+        unknown_key_message(k, known) for k in raw if k not in index | ALIASES.keys() | REFUSED.keys()
+    ]
+    try:
+        raw = resolve_compat(
+            {k: v for k, v in raw.items() if k in index | ALIASES.keys() | REFUSED.keys()}, index
+        )
+    except SftflowError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise SftflowError("\n".join(problems))
 
     per_class: dict[type, dict[str, Any]] = {cls: {} for cls in all_classes()}
     hints = {cls: _resolved_hints(cls) for cls in all_classes()}
@@ -289,17 +193,47 @@ def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunA
         raise SftflowError("output_dir is required (e.g. output_dir: saves/my-run).")
 
     training_cls = training_args_class()
-    training_kwargs = {**TRAINING_DEFAULTS, **per_class[training_cls]}
     groups = []
     for cls in SFTFLOW_CLASSES:
         groups.append(cls(**per_class[cls]))
-    try:
-        training = training_cls(**training_kwargs)
-    except (ValueError, TypeError, ImportError) as exc:
-        raise SftflowError(f"invalid training arguments: {exc}") from None
+    training = build_training_args(per_class[training_cls])
     model, data, finetuning, generating = groups
     _check_together(model, data, finetuning, training)
     return RunArgs(model, data, finetuning, generating, training, user_keys=raw)
+
+
+def implied_training_keys(user: dict[str, Any]) -> dict[str, Any]:
+    """Training keys implied by others the user set: `save_steps` alone checkpoints (save_strategy: steps,
+    as in the HF Trainer and LLaMA-Factory, where steps is the default) and `eval_steps` alone evaluates."""
+    implied: dict[str, Any] = {}
+    if "save_steps" in user and "save_strategy" not in user:
+        implied["save_strategy"] = "steps"
+    if "eval_steps" in user and "eval_strategy" not in user:
+        implied["eval_strategy"] = "steps"
+    return implied
+
+
+def build_training_args(user: dict[str, Any]) -> Any:
+    """Seq2SeqTrainingArguments from sftflow's defaults, the implied keys and the user's typed keys.
+
+    Raises:
+        SftflowError: transformers refuses the values; the message names the key that fails alone (or the
+            keys its message names).
+    """
+    cls = training_args_class()
+    base = {**TRAINING_DEFAULTS, **implied_training_keys(user)}
+    try:
+        return cls(**{**base, **user})
+    except (ValueError, TypeError, ImportError) as exc:
+        culprits = []
+        for key in sorted(user):
+            try:
+                cls(**{**base, key: user[key]})
+            except (ValueError, TypeError, ImportError):
+                culprits.append(key)
+        if not culprits:
+            culprits = [key for key in sorted(user) if key in str(exc)] or sorted(user)
+        raise SftflowError(f"invalid training arguments ({', '.join(culprits)}): {exc}") from None
 
 
 def _check_together(
@@ -316,7 +250,7 @@ def _check_together(
         raise SftflowError(
             "do_eval/do_predict need held-out data: set eval_dataset (a dataset name) or val_size (e.g. 0.1)."
         )
-    _check_training_values(training)
+    check_training(training)
     check_stage(model, data, finetuning, training)
     if training.do_predict and finetuning.stage == "sft" and not training.predict_with_generate:
         raise SftflowError(
@@ -365,30 +299,7 @@ def help_text() -> str:
             if isinstance(default, enum.Enum):
                 default = default.value
             doc = (docs.get(f.name) or "").split(". ")[0].strip()
-            lines.append(f"  {f.name} ({_type_name(hints.get(f.name, f.type))}, default: {default})")
+            lines.append(f"  {f.name} ({type_name(hints.get(f.name, f.type))}, default: {default})")
             if doc:
                 lines.append(f"      {doc}")
     return "\n".join(lines)
-
-
-def _check_training_values(training: Any) -> None:
-    """Range checks on HF training keys that transformers only trips over later, deep inside torch."""
-    at_least_one = (
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-    )
-    for key in at_least_one:
-        if getattr(training, key) < 1:
-            raise SftflowError(f"{key} must be >= 1, got {getattr(training, key)}.")
-    for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps"):
-        if getattr(training, key) < 0:
-            raise SftflowError(f"{key} must be >= 0, got {getattr(training, key)}.")
-    if training.max_steps < -1 or training.max_steps == 0:
-        raise SftflowError(
-            f"max_steps must be a positive number of steps or -1 (use num_train_epochs), got {training.max_steps}."
-        )
-    if training.max_steps == -1 and training.num_train_epochs <= 0:
-        raise SftflowError(
-            f"num_train_epochs must be > 0 (or set max_steps), got {training.num_train_epochs}."
-        )

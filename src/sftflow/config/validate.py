@@ -57,3 +57,54 @@ def check_pairwise(model: ModelArguments, data: DataArguments, finetuning: Finet
                 f"stage: rm with LoRA does not support {', '.join(given)} yet (the reward adapter is a PEFT "
                 "SEQ_CLS adapter built here, not the causal-LM one). Remove it, or use finetuning_type: full/freeze."
             )
+
+
+def check_training(training: Any) -> None:
+    """Range checks on HF training keys that transformers only trips over later (deep inside torch, or
+    when the Trainer is built after the model loaded), so they fail here, before anything loads.
+
+    Raises:
+        SftflowError: naming the key and the fix.
+    """
+    at_least_one = (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+    )
+    for key in at_least_one:
+        if getattr(training, key) < 1:
+            raise SftflowError(f"{key} must be >= 1, got {getattr(training, key)}.")
+    for key in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps"):
+        if getattr(training, key) < 0:
+            raise SftflowError(f"{key} must be >= 0, got {getattr(training, key)}.")
+    if training.max_steps < -1 or training.max_steps == 0:
+        raise SftflowError(
+            f"max_steps must be a positive number of steps or -1 (use num_train_epochs), got {training.max_steps}."
+        )
+    if training.max_steps == -1 and training.num_train_epochs <= 0:
+        raise SftflowError(
+            f"num_train_epochs must be > 0 (or set max_steps), got {training.num_train_epochs}."
+        )
+    check_report_to(training.report_to)
+
+
+def check_report_to(report_to: list[str] | None) -> None:
+    """Each tracker of report_to must be one transformers knows and installed (the Trainer would fail on it
+    only after the model has loaded).
+
+    Raises:
+        SftflowError: an unknown or missing tracker.
+    """
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    for name in report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise SftflowError(
+                f"report_to: {name!r} is not a tracker transformers knows; use none, all or one of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}."
+            )
+        if name not in installed:
+            raise SftflowError(
+                f"report_to: {name} is not installed (pip install {name}), or set report_to: none."
+            )
