@@ -251,6 +251,14 @@ def test_templates_ollama_cannot_express_are_reported(tiny_model_dir, tmp_path):
         write_modelfile(tmp_path / "Modelfile", "m.gguf", tokenizer, [])
 
 
+def test_example_config_reads_as_a_gguf_export():
+    from sftflow.config import load_args
+
+    args = load_args(PROJECT / "examples" / "export_gguf.yaml", ["output_dir=unused"])
+    assert (args.model.export_format, args.model.export_quantization) == ("gguf", "q8_0")
+    assert args.data.dataset == ["wren_identity"]  # read for the Modelfile's SYSTEM
+
+
 def test_fixed_system_prompt():
     system = {"role": "system", "content": "S"}
     user = {"role": "user", "content": "u"}

@@ -187,7 +187,8 @@ def go_template(pieces: ChatPieces) -> str:
         fold = "{{ if and $first $.System }}" + system + "{{ end }}"
         after = '{{ if ne .Role "system" }}{{ $first = false }}{{ end }}'
     else:
-        start = ["{{ if .System }}", system, "{{ else }}", lit(pieces.head), "{{ end }}"]
+        default = ["{{ else }}", lit(pieces.head)] if pieces.head else []
+        start = ["{{ if .System }}", system, *default, "{{ end }}"]
         fold = after = ""
     return "".join(
         [
