@@ -73,21 +73,23 @@ def _use_reentrant(value: Any) -> dict[str, bool]:
 ALIASES: dict[str, Alias] = {
     # transformers keys renamed or folded into another key by later releases
     "warmup_ratio": Alias(
-        "warmup_steps", "a ratio in [0, 1): transformers 5 reads warmup_steps < 1 as a ratio", _ratio
+        "warmup_steps",
+        "a ratio in [0, 1) (removed by transformers 5.15, whose warmup_steps < 1 is a ratio)",
+        _ratio,
     ),
-    "evaluation_strategy": Alias("eval_strategy", "renamed in transformers 4.46"),
-    "no_cuda": Alias("use_cpu", "renamed in transformers 4.32"),
-    "per_gpu_train_batch_size": Alias("per_device_train_batch_size", "renamed in transformers 4"),
-    "per_gpu_eval_batch_size": Alias("per_device_eval_batch_size", "renamed in transformers 4"),
-    "push_to_hub_model_id": Alias("hub_model_id", "renamed in transformers 4.6"),
-    "push_to_hub_token": Alias("hub_token", "renamed in transformers 4.6"),
-    "torchdynamo": Alias("torch_compile_backend", "renamed in transformers 4.35"),
+    "evaluation_strategy": Alias("eval_strategy", "renamed by transformers 4"),
+    "no_cuda": Alias("use_cpu", "renamed by transformers 4"),
+    "per_gpu_train_batch_size": Alias("per_device_train_batch_size", "renamed by transformers 4"),
+    "per_gpu_eval_batch_size": Alias("per_device_eval_batch_size", "renamed by transformers 4"),
+    "push_to_hub_model_id": Alias("hub_model_id", "renamed by transformers 4"),
+    "push_to_hub_token": Alias("hub_token", "renamed by transformers 4"),
+    "torchdynamo": Alias("torch_compile_backend", "renamed by transformers 4"),
     "group_by_length": Alias(
         "train_sampling_strategy",
         "true -> group_by_length, false -> random (transformers 5)",
         _words({True: "group_by_length", False: "random"}),
     ),
-    "torch_dtype": Alias("dtype", "renamed in transformers 4.56"),
+    "torch_dtype": Alias("dtype", "renamed by transformers 4.56"),
     # LLaMA-Factory keys that sftflow spells differently
     "infer_dtype": Alias("dtype", "one dtype for training and inference"),
     "add_special_tokens": Alias("new_special_tokens", "the same comma-separated list"),
@@ -125,7 +127,11 @@ ALIASES: dict[str, Alias] = {
 }
 
 _ISSUE_18 = "not supported yet (issue 18)"
-_STAGES = "sftflow's stages are pt, sft, rm and dpo; ppo, kto, simpo and bco are not supported"
+_ASFT = "the ASFT loss is out of scope (use use_dft_loss, the DFT loss it builds on, or the plain loss)"
+_EAFT = "the EAFT loss is out of scope (use use_dft_loss or the plain loss)"
+_STAGES = (
+    "sftflow's stages are pt, sft, rm, dpo and kto (simpo is pref_loss: simpo); ppo and bco are not supported"
+)
 _MEDIA = "sftflow trains text-only models; image, video and audio inputs are not supported"
 _VLLM = "chat, api and predict run on transformers (infer_backend: huggingface); vLLM is not supported"
 _SGLANG = "chat, api and predict run on transformers (infer_backend: huggingface); SGLang is not supported"
@@ -180,9 +186,6 @@ REFUSED: dict[str, Refused] = {
     "ms_hub_token": Refused("the ModelScope hub is not supported"),
     "om_hub_token": Refused("the Modelers hub is not supported"),
     "print_param_status": Refused("sftflow logs the trainable parameter count, not each parameter", (False,)),
-    "quantization_method": Refused(
-        "only bitsandbytes quantization is supported (quantization_method: bnb)", ("bnb",)
-    ),
     "quantization_device_map": Refused("the quantized model is placed on this process's device", (None,)),
     "compute_dtype": Refused("use dtype (auto, float32, bfloat16, float16)"),
     "device_map": Refused("sftflow places the model on this process's device (one per process)"),
@@ -270,51 +273,12 @@ REFUSED: dict[str, Refused] = {
     **{
         key: Refused(_ISSUE_18, (default,))
         for key, default in {
-            "loraplus_lr_ratio": None,
-            "loraplus_lr_embedding": 1e-6,
-            "pissa_init": False,
-            "pissa_iter": 16,
-            "pissa_convert": False,
-            "module_dropout": 0.0,
-            "oft_rank": 0,
-            "oft_block_size": 32,
-            "oft_target": "all",
-            "use_galore": False,
-            "galore_target": "all",
-            "galore_rank": 16,
-            "galore_update_interval": 200,
-            "galore_scale": 2.0,
-            "galore_proj_type": "std",
-            "galore_layerwise": False,
-            "use_apollo": False,
-            "apollo_target": "all",
-            "apollo_rank": 16,
-            "apollo_update_interval": 200,
-            "apollo_scale": 32.0,
-            "apollo_proj": "random",
-            "apollo_proj_type": "std",
-            "apollo_scale_type": "channel",
-            "apollo_layerwise": False,
-            "apollo_scale_front": False,
-            "use_badam": False,
-            "badam_mode": "layer",
-            "badam_start_block": None,
-            "badam_switch_mode": "ascending",
-            "badam_switch_interval": 50,
-            "badam_update_ratio": 0.05,
-            "badam_mask_mode": "adjacent",
-            "badam_verbose": 0,
-            "use_llama_pro": False,
-            "use_adam_mini": False,
-            "use_muon": False,
-            "use_dft_loss": False,
-            "use_asft_loss": False,
-            "asft_alpha": 0.1,
-            "use_eaft_loss": False,
-            "eaft_alpha": 1.0,
             "compute_accuracy": False,
             "disable_shuffling": False,
             "early_stopping_steps": None,
+            "kto_chosen_weight": 1.0,
+            "kto_rejected_weight": 1.0,
+            "simpo_gamma": 0.5,
         }.items()
     },
     # preference stages
@@ -322,9 +286,6 @@ REFUSED: dict[str, Refused] = {
         key: Refused(_STAGES, (default,))
         for key, default in {
             "pref_bco_weight": 0.0,
-            "kto_chosen_weight": 1.0,
-            "kto_rejected_weight": 1.0,
-            "simpo_gamma": 0.5,
             "ppo_buffer_size": 1,
             "ppo_epochs": 4,
             "ppo_score_norm": False,
@@ -336,6 +297,10 @@ REFUSED: dict[str, Refused] = {
             "reward_model_type": "lora",
         }.items()
     },
+    "use_asft_loss": Refused(_ASFT, (False,)),
+    "asft_alpha": Refused(_ASFT, (0.1,)),
+    "use_eaft_loss": Refused(_EAFT, (False,)),
+    "eaft_alpha": Refused(_EAFT, (1.0,)),
     "dpo_label_smoothing": Refused(_ISSUE_18, (0.0,)),
     "ld_alpha": Refused(_ISSUE_18, (None,)),
     "ref_model": Refused(
@@ -402,6 +367,7 @@ REFUSED: dict[str, Refused] = {
     },
     # generation
     "max_length": Refused("use max_new_tokens (the answer's length; the prompt is cut to cutoff_len)"),
+    "length_penalty": Refused("not supported yet; beam search uses transformers' length penalty 1.0", (1.0,)),
     "skip_special_tokens": Refused("answers are always decoded without special tokens", (True,)),
     # LLaMA-Factory's benchmark evaluation (`llamafactory-cli eval`)
     **{
@@ -436,7 +402,7 @@ REFUSED: dict[str, Refused] = {
     "tpu_num_cores": Refused("TPUs are not supported", (None,)),
     "tpu_metrics_debug": Refused("TPUs are not supported", (False,)),
     "past_index": Refused("transformers 5 removed it (no model of sftflow's uses past states)", (-1,)),
-    "mp_parameters": Refused("transformers 5 removed it (SageMaker model parallelism)", ("",)),
+    "mp_parameters": Refused("transformers 5 removed it (SageMaker model parallelism)"),
     "ray_scope": Refused("hyperparameter search is not part of sftflow", ("last",)),
     "use_legacy_prediction_loop": Refused("transformers 5 removed the legacy loop", (False,)),
     "push_to_hub_organization": Refused("give the organisation in hub_model_id (org/name)"),

@@ -14,6 +14,7 @@ from sftflow.data.collator import SftCollator
 from sftflow.model.loader import load_chat_tokenizer
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
+from sftflow.train.optim import build_optimizer
 from sftflow.train.steps import (
     RunResult,
     build_model,
@@ -56,6 +57,7 @@ def run_pt(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(output_dir), *(callbacks or [])],
         skip_nan=args.finetuning.skip_nan,
+        optimizers=(build_optimizer(model, args.finetuning, training), None),  # None: the Trainer's own
     )
     result = RunResult(output_dir)
 

@@ -16,6 +16,7 @@ from sftflow.infer.predict import generate_predictions, sample_answers
 from sftflow.model.loader import load_chat_tokenizer
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
+from sftflow.train.optim import build_optimizer
 from sftflow.train.steps import (
     RunResult,
     build_model,
@@ -77,6 +78,7 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         generation_config=generation_config,
         skip_nan=args.finetuning.skip_nan,
         fast_loss=args.finetuning.fast_loss,
+        optimizers=(build_optimizer(model, args.finetuning, training), None),  # None: the Trainer's own
     )
     result = RunResult(output_dir)
 
