@@ -31,7 +31,7 @@ GIB = 1024**3
 def child(mode: str, batch: int, steps: int) -> dict:
     """Run in a fresh process: predict (mode plan) or measure (mode measure) at this batch size."""
     from sftflow.config import load_args
-    from sftflow.tools.plan import build_plan, flops_per_token, measure_steps
+    from sftflow.tools.plan import build_plan, measure_steps
 
     overrides = [f"per_device_train_batch_size={batch}", "gradient_accumulation_steps=1"]
     args = load_args(CONFIG, overrides)
@@ -39,9 +39,7 @@ def child(mode: str, batch: int, steps: int) -> dict:
         return measure_steps(args, steps)
     plan = build_plan(args)
     seq = plan.largest_seq
-    step_flops = (
-        batch * seq * flops_per_token(plan.shape, plan.setup, seq, plan.memory.gradient_checkpointing)
-    )
+    step_flops = batch * seq * plan.flops_per_token(seq)  # sftflow.train.perf, as the logged MFU counts
     m = plan.memory
     return {
         "peak_bytes": m.peak,

@@ -334,26 +334,22 @@ def startup_time() -> float:
 def limit_tokens_per_s() -> tuple[float, float, float, int]:
     """The 4N limit on this machine: (tokens/s, sustained matmul FLOP/s, best burst FLOP/s, N).
 
-    The sustained rate is the median of 30 fp32 2048 x 2048 matmuls (what a multi-second step sees);
-    the best single run is printed beside it (on this shared CPU it bursts ~20% higher). N counts every
-    parameter of the model (tied embeddings once)."""
+    The sustained rate is the median of 30 fp32 2048 x 2048 matmuls (`sftflow.train.perf.matmul_rates`,
+    what a multi-second step sees; the MFU in training logs uses the same probe); the best single run is
+    printed beside it (on this shared CPU it bursts ~20% higher). FLOPs per token are the logged MFU's
+    and plan's (`perf.flops_per_token` for LoRA r=RANK on TARGETS) without attention: 4N + 6 per adapter
+    parameter, N = the parameters in matmuls (block linears and the output head)."""
     import statistics
-    import time
 
-    import torch
     from transformers import AutoConfig
 
-    from sftflow.tools.plan import ModelShape
+    from sftflow.train.perf import ModelShape, TrainSetup, flops_per_token, matmul_rates
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    rates = []
-    for _ in range(31):
-        start = time.perf_counter()
-        a @ b
-        rates.append(2 * 2048**3 / (time.perf_counter() - start))
-    sustained, burst = statistics.median(rates[1:]), max(rates[1:])
-    n_params = ModelShape.from_config(AutoConfig.from_pretrained(model_path())).total_params()
-    return sustained / (4 * n_params), sustained, burst, n_params
+    rates = matmul_rates(size=(2048, 2048, 2048), runs=30)
+    sustained, burst = statistics.median(rates), max(rates)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(model_path()))
+    setup = TrainSetup("lora", frozenset(TARGETS), RANK)
+    return sustained / flops_per_token(shape, setup, 0, False), sustained, burst, shape.matmul_params()
 
 
 def table(results: list[dict], limit: float) -> str:
@@ -465,7 +461,7 @@ def main() -> None:
     limit, sustained, burst, n_params = limit_tokens_per_s()
     print(
         f"4N limit: {limit:.0f} tokens/s (fp32 matmul {sustained / 1e9:.0f} GFLOP/s sustained, median of 30; "
-        f"best single run {burst / 1e9:.0f}; N = {n_params / 1e6:.1f}M, 4N FLOP per token)\n"
+        f"best single run {burst / 1e9:.0f}; N = {n_params / 1e6:.1f}M in matmuls, 4N + 6 x adapter FLOP per token)\n"
     )
     print(table(results, limit))
     print(

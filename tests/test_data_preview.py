@@ -138,11 +138,37 @@ def test_preview_preprocess_and_plan_show_pairs(stage, tmp_path, tiny_model_dir,
     assert tiny_tokenizer.decode(pair["chosen_ids"][cut : pair["chosen_end"]]).endswith("<|im_end|>")
 
 
-@pytest.mark.xfail(strict=True, reason="plan is not stage-aware yet (layout move 5)")
+# what each stage's plan must show: pt rows of cutoff_len, rm's score head without LM logits, dpo's
+# reference forward (LoRA: the base with the adapter disabled, no second copy of the weights)
+STAGE_LINES = {
+    "pt": ["texts -> ", "rows of at most 128 tokens", "trained share        100% (every token)"],
+    "rm": ["score head", "logits               none", "8 pairs = 16 x "],
+    "dpo": ["reference forward (the base, adapter disabled)", "logits in backward", "8 pairs = 16 x "],
+}
+
+
 @pytest.mark.parametrize("stage", ["pt", "rm", "dpo"])
 def test_plan_runs_for_every_stage(stage, tmp_path, tiny_model_dir, capsys):
     from sftflow.cli import main
+    from sftflow.config import load_args
+    from sftflow.tools.plan import build_plan
+    from sftflow.train.perf import flops_per_token, forward_flops_per_token
 
-    assert main(["plan", *_example(f"{stage}_demo.yaml", tmp_path, tiny_model_dir)]) == 0
+    config = _example(f"{stage}_demo.yaml", tmp_path, tiny_model_dir)
+    assert main(["plan", *config]) == 0
     out = capsys.readouterr().out
     assert "Memory" in out and f"stage {stage}" in out
+    for line in STAGE_LINES[stage]:
+        assert line in out, line
+    plan = build_plan(load_args(config[0], config[1:], require_output_dir=False))
+    if stage == "pt":  # every row is cutoff_len tokens but the last of a batch of texts
+        assert plan.largest_seq == 128 and plan.audit.tokens == sum(plan.rows)
+    else:  # both sequences of every pair are computed
+        assert plan.padded_tokens_per_epoch >= plan.audit.tokens > sum(plan.rows)
+        assert plan.memory.logits_extra == (
+            0 if stage == "rm" else 2 * 16 * plan.largest_seq * plan.shape.vocab * 4
+        )
+        assert plan.memory.reference == 0  # lora: the reference shares the base weights
+        policy = flops_per_token(plan.shape, plan.setup, 10, gradient_checkpointing=False)
+        reference = forward_flops_per_token(plan.shape, 10) if stage == "dpo" else 0
+        assert plan.flops_per_token(10) == policy + reference

@@ -3,21 +3,16 @@ loss, and batch 8 x accumulation 1 equals batch 1 x accumulation 8 through the T
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from sftflow.data.collator import PackedCollator, SftCollator
 from sftflow.data.packing import pack_rows
 from sftflow.train.loss import (
-    ThroughputMeter,
     causal_lm_loss,
     flatten_batch,
     linear_cross_entropy,
-    model_flops,
     output_head,
-    sequence_lengths,
     supports_fast_loss,
 )
 
@@ -224,33 +219,3 @@ def test_batch_8_equals_batch_1_times_accumulation_8(tmp_path, tiny_model_dir, t
     assert abs(big_log["loss"] - plain_log["loss"]) <= TOL
     # throughput figures are logged with the loss
     assert big_log["tokens_per_second"] > 0 and big_log["mfu"] > 0 and big_log["peak_memory_gb"] > 0
-
-
-def test_sequence_lengths_and_flops():
-    packed = PackedCollator(0)(
-        [pack_rows([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7], "labels": [7]}])]
-        + [pack_rows([{"input_ids": [8], "labels": [8]}])]
-    )
-    assert sequence_lengths({**packed}, pad_token_id=0) == [2, 1, 1]  # the pad block is no example
-    padded = SftCollator(0)(
-        [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    )
-    assert sequence_lengths(padded) == [3, 1]
-    # LoRA (frozen base): 4N per token; full: 6N; plus 12*L*d*s per token of attention
-    assert model_flops([3, 1], n_params=10, n_trainable=0, n_layers=2, hidden=4) == 4 * 10 * 4 + 96 * (9 + 1)
-    assert model_flops([4], n_params=10, n_trainable=10, n_layers=0, hidden=0) == 6 * 10 * 4
-
-
-def test_meter_counts_lora_and_tied_weights_once(tiny_model_dir):
-    model = lora_model(tiny_model_dir)
-    meter = ThroughputMeter(model)
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert meter.n_trainable == lora
-    base = model.get_base_model()
-    assert meter.n_params == sum(p.numel() for p in base.parameters())  # tied head/embedding once
-    assert (meter.n_layers, meter.hidden) == (2, 64)
-    assert meter.report() == {}
-    meter.add([3, 5])
-    report = meter.report()
-    assert report["tokens_per_second"] > 0 and report["peak_memory_gb"] > 0
-    json.dumps(report)

@@ -7,16 +7,10 @@ import yaml
 
 from sftflow.config import load_args
 from sftflow.config.args import FinetuningArguments, ModelArguments
-from sftflow.tools.plan import (
-    ModelShape,
-    TrainSetup,
-    activation_bytes,
-    batches,
-    flops_per_token,
-    optimizer_bytes_per_param,
-    packed_rows,
-    padded_tokens,
-)
+from sftflow.data.packing import packed_row_lengths
+from sftflow.tools.plan.estimate import batches, padded_tokens
+from sftflow.tools.plan.memory import activation_bytes, optimizer_bytes_per_param
+from sftflow.train.perf import ModelShape, TrainSetup, flops_per_token
 
 SETUPS = {
     "lora_all": {"finetuning_type": "lora", "lora_target": ["all"], "lora_rank": 4},
@@ -143,7 +137,7 @@ def test_batches_padding_and_packing():
     assert sorted(sum(batches(lengths, 2, seed=0), [])) == sorted(lengths)
     assert padded_tokens([4, 4, 4, 4], 2, seed=1) == 16
     assert padded_tokens(lengths, 1, seed=0) == sum(lengths)
-    assert packed_rows([3, 4, 5, 2], cutoff_len=8) == [7, 7]
+    assert packed_row_lengths([3, 4, 5, 2], 8) == [8, 6]  # best-fit decreasing, as training packs
 
 
 def test_optimizer_state_bytes():
@@ -152,7 +146,7 @@ def test_optimizer_state_bytes():
     assert optimizer_bytes_per_param("sgd") == 0
 
 
-def test_plan_on_toy_data_audits_and_advises(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+def test_plan_on_toy_data_audits_and_advises(tmp_path, tiny_model_dir, tiny_tokenizer, toy_data_dir, capsys):
     """The whole command on the tiny model: audit counts are exact and advice follows from them."""
     import json
 
@@ -183,12 +177,62 @@ def test_plan_on_toy_data_audits_and_advises(tmp_path, tiny_model_dir, toy_data_
     plan = build_plan(load_args(path))
     audit = plan.audit
     assert audit.per_dataset == {"toy": 20, "toy_heldout": 4}
-    assert (audit.examples, audit.eval_examples, audit.duplicates, audit.conflicting) == (20, 4, 1, 1)
-    assert audit.truncated == sum(length > 30 for length in audit.full_lengths) > 0
-    assert audit.eot_untrained == audit.truncated  # truncation cut the end-of-turn token off
+    assert (audit.examples, audit.eval_examples, audit.get("duplicates"), audit.get("conflicting")) == (
+        20,
+        4,
+        1,
+        1,
+    )
+    assert audit.get("truncated") == sum(n > 30 for n in full_lengths(tiny_tokenizer, rows)) > 0
+    assert audit.get("eot_untrained") == audit.get("truncated")  # truncation cut the end-of-turn token off
     assert plan.steps == 2 * 5
     assert plan.largest_seq == 30
     changes = " ".join(a.change for a in plan.advice)
     assert "cutoff_len:" in changes and "remove duplicate examples" in changes
-    for section in ("Memory per device", "Time", "Data", "Advice", "predicted peak", "end-of-turn trained"):
+    for section in (
+        "stage sft",
+        "Memory per device",
+        "Time",
+        "Data",
+        "Advice",
+        "predicted peak",
+        "end-of-turn trained",
+    ):
         assert section in out
+
+
+def full_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    """Each alpaca row's tokenized length without cutoff_len."""
+    from sftflow.data.converters import alpaca_to_messages
+    from sftflow.data.encode import encode_sft
+    from sftflow.data.registry import ALPACA_COLUMNS
+
+    return [len(encode_sft(tokenizer, alpaca_to_messages(r, ALPACA_COLUMNS), 10**9).input_ids) for r in rows]
+
+
+def test_plan_batches_the_rows_training_packs(tmp_path, tiny_model_dir, tiny_tokenizer, toy_data_dir):
+    """With packing, plan's rows are the rows `pack_dataset` builds from the same data step."""
+    from sftflow.data.packing import pack_dataset
+    from sftflow.data.prepare import prepare
+    from sftflow.tools.plan import build_plan
+
+    config = {
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(toy_data_dir),
+        "dataset": "toy",
+        "cutoff_len": 128,
+        "packing": True,
+        "output_dir": str(tmp_path / "out"),
+        "tokenized_cache_dir": str(tmp_path / "cache"),
+        "do_train": True,
+        "per_device_train_batch_size": 2,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = load_args(path)
+    plan = build_plan(args)
+    train = prepare("sft", args.data, tiny_tokenizer, args.training.seed, True).train
+    packed = [len(ids) for ids in pack_dataset(train.shuffle(seed=3), 128)["input_ids"]]
+    assert len(packed) < len(train)  # several examples share a row
+    assert sorted(plan.rows) == sorted(packed)
+    assert plan.steps == -(-len(packed) // 2) * args.training.num_train_epochs

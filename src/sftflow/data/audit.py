@@ -103,20 +103,26 @@ def read_stats(output_dir: str | Path) -> dict[str, Any]:
 
 @dataclass
 class DataAudit:
-    """The training split as plan and the report show it: counts, statistics and the row lengths."""
+    """The training split as plan shows it: counts, statistics (`summarize`) and the rows training batches.
+
+    A row is an example (sft), a cutoff_len row of concatenated texts (pt) or a pair (rm, dpo).
+    """
 
     stage: str
     per_dataset: dict[str, int]
-    examples: int
+    examples: int  # training rows
     eval_examples: int
     cutoff_len: int
     eot_tokens: list[str]
-    stats: dict[str, Any]
-    lengths: list[int]  # tokens per training row after cutoff_len (pairs: the longer side)
+    stats: dict[str, Any]  # the training split's statistics (`summarize`)
+    lengths: list[int]  # per row, the longest sequence training runs for it (what pads its batch)
+    tokens: int  # non-pad tokens training runs per epoch (pairs: both sequences)
 
     @classmethod
     def from_prepared(cls, prepared: Any) -> DataAudit:
-        """Audit a `Prepared` (its training split).
+        """Audit the training split of a `Prepared`. Pairs count the sequences their stage runs: rm scores
+        the whole chosen and rejected conversations, dpo the prompt and each answer through its
+        end-of-turn token (`chosen_end`, `rejected_end`).
 
         Raises:
             SftflowError: there is no training data, or it is streamed (counting reads every example).
@@ -127,30 +133,32 @@ class DataAudit:
             raise SftflowError("this needs training data: set dataset and do_train: true.")
         if isinstance(prepared.train, IterableDataset):
             raise SftflowError("counting tokens reads every example; run it with streaming=false.")
-        meta = prepared.meta
-        column = "input_ids" if "input_ids" in prepared.train.column_names else "chosen_ids"
-        lengths = [len(ids) for ids in prepared.train[column]]
-        if column == "chosen_ids":
-            lengths = [max(c, len(r)) for c, r in zip(lengths, prepared.train["rejected_ids"], strict=True)]
+        meta, train = prepared.meta, prepared.train
+        if "input_ids" in train.column_names:
+            pairs = [(len(ids),) for ids in train["input_ids"]]
+        elif prepared.stage == "dpo":
+            pairs = list(zip(train["chosen_end"], train["rejected_end"], strict=True))
+        else:
+            chosen, rejected = train["chosen_ids"], train["rejected_ids"]
+            pairs = [(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
         splits = meta.get("splits", {})
         return cls(
             stage=meta.get("stage", prepared.stage),
             per_dataset={name: count["kept"] for name, count in meta.get("datasets", {}).items()},
-            examples=len(lengths),
+            examples=len(pairs),
             eval_examples=splits.get("eval", {}).get("examples", 0),
             cutoff_len=meta.get("cutoff_len", 0),
             eot_tokens=meta.get("eot_tokens", []),
             stats=splits.get("train", {}),
-            lengths=lengths,
+            lengths=[max(row) for row in pairs],
+            tokens=sum(sum(row) for row in pairs),
         )
 
     @property
-    def tokens(self) -> int:
-        return sum(self.lengths)
-
-    @property
     def trained_share(self) -> float:
-        return float(self.stats.get("trained_share", 0.0))
+        """Trained tokens over the tokens training runs (pairs: over both sequences)."""
+        return self.stats.get("trained_tokens", 0) / max(1, self.tokens)
 
-    def get(self, key: str, default: int = 0) -> Any:
+    def get(self, key: str, default: Any = 0) -> Any:
+        """A statistic of the training split (`summarize`'s keys), `default` when the stage has none."""
         return self.stats.get(key, default)

@@ -44,6 +44,15 @@ def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def packed_row_lengths(lengths: list[int], capacity: int) -> list[int]:
+    """The lengths of the rows `pack_dataset` builds from examples of these lengths (what plan batches).
+
+    >>> packed_row_lengths([3, 4, 5, 2], 8)
+    [8, 6]
+    """
+    return [sum(lengths[i] for i in group) for group in pack_lengths(lengths, capacity)]
+
+
 def pack_rows(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     """Concatenate examples into one packed row with restarting `position_ids`.
 

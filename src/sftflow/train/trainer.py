@@ -27,7 +27,8 @@ from sftflow.errors import SftflowError
 from sftflow.train.attention import segment_attention
 from sftflow.train.callbacks import GracefulStopCallback, TrainingInterrupted
 from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume
-from sftflow.train.loss import ThroughputMeter, causal_lm_loss, sequence_lengths, supports_fast_loss
+from sftflow.train.loss import causal_lm_loss, supports_fast_loss
+from sftflow.train.perf import ThroughputMeter, sequence_lengths
 
 logger = logging.getLogger(__name__)
 
