@@ -349,6 +349,21 @@ def test_template_without_end_of_turn_is_refused(tiny_model_dir, tmp_path):
     assert not list((tmp_path / "out").iterdir())
 
 
+def test_model_without_chat_template_stops_on_eos(tiny_model_dir, tmp_path, caplog):
+    """A pt-stage model has no chat template: the pt stage ends every text with eos, so eos is the stop."""
+    import shutil
+
+    base = tmp_path / "pt-base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink()
+    export_dir = tmp_path / "out"
+    args = ModelArguments(model_name_or_path=str(base), export_dir=str(export_dir), export_format="gguf")
+    export_model(args)
+    meta = read_gguf_metadata(export_dir / "model-f16.gguf")
+    assert meta["tokenizer.ggml.eos_token_id"] == 2 and "tokenizer.chat_template" not in meta
+    assert not (export_dir / "Modelfile").exists() and "no Ollama Modelfile written" in caplog.text
+
+
 def test_pre_tokenizer_not_known_to_llama_cpp_is_refused(tiny_tokenizer):
     from tokenizers import Tokenizer, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

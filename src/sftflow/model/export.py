@@ -118,16 +118,37 @@ def export_model(
 
 def trained_end_token(tokenizer: Any) -> int:
     """The id training labels as the end of an answer: the last trained label of a probe conversation
-    encoded exactly as training encodes it.
+    encoded exactly as training encodes it. Without a chat template (a pt-stage model) it is eos, which the
+    pt stage writes after every text.
 
     Raises:
-        SftflowError: the chat template writes no end-of-turn token after an answer (training refuses it too).
+        SftflowError: the chat template writes no end-of-turn token after an answer (training refuses it
+            too), rejects both probe conversations, or there is neither a chat template nor eos.
     """
+    from jinja2 import TemplateError
+
     from sftflow.data.encode import IGNORE_INDEX, encode_sft
 
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "sftflow probe answer"}]
-    labels = [t for t in encode_sft(tokenizer, probe, cutoff_len=4096).labels if t != IGNORE_INDEX]
-    return labels[-1]
+    if not getattr(tokenizer, "chat_template", None):
+        if tokenizer.eos_token_id is None:
+            raise SftflowError(
+                "the tokenizer has neither a chat template nor an eos token, so nothing would end generation. "
+                "Set template (e.g. template: chatml) or give the tokenizer an eos token."
+            )
+        return int(tokenizer.eos_token_id)
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "sftflow probe answer"}]
+    reasons = []
+    for probe in (turn, [{"role": "system", "content": "Be brief."}, *turn]):
+        try:
+            labels = encode_sft(tokenizer, probe, cutoff_len=4096).labels
+        except TemplateError as exc:  # e.g. a template that insists on a system message
+            reasons.append(str(exc))
+            continue
+        return [t for t in labels if t != IGNORE_INDEX][-1]
+    raise SftflowError(
+        f"the chat template rejects a plain conversation ({'; '.join(reasons)}), so the export cannot "
+        "prove where answers end."
+    )
 
 
 def prove_hf_stops(export_dir: Path, end_id: int) -> None:

@@ -337,7 +337,8 @@ def write_gguf(
     writer.add_eot_token_id(end_of_turn_id)
     writer.add_add_bos_token(_adds_bos(tokenizer))
     writer.add_add_eos_token(False)
-    writer.add_chat_template(tokenizer.chat_template)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
 
     tensor_types: dict[str, str] = {}
     for tensor_name, data in llama_tensors(model.state_dict(), config):
