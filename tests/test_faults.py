@@ -23,13 +23,14 @@ from sftflow.errors import SftflowError
 
 MAX_STEPS = 8
 
-# The child: run_sft plus one test callback (or a kill inside the checkpoint writer), chosen by argv.
+# The child: the configured stage's recipe plus one test callback (or a kill inside the checkpoint writer),
+# chosen by argv. tests/test_faults_pairs.py runs it for rm and dpo.
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
     from sftflow.config import load_args
-    from sftflow.stages.sft import run_sft
+    from sftflow.stages import registry
 
     config, mode, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -43,24 +44,22 @@ CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives while step `step` runs
 
     if mode == "kill_mid_save":
-        from sftflow.train.trainer import SftflowTrainer
-
-        save_rng = SftflowTrainer._save_rng_state
+        save_rng = Trainer._save_rng_state
 
         def dying_save_rng(self, output_dir):  # model and optimizer are written, rng/state are not
             if self.state.global_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
             save_rng(self, output_dir)
 
-        SftflowTrainer._save_rng_state = dying_save_rng
+        Trainer._save_rng_state = dying_save_rng
 
+    run_stage = registry.run_stage
     if mode == "sigterm":  # through the CLI (its exit code and message), with the callback added
-        import sftflow.stages.sft
         from sftflow.cli import main
 
-        sftflow.stages.sft.run_sft = lambda args, callbacks=None: run_sft(args, callbacks=[*(callbacks or []), Fault()])
+        registry.run_stage = lambda args, callbacks=None: run_stage(args, callbacks=[*(callbacks or []), Fault()])
         sys.exit(main(["train", config]))
-    run_sft(load_args(config), callbacks=[Fault()])
+    run_stage(load_args(config), callbacks=[Fault()])
     """
 )
 
@@ -78,15 +77,15 @@ def fault_config(path: Path, model_dir: Path, data_dir: Path, out: Path, **overr
 
 
 def run_in_process(config: Path, *overrides: str, callbacks: list | None = None):
-    """run_sft single-threaded, like the children."""
+    """The configured stage's recipe, single-threaded like the children."""
     import torch
 
-    from sftflow.stages.sft import run_sft
+    from sftflow.stages.registry import run_stage
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_sft(load_args(config, list(overrides)), callbacks=callbacks)
+        return run_stage(load_args(config, list(overrides)), callbacks=callbacks)
     finally:
         torch.set_num_threads(threads)
 
@@ -220,6 +219,45 @@ def test_resume_picks_latest_complete_checkpoint(tmp_path):
         resolve_resume(tmp_path, str(tmp_path / "checkpoint-12"))
     with pytest.raises(SftflowError, match=r"no complete checkpoint in .*save_strategy: steps"):
         resolve_resume(tmp_path / "checkpoint-12", "latest")
+
+
+def test_train_resolves_true_itself_and_passes_a_resolved_path_on(tmp_path):
+    """One parser: a direct caller's `True` means the latest complete checkpoint; the path start_run
+    resolved goes to the Trainer as it is (no second look at output_dir)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sftflow.train.trainer import Resilience
+
+    class Recorder:  # stands in for a Trainer: records what train() was given
+        def __init__(self) -> None:
+            self.args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+            self.model = torch.nn.Linear(2, 1)
+
+        def add_callback(self, callback) -> None:
+            pass
+
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            self.given = resume_from_checkpoint
+            return "trained"
+
+    class Trainer(Resilience, Recorder):
+        pass
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    trainer = Trainer()
+    for given, expected in [
+        (True, str(tmp_path / "checkpoint-4")),
+        ("latest", str(tmp_path / "checkpoint-4")),
+        (False, None),
+        (None, None),
+        ("elsewhere/checkpoint-9", "elsewhere/checkpoint-9"),  # already resolved: not looked at again
+    ]:
+        assert trainer.train(resume_from_checkpoint=given) == "trained"
+        assert trainer.given == expected, given
 
 
 class _Poison:

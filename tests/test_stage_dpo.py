@@ -33,12 +33,13 @@ def test_dpo_loss_goes_down_and_writes_the_sft_outputs(tmp_path, tiny_model_dir,
     ]:
         assert (out / name).is_file(), name
     assert not (out / "ref").exists()  # no reference adapter copy is kept or saved
-    losses = [
-        e["loss"]
-        for e in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
-        if "loss" in e
+    entries = [
+        e for e in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in e
     ]
+    losses = [e["loss"] for e in entries]
     assert len(losses) == 8
+    for entry in entries:  # sftflow's throughput figures on every training log entry, dpo and orpo
+        assert entry["tokens_per_second"] > 0 and entry["mfu"] > 0 and entry["peak_memory_gb"] > 0
     if pref_loss == "sigmoid":
         assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
         assert result.metrics["eval_rewards/accuracies"] > 0.5

@@ -73,6 +73,9 @@ def test_rm_learns_the_preference_and_saves_the_score_head(tmp_path, tiny_model_
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) == 10 and losses[0] > 0.5  # starts near log(2): the head is random
+    # sftflow's throughput figures (both sequences of each pair counted), on every training log entry
+    for entry in (e for e in log if "loss" in e):
+        assert entry["tokens_per_second"] > 0 and entry["mfu"] > 0 and entry["peak_memory_gb"] > 0
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
     # accuracy above chance on held-out pairs (8 pairs: 0.5 is chance)
     assert result.metrics["predict_accuracy"] >= 0.875

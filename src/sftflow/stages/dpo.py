@@ -1,6 +1,7 @@
 """The preference-tuning (dpo) recipe, top to bottom:
 args -> tokenizer/template -> preference pairs -> causal LM (+LoRA) -> TRL DPOTrainer (sigmoid / ipo /
-hinge, optional NLL term) or TRL's experimental ORPOTrainer -> train/eval -> report.
+hinge, optional NLL term) or TRL's experimental ORPOTrainer, both with sftflow's `Resilience` (atomic
+checkpoints, resume, NaN/OOM/SIGTERM handling, tokens/s logs) -> train/eval -> report.
 
 Pairs are tokenized by sftflow (`encode_pairwise`, the same rendering and cutoff policy as sft) and handed
 to TRL already split into prompt and completion ids. With LoRA no reference model is loaded: the
@@ -29,6 +30,7 @@ from sftflow.train.steps import (
     train_and_save,
     trl_args,
 )
+from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
     from sftflow.config import RunArgs
@@ -89,8 +91,8 @@ def completions(pairs: Any) -> Any:
     >>> from datasets import Dataset
     >>> d = Dataset.from_list([{"chosen_ids": [1, 2, 3, 4, 9], "rejected_ids": [1, 2, 5, 9],
     ...     "prompt_len": 2, "chosen_end": 4, "rejected_end": 3, "row": 0}])
-    >>> completions(d)[0]
-    {'prompt_ids': [1, 2], 'chosen_ids': [3, 4], 'rejected_ids': [5]}
+    >>> completions(d)[0] == {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]}
+    True
     """
 
     def split(row: dict) -> dict:
@@ -104,17 +106,19 @@ def completions(pairs: Any) -> Any:
     return pairs.map(split, remove_columns=pairs.column_names)
 
 
+class PretokenizedDPOTrainer(Resilience, DPOTrainer):
+    """DPOTrainer with `Resilience` that takes prompt/chosen/rejected ids as they are (sftflow tokenized
+    them): TRL's private `_prepare_dataset` is replaced (tests/test_faults_pairs.py checks it still exists)."""
+
+    def _prepare_dataset(self, dataset: Any, *unused: Any) -> Any:
+        return dataset
+
+
 def dpo_trainer(
     args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
 ) -> Any:
     """TRL's DPOTrainer on sftflow's tokenization, with pref_beta, pref_loss (+ pref_ftx) and the
     memory-wise reference (the base with the adapter disabled under LoRA)."""
-
-    class PretokenizedDPOTrainer(DPOTrainer):
-        """DPOTrainer that takes prompt/chosen/rejected ids as they are (sftflow tokenized them)."""
-
-        def _prepare_dataset(self, dataset: Any, *unused: Any) -> Any:
-            return dataset
 
     finetuning = args.finetuning
     loss_type, loss_weights = [DPO_LOSSES[finetuning.pref_loss]], None
@@ -140,6 +144,7 @@ def dpo_trainer(
         eval_dataset=completions(eval_set) if eval_set is not None else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        skip_nan=args.finetuning.skip_nan,
     )
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     if lora and "ref" in getattr(peft_model, "peft_config", {}):
@@ -166,8 +171,8 @@ def orpo_trainer(
             f"does not have ({exc}). Install a TRL that ships it, or use pref_loss: sigmoid, ipo or hinge."
         ) from None
 
-    class PretokenizedORPOTrainer(ORPOTrainer):
-        """ORPOTrainer that builds its rows from sftflow's ids instead of tokenizing text."""
+    class PretokenizedORPOTrainer(Resilience, ORPOTrainer):
+        """ORPOTrainer with `Resilience` that builds its rows from sftflow's ids instead of tokenizing text."""
 
         def tokenize_row(self, feature: dict, model: Any = None) -> dict:
             prompt = list(feature["prompt_ids"])
@@ -193,4 +198,5 @@ def orpo_trainer(
         eval_dataset=completions(eval_set) if eval_set is not None else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        skip_nan=args.finetuning.skip_nan,
     )

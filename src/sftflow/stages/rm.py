@@ -1,7 +1,8 @@
 """The reward-model (rm) recipe, top to bottom:
 args -> tokenizer/template -> preference pairs (prompt, chosen, rejected) -> sequence-classification model
 with one output (+LoRA, the `score` head trained and saved in full) -> TRL RewardTrainer (loss
--log sigmoid(r_chosen - r_rejected)) -> train/eval -> scores for the held-out pairs -> report.
+-log sigmoid(r_chosen - r_rejected)) with sftflow's `Resilience` -> train/eval -> scores for the held-out
+pairs -> report.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sftflow.train.steps import (
     train_and_save,
     trl_args,
 )
+from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
     from sftflow.config import RunArgs
@@ -51,8 +53,9 @@ def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     model = build_model(args, tokenizer, head="score")
 
     # 4. Trainer: TRL's, on our tokenization (the full rendered conversations, scored at their last token).
+    #    With sftflow's checkpoints, resume, NaN/OOM/SIGTERM handling and tokens/s logs.
     columns = ["chosen_ids", "rejected_ids"]
-    trainer = RewardTrainer(
+    trainer = ResilientRewardTrainer(
         model=model,
         args=trl_args(RewardConfig, training, max_length=None, disable_dropout=False),
         # TRL needs a train_dataset even when only evaluating
@@ -60,6 +63,7 @@ def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         eval_dataset=eval_set.select_columns(columns) if eval_set is not None else None,
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(output_dir), *(callbacks or [])],
+        skip_nan=args.finetuning.skip_nan,
     )
     result = RunResult(output_dir)
 
@@ -81,6 +85,11 @@ def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         result.report = write_report(output_dir)
         print(format_summary(result), flush=True)
     return result
+
+
+class ResilientRewardTrainer(Resilience, RewardTrainer):
+    """TRL's RewardTrainer with sftflow's atomic checkpoints, resume, NaN/OOM/SIGTERM handling and
+    throughput logs (`Resilience`); its tokens/s counts the chosen and the rejected sequence of each pair."""
 
 
 def score_pairs(trainer: Any, dataset: Any) -> tuple[list[float], list[float]]:

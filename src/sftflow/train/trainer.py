@@ -1,12 +1,13 @@
-"""The Seq2SeqTrainer subclass, and the fault handling around it.
+"""The trainers: `Resilience`, the fault handling and throughput logs every stage's trainer gets, and
+`SftflowTrainer` (sft/pt) built on it; rm and dpo apply it to TRL's trainers (stages/rm.py, stages/dpo.py).
 
-- predict generates from left-padded prompts only and returns only the new tokens;
 - checkpoints are written to a staging dir and renamed into `checkpoint-N` once complete, and resuming
   picks the latest complete one, so a run killed mid-save never resumes from a half-written checkpoint;
 - a NaN/inf training loss stops the run naming the step (or, with `skip_nan`, skips that batch);
-- out-of-memory errors say which knobs help; SIGTERM/SIGINT save a checkpoint and stop (callbacks.py).
-- the training loss computes logits only at trained positions of a padding-free row (loss.py), and every
-  training log entry carries non-pad tokens/s, MFU and peak memory.
+- out-of-memory errors say which knobs help; SIGTERM/SIGINT save a checkpoint and stop (callbacks.py);
+- every training log entry carries non-pad tokens/s, MFU and peak memory;
+- sft/pt: the training loss computes logits only at trained positions of a padding-free row (loss.py), and
+  predict generates from left-padded prompts only and returns only the new tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from sftflow.errors import SftflowError
 from sftflow.train.attention import segment_attention
 from sftflow.train.callbacks import GracefulStopCallback, TrainingInterrupted
-from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume
+from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume, resume_word
 from sftflow.train.loss import causal_lm_loss, supports_fast_loss
 from sftflow.train.perf import ThroughputMeter, sequence_lengths
 
@@ -87,47 +88,63 @@ def oom_advice(stage: str) -> Iterator[None]:
         raise SftflowError(oom_message(stage)) from exc
 
 
-class SftflowTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer that generates from left-padded prompts with an explicit GenerationConfig, saves
-    checkpoints atomically and stops on NaN loss, signals and OOM with a message.
+def example_lengths(inputs: dict[str, Any], pad_token_id: int | None = None) -> list[int]:
+    """The non-pad length of every sequence a training batch runs through the model.
 
-    Eval (loss) runs on prompt+response batches; predict runs on prompt-only batches (no labels), so no
-    response token can reach `generate`.
+    sft/pt batches hold examples (padded or packed, `sequence_lengths`); rm and dpo batches stack the
+    chosen and the rejected sequence of each pair in `input_ids`/`attention_mask`, so both are counted;
+    ORPO's batches keep them apart as `chosen_attention_mask` and `rejected_attention_mask`.
+
+    >>> import torch
+    >>> example_lengths({"chosen_attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    ...     "rejected_attention_mask": torch.tensor([[1, 0], [1, 1]]), "prompt_input_ids": torch.ones(2, 1)})
+    [3, 2, 1, 2]
+    """
+    if "input_ids" in inputs:
+        return sequence_lengths(inputs, pad_token_id)
+    return [
+        int(n) for side in ("chosen", "rejected") for n in inputs[f"{side}_attention_mask"].sum(1).tolist()
+    ]
+
+
+class Resilience:
+    """Fault handling and throughput logs for any `transformers.Trainer` (TRL's included), as a mixin:
+    `class X(Resilience, SomeTrainer)`. It overrides, and needs from the Trainer, `train`, `evaluate`,
+    `predict`, `log`, `compute_loss`, and the private `_save_checkpoint` / `_get_output_dir`
+    (tests/test_faults_pairs.py fails if a transformers release renames them).
+
+    - `train(resume_from_checkpoint=True)` resumes from the latest *complete* checkpoint; a path (what
+      `start_run` resolved) is passed on as it is;
+    - checkpoints go to a staging dir renamed into `checkpoint-N` once every rank wrote its part;
+    - a NaN/inf training loss stops naming the step (`skip_nan`: that batch is skipped);
+    - out-of-memory errors say which knobs help; SIGTERM/SIGINT save a checkpoint and stop;
+    - every training log entry carries non-pad tokens/s, MFU and peak memory (`example_lengths`).
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        generation_config: GenerationConfig | None = None,
-        skip_nan: bool = False,
-        fast_loss: bool = True,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, skip_nan: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sft_generation_config = generation_config
         self.skip_nan = skip_nan
-        self.fast_loss = fast_loss  # training loss with logits only at trained positions (loss.py)
         self.throughput = ThroughputMeter(self.model)
         self.nan_skipped = 0
         self.stop_callback = GracefulStopCallback()
         self.add_callback(self.stop_callback)
         self._staging_dir: str | None = None
 
-    # ---- train / evaluate / predict: resume resolution, OOM advice, signal stop ----
+    # ---- train / evaluate / predict: resume, OOM advice, signal stop ----
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """`Trainer.train`, resuming from the latest *complete* checkpoint when asked for `true`.
+        """`Trainer.train`; `true`/"latest" resumes from the latest *complete* checkpoint in output_dir.
 
         Raises:
             TrainingInterrupted: a SIGTERM/SIGINT stopped training (after saving a checkpoint).
             SftflowError: NaN/inf loss, out of memory, or nothing to resume from.
         """
-        resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
+        resume = resume_word(resume_from_checkpoint)
+        if resume == "latest":  # a direct caller's `True`; recipes pass the path start_run resolved
+            resume = resolve_resume(self.args.output_dir, resume)
         if self.args.should_save:
             remove_staging_dirs(self.args.output_dir)
-        # With the trained-token loss, sdpa models attend per example on its padding-free rows.
-        attention = segment_attention(self.model) if self.fast_loss else contextlib.nullcontext()
-        with oom_advice("training"), attention:
+        with oom_advice("training"):
             output = super().train(resume_from_checkpoint=resume, **kwargs)
         if self.stop_callback.stopped_by:
             checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.stop_callback.step}"
@@ -146,21 +163,7 @@ class SftflowTrainer(Seq2SeqTrainer):
         with oom_advice("prediction"):
             return super().predict(*args, **kwargs)
 
-    # ---- the training loss (logits only where trained) and throughput logs ----
-
-    def trained_token_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
-    ) -> torch.Tensor:
-        """`causal_lm_loss` (sum over trained tokens / num_items_in_batch), scaled for DDP as
-        `Trainer.compute_loss` scales the model's own loss (DDP averages gradients over ranks while
-        num_items_in_batch counts the tokens of all ranks)."""
-        # FSDP / DeepSpeed shard the head's weight outside the forward: there the model computes the logits.
-        fused_head = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch, fused_head=fused_head)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch:
-            scale = self.accelerator.num_processes // self.get_tp_size()
-            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
-        return loss
+    # ---- throughput logs ----
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add non-pad tokens/s, MFU and peak memory (since the last log) to every training log entry."""
@@ -168,7 +171,7 @@ class SftflowTrainer(Seq2SeqTrainer):
             logs = {**logs, **self.throughput.report()}
         super().log(logs, *args, **kwargs)
 
-    # ---- NaN / inf loss ----
+    # ---- the loss, checked for NaN / inf ----
 
     def compute_loss(
         self,
@@ -177,13 +180,12 @@ class SftflowTrainer(Seq2SeqTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
+        """`training_loss` (the parent trainer's loss), counted for the throughput log and checked: a
+        NaN/inf training loss stops the run naming the step, or with `skip_nan` becomes a zero-gradient
+        loss that skips the batch."""
         if model.training:
-            pad_id = getattr(self.processing_class, "pad_token_id", None)
-            self.throughput.add(sequence_lengths(inputs, pad_id))
-        if self.fast_loss and model.training and not return_outputs and supports_fast_loss(model, inputs):
-            output = self.trained_token_loss(model, inputs, num_items_in_batch)
-        else:
-            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.throughput.add(example_lengths(inputs, getattr(self.processing_class, "pad_token_id", None)))
+        output = self.training_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = output[0] if return_outputs else output
         if not model.training or bool(torch.isfinite(loss.detach()).all()):
             return output
@@ -213,6 +215,18 @@ class SftflowTrainer(Seq2SeqTrainer):
         # non-finite value for the log (the Trainer's logging_nan_inf_filter leaves it out of the average).
         skipped = sum((p * 0).sum() for p in trainable) + loss.detach()
         return (skipped, *output[1:]) if return_outputs else skipped
+
+    def training_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> Any:
+        """The loss (and outputs) of the parent trainer's `compute_loss`; SftflowTrainer swaps in its own."""
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     # ---- atomic checkpoints ----
 
@@ -249,6 +263,59 @@ class SftflowTrainer(Seq2SeqTrainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+
+class SftflowTrainer(Resilience, Seq2SeqTrainer):
+    """The sft/pt trainer: `Resilience` over Seq2SeqTrainer, with the trained-token training loss and
+    generation from left-padded prompts with an explicit GenerationConfig at predict time.
+
+    Eval (loss) runs on prompt+response batches; predict runs on prompt-only batches (no labels), so no
+    response token can reach `generate`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        generation_config: GenerationConfig | None = None,
+        fast_loss: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.sft_generation_config = generation_config
+        self.fast_loss = fast_loss  # training loss with logits only at trained positions (loss.py)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        # With the trained-token loss, sdpa models attend per example on its padding-free rows.
+        attention = segment_attention(self.model) if self.fast_loss else contextlib.nullcontext()
+        with attention:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # ---- the training loss (logits only where trained) ----
+
+    def training_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> Any:
+        if self.fast_loss and model.training and not return_outputs and supports_fast_loss(model, inputs):
+            return self.trained_token_loss(model, inputs, num_items_in_batch)
+        return super().training_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def trained_token_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """`causal_lm_loss` (sum over trained tokens / num_items_in_batch), scaled for DDP as
+        `Trainer.compute_loss` scales the model's own loss (DDP averages gradients over ranks while
+        num_items_in_batch counts the tokens of all ranks)."""
+        # FSDP / DeepSpeed shard the head's weight outside the forward: there the model computes the logits.
+        fused_head = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch, fused_head=fused_head)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch:
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
     # ---- generation at predict time ----
 
