@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import yaml
 
 from sftflow.cli import main as cli_main
 from sftflow.config import FinetuningArguments, ModelArguments
+from sftflow.data.template import BUILTIN_TEMPLATES
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import apply_finetuning
 from sftflow.model.export import export_model, prove_hf_stops, trained_end_token
@@ -205,27 +207,18 @@ def test_modelfile_template_renders_like_training(tiny_tokenizer):
     )
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["chatml", "qwen", "alpaca", "default", "vicuna", "llama3", "phi", "plain", "llama2", "mistral", "gemma"],
+# the special tokens of every built-in template, so the tiny tokenizer can take each of them
+SPECIALS = sorted(
+    {t for spec in BUILTIN_TEMPLATES.values() for t in spec.special_tokens} - {"<|im_start|>", IM_END}
 )
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_TEMPLATES))
 def test_builtin_templates_become_go_templates(tiny_model_dir, name):
     from sftflow.data.template import apply_template, render
 
     tokenizer = load_tokenizer(
-        ModelArguments(
-            model_name_or_path=str(tiny_model_dir),
-            new_special_tokens=[
-                "<|start_header_id|>",
-                "<|end_header_id|>",
-                "<|eot_id|>",
-                "<start_of_turn>",
-                "<end_of_turn>",
-                "<|system|>",
-                "<|user|>",
-            ]
-            + ["<|assistant|>", "<|end|>"],
-        )
+        ModelArguments(model_name_or_path=str(tiny_model_dir), new_special_tokens=SPECIALS)
     )
     apply_template(tokenizer, name)
     pieces = chat_pieces(tokenizer)
@@ -237,6 +230,77 @@ def test_builtin_templates_become_go_templates(tiny_model_dir, name):
         assert pieces.render(prompt) == expected == go_render(template, system, prompt)
     modelfile_system = go_render(template, "Be brief.", CHATS[0][:1])  # SYSTEM stands in for a system message
     assert modelfile_system == render(tokenizer, [CHATS[1][0], CHATS[0][0]], add_generation_prompt=True)
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+type Case struct {
+	Template, System string
+	Messages         []Message
+}
+
+func main() {
+	var cases []Case
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	out := []string{}
+	for _, c := range cases {
+		var b strings.Builder
+		data := map[string]any{"System": c.System, "Messages": c.Messages}
+		if err := template.Must(template.New("").Parse(c.Template)).Execute(&b, data); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (apt-get install golang-go)")
+def test_go_text_template_renders_the_modelfile_like_training(tiny_model_dir, tmp_path):
+    """Go's own text/template (what Ollama runs) renders every built-in template's Modelfile TEMPLATE to the
+    training prompt, with .System from the system message or from SYSTEM, as Ollama sets it."""
+    import subprocess
+
+    from sftflow.data.template import apply_template, render
+
+    tokenizer = load_tokenizer(
+        ModelArguments(model_name_or_path=str(tiny_model_dir), new_special_tokens=SPECIALS)
+    )
+    cases, expected = [], []
+    for name in [None, *BUILTIN_TEMPLATES]:
+        if name:
+            apply_template(tokenizer, name)
+        template = go_template(chat_pieces(tokenizer))
+        for prompt, system in [(c[:-1], "") for c in CHATS] + [(CHATS[0][:1], "Be brief.")]:
+            if prompt[0]["role"] == "system":
+                system = prompt[0]["content"]
+            messages = [{"Role": m["role"], "Content": m["content"]} for m in prompt]
+            cases.append({"Template": template, "System": system, "Messages": messages})
+            with_system = prompt if prompt[0]["role"] == "system" or not system else [CHATS[1][0], *prompt]
+            expected.append(render(tokenizer, with_system, add_generation_prompt=True))
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    run = subprocess.run(
+        ["go", "run", "render.go"],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == expected
 
 
 def test_templates_ollama_cannot_express_are_reported(tiny_model_dir, tmp_path):
