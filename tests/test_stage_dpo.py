@@ -52,6 +52,7 @@ def test_dpo_config_maps_pref_keys_and_keeps_fp32(tmp_path, tiny_model_dir):
     from sftflow.data.prepare import prepare
     from sftflow.model.loader import load_chat_tokenizer
     from sftflow.stages.dpo import dpo_trainer
+    from sftflow.train.perf import ModelShape, ThroughputMeter, forward_flops_per_token
     from sftflow.train.steps import build_model
 
     args = load_args(
@@ -64,6 +65,11 @@ def test_dpo_config_maps_pref_keys_and_keeps_fp32(tmp_path, tiny_model_dir):
     assert trainer.args.loss_type == ["ipo", "sft"] and trainer.args.loss_weights == [1.0, 0.5]
     assert trainer.args.bf16 is False and trainer.args.learning_rate == 3e-2  # the run's values, not TRL's
     assert trainer.ref_model is None and "ref" not in trainer.model.peft_config
+    # the logged MFU counts the reference's forward of every sequence, as plan does
+    shape = ModelShape.from_model(trainer.model)
+    policy = ThroughputMeter(trainer.model).flops([10, 20])
+    reference = 10 * forward_flops_per_token(shape, 10) + 20 * forward_flops_per_token(shape, 20)
+    assert policy > 0 and trainer.throughput.flops([10, 20]) == pytest.approx(policy + reference)
     # completions are the trained answers through their end-of-turn token, after the shared prompt
     row = trainer.train_dataset[0]
     assert tokenizer.decode(row["chosen_ids"]).endswith("Wren<|im_end|>")

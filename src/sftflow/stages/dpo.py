@@ -110,6 +110,8 @@ class PretokenizedDPOTrainer(Resilience, DPOTrainer):
     """DPOTrainer with `Resilience` that takes prompt/chosen/rejected ids as they are (sftflow tokenized
     them): TRL's private `_prepare_dataset` is replaced (tests/test_faults_pairs.py checks it still exists)."""
 
+    reference_forward = True  # each step runs the reference (adapter disabled, or the frozen copy)
+
     def _prepare_dataset(self, dataset: Any, *unused: Any) -> Any:
         return dataset
 

@@ -396,11 +396,13 @@ class ThroughputMeter:
     - mfu: model FLOPs per second (`flops_per_token` on the model's shape and what trains, each example
       at its own length, recomputation not counted) / this device's sustained matmul rate in the
       model's dtype (`sustained_matmul_flops`), so it is the fraction of what the matmul units reach
-      here, not of a datasheet figure; absent for models that are not Llama-style decoders;
+      here, not of a datasheet figure; absent for models that are not Llama-style decoders; with
+      `reference_forward` (dpo) each sequence also counts a no-grad forward of the reference model;
     - peak_memory_gb: the peak resident set size of the process (CPU) or the peak allocated GPU memory.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, reference_forward: bool = False) -> None:
+        self.reference_forward = reference_forward
         try:
             self.shape: ModelShape | None = ModelShape.from_model(model)
             self.setup: TrainSetup | None = TrainSetup.from_model(self.shape, model)
@@ -417,7 +419,12 @@ class ThroughputMeter:
         """Model FLOPs of one training pass over examples of these lengths."""
         if self.shape is None or self.setup is None:
             return 0.0
-        return sum(s * flops_per_token(self.shape, self.setup, s, False) for s in lengths)
+        total = 0.0
+        for s in lengths:
+            total += s * flops_per_token(self.shape, self.setup, s, False)
+            if self.reference_forward:  # dpo: the reference's no-grad forward of the same sequence
+                total += s * forward_flops_per_token(self.shape, s)
+        return total
 
     def add(self, lengths: list[int]) -> None:
         if self._start is None:

@@ -121,10 +121,12 @@ class Resilience:
     - every training log entry carries non-pad tokens/s, MFU and peak memory (`example_lengths`).
     """
 
+    reference_forward = False  # True where every step also runs a reference model (dpo): counted in MFU
+
     def __init__(self, *args: Any, skip_nan: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.skip_nan = skip_nan
-        self.throughput = ThroughputMeter(self.model)
+        self.throughput = ThroughputMeter(self.model, reference_forward=self.reference_forward)
         self.nan_skipped = 0
         self.stop_callback = GracefulStopCallback()
         self.add_callback(self.stop_callback)
