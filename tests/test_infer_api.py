@@ -90,7 +90,7 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(run_dir):
-    engine = load_engine(infer_args(str(run_dir), []))
+    engine = load_engine(infer_args(str(run_dir), []), batched=True)
     yield engine
     engine.close()
 
@@ -130,7 +130,7 @@ def test_plain_completion_with_the_openai_client(client, engine):
 
 def test_n_and_stop(client):
     response = client.chat.completions.create(
-        model="any", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1, n=3
+        model="sftflow", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1, n=3
     )
     texts = [c.message.content for c in response.choices]
     assert [c.index for c in response.choices] == [0, 1, 2] and len(set(texts)) > 1
@@ -139,12 +139,12 @@ def test_n_and_stop(client):
     if finish == ["length"] * 3:  # every answer used its whole max_tokens budget
         assert response.usage.completion_tokens == 18
     full = client.chat.completions.create(
-        model="any", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1
+        model="sftflow", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1
     )
     text = full.choices[0].message.content
     stop = text[2:4]
     cut = client.chat.completions.create(
-        model="any", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1, stop=[stop]
+        model="sftflow", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1, stop=[stop]
     )
     assert stop and cut.choices[0].message.content == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
@@ -152,11 +152,11 @@ def test_n_and_stop(client):
 
 def test_streaming_with_the_openai_client(client, engine):
     plain = client.chat.completions.create(
-        model="m", messages=QUESTION, max_tokens=8, temperature=1.0, seed=2
+        model="sftflow", messages=QUESTION, max_tokens=8, temperature=1.0, seed=2
     )
     chunks = list(
         client.chat.completions.create(
-            model="m",
+            model="sftflow",
             messages=QUESTION,
             max_tokens=8,
             temperature=1.0,
@@ -177,7 +177,7 @@ def test_streaming_with_the_openai_client(client, engine):
 
 def test_streamed_n_answers_are_told_apart_by_index(client):
     stream = client.chat.completions.create(
-        model="m", messages=QUESTION, max_tokens=5, temperature=1.0, seed=4, n=2, stream=True
+        model="sftflow", messages=QUESTION, max_tokens=5, temperature=1.0, seed=4, n=2, stream=True
     )
     texts, finished = ["", ""], []
     for chunk in stream:
@@ -206,7 +206,7 @@ def test_sse_wire_format_ends_with_done(server):
         (
             {"messages": [{"role": "wizard", "content": "hi"}]},
             "messages.0.role",
-            "'system', 'user' or 'assistant'",
+            "'system', 'developer', 'user', 'assistant' or 'tool'",
         ),
         ({"messages": [{"role": "user", "content": " "}]}, "messages.0.content", "empty"),
         ({"messages": QUESTION, "temperature": 2.5}, "temperature", "less than or equal to 2"),
@@ -229,7 +229,7 @@ def test_invalid_requests_get_400_in_openai_shape(server, body, param, message):
 
 def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError, match="role"):
-        client.chat.completions.create(model="m", messages=[{"role": "wizard", "content": "hi"}])
+        client.chat.completions.create(model="sftflow", messages=[{"role": "wizard", "content": "hi"}])
 
 
 def test_concurrent_requests_do_not_mix(client, engine):
@@ -241,7 +241,7 @@ def test_concurrent_requests_do_not_mix(client, engine):
     results: dict[int, str] = {}
 
     def ask(i: int) -> None:
-        kwargs = {"model": "m", "messages": prompts[i], "max_tokens": 6, "temperature": 1.0, "seed": i}
+        kwargs = {"model": "sftflow", "messages": prompts[i], "max_tokens": 6, "temperature": 1.0, "seed": i}
         if i % 2:
             results[i] = "".join(
                 c.choices[0].delta.content or ""
@@ -268,7 +268,7 @@ def test_api_key_is_required_when_set(engine):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=base_url, api_key="s3cret", max_retries=0)
-        assert good.chat.completions.create(model="m", messages=QUESTION, max_tokens=2).choices
+        assert good.chat.completions.create(model="sftflow", messages=QUESTION, max_tokens=2).choices
 
 
 def test_host_and_port_come_from_flags_then_env(monkeypatch):
@@ -304,7 +304,7 @@ def test_sftflow_api_command_serves_a_run_dir(run_dir, tmp_path):
         base_url = f"http://127.0.0.1:{port}/v1"
         wait_ready(base_url, timeout=90, key="k3y", proc=proc)
         client = openai.OpenAI(base_url=base_url, api_key="k3y", max_retries=0)
-        response = client.chat.completions.create(model="m", messages=QUESTION)
+        response = client.chat.completions.create(model="sftflow", messages=QUESTION)
         assert response.usage.completion_tokens <= 3  # max_new_tokens=3 from the command line
         assert response.choices[0].finish_reason in ("stop", "length")
     finally:

@@ -37,7 +37,8 @@ def host_and_port(host: str | None, port: int | None) -> tuple[str, int]:
 def main(argv: list[str]) -> int:
     parser = infer_parser(
         "api",
-        "Serve a tuned model over an OpenAI-compatible API (/v1/models, /v1/chat/completions). "
+        "Serve a tuned model over an OpenAI-compatible API (/health, /v1/models, /v1/chat/completions, "
+        "/v1/completions), concurrent requests batched together. "
         "Set API_KEY to require `Authorization: Bearer <API_KEY>`.",
         "a run's output_dir (e.g. saves/smollm2-135m-instruct/lora/demo) or a config file",
     )
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> int:
     from sftflow.infer.api import create_app
     from sftflow.infer.engine import load_engine
 
-    engine = load_engine(args)
+    engine = load_engine(args, batched=True)
     if host not in LOOPBACK and api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can use it.", host)
     print(

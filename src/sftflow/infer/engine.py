@@ -16,11 +16,12 @@ The prompt is rendered with the tokenizer saved by the run, i.e. the chat templa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -311,9 +312,44 @@ class TextStream:
         self.completion_tokens = completion.completion_tokens
         self.finish_reason = completion.finish_reason
 
+    def __aiter__(self) -> AsyncIterator[str]:
+        """Async iteration for servers: events reach the event loop without a thread per stream."""
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[str]:
+        bridge = _LoopQueue(asyncio.get_running_loop())
+        job = self._job
+        with job._lock:  # hand over what was already emitted, then route new events to the loop
+            while job.events is not None and not job.events.empty():
+                bridge.queue.put_nowait(job.events.get_nowait())
+            job.events = bridge  # type: ignore[assignment]
+        try:
+            while (item := await bridge.queue.get()) is not _END:
+                yield item
+            completion = job.future.result()
+        finally:
+            job.cancel()  # a no-op once finished; cancels on client disconnect (CancelledError)
+        self.completion = completion
+        self.completion_tokens = completion.completion_tokens
+        self.finish_reason = completion.finish_reason
+
     def close(self) -> None:
         """Cancel the generation (both paths stop after the current step)."""
         self._job.cancel()
+
+
+class _LoopQueue:
+    """A job's event sink that delivers into an asyncio queue from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def empty(self) -> bool:
+        return self.queue.empty()
 
 
 class ChatEngine:
@@ -493,7 +529,8 @@ class ChatEngine:
         params: SamplingParams | None = None,
         tools: list[dict[str, Any]] | None = None,
     ) -> Future:
-        """Queue a conversation; the Future resolves to a ChatResult. Validates before queueing.
+        """Queue a conversation; the Future resolves to a ChatResult (`cancel_generation()` on it stops
+        the answers). Validates before queueing.
 
         Raises:
             RequestError: bad messages or a prompt that does not fit the context.
@@ -527,6 +564,7 @@ class ChatEngine:
 
         for job in jobs:
             job.future.add_done_callback(done)
+        result.cancel_generation = lambda: [job.cancel() for job in jobs]  # type: ignore[attr-defined]
         return result
 
     def stream(
