@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 
@@ -34,8 +36,9 @@ def tuned_model(model_dir, setup: dict, attn: str = "sdpa"):
     return apply_finetuning(model, model_args, finetuning), finetuning
 
 
-def saved_bytes(model, batch: int, seq: int) -> int:
-    """Bytes of every distinct non-parameter tensor autograd saves in one forward pass with loss."""
+def saved_bytes(model, batch: int, seq: int, loss=None) -> int:
+    """Bytes of every distinct non-parameter tensor autograd saves in one forward pass with loss (the
+    model's own, or `loss(ids)`)."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -51,7 +54,7 @@ def saved_bytes(model, batch: int, seq: int) -> int:
     ids = torch.randint(3, model.config.vocab_size, (batch, seq))
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        loss(ids) if loss else model(input_ids=ids, labels=ids)
     return sum(storages.values())
 
 
@@ -102,6 +105,36 @@ def test_activation_bytes_equal_what_autograd_saves(tiny_model_dir, shape, name,
     model, finetuning = tuned_model(tiny_model_dir, SETUPS[name])
     setup = TrainSetup.from_args(shape, finetuning)
     assert activation_bytes(shape, setup, batch, seq).total == saved_bytes(model, batch, seq)
+
+
+REWARD_SETUPS = {
+    "lora_all": {**SETUPS["lora_all"], "additional_target": ["score"]},
+    "full": SETUPS["full"],
+    "freeze_last": {**SETUPS["freeze_last"], "freeze_extra_modules": ["score"]},
+}
+
+
+@pytest.mark.parametrize("name", list(REWARD_SETUPS))
+@pytest.mark.parametrize(("pairs", "seq"), [(1, 9), (2, 17)])
+def test_reward_model_activations_equal_what_autograd_saves(tiny_model_dir, name, pairs, seq):
+    """rm: chosen and rejected in one batch through the score head, TRL's pairwise loss."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from sftflow.model.adapter import apply_finetuning
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype="float32")
+    finetuning = FinetuningArguments(**copy.deepcopy(REWARD_SETUPS[name]))  # peft extends the lists
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir))
+    model = apply_finetuning(model, model_args, finetuning, task_type="SEQ_CLS")
+    shape = ModelShape.from_model(model)
+    setup = TrainSetup.from_args(shape, finetuning)
+
+    def loss(ids):
+        chosen, rejected = torch.chunk(model(input_ids=ids).logits.squeeze(-1), chunks=2)
+        return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+    assert activation_bytes(shape, setup, 2 * pairs, seq).total == saved_bytes(model, 2 * pairs, seq, loss)
 
 
 def test_gradient_checkpointing_keeps_block_inputs_and_one_block(shape):

@@ -129,13 +129,16 @@ def activation_bytes(
     head = shape.hidden if setup.head else 0  # the head's input, for its weight gradient
     # rotary cos and sin (one per position, shared by the batch)
     rope = 2 * seq * shape.head_dim * dtype_bytes
-    if shape.head == "score":  # one output per token, read at the last one: nothing vocabulary-wide
-        return Activations(per_layer, tokens * (norm + head) * dtype_bytes, rope + 4)
+    ids = tokens * 8 if setup.embedding else 0  # token ids (int64) when the embedding trains
+    if shape.head == "score":
+        # one output per token, read at each sequence's last token (two int64 indices per sequence);
+        # the pairwise loss keeps its input and a buffer (fp32, one per sequence). Nothing vocabulary-wide.
+        return Activations(per_layer, tokens * (norm + head) * dtype_bytes, rope + batch * 20 + ids)
     final = tokens * ((norm + head) * dtype_bytes + (shape.vocab * 4 if y_req or head else 0))
     # the shifted labels (int64: a view of the padded labels for one row, a copy of batch x seq for
-    # more); token ids when the embedding trains; the loss normaliser
+    # more); the loss normaliser
     labels = (seq + 1 if batch == 1 else tokens) * 8
-    other = rope + labels + (tokens * 8 if setup.embedding else 0) + 4
+    other = rope + labels + ids + 4
     return Activations(per_layer, final, other)
 
 
