@@ -167,3 +167,30 @@ def test_save_steps_alone_checkpoints_and_eval_steps_alone_evaluates():
     assert args.training.eval_strategy == "steps" and args.training.do_eval
     with pytest.raises(SftflowError, match="held-out data"):
         load_args(None, [*BASE, "eval_steps=10"])
+
+
+def test_train_start_up_prints_no_bitsandbytes_kernels_line(tmp_path, tiny_model_dir, toy_data_dir):
+    """With bitsandbytes installed its CPU backend warns at import that `kernels` is missing; a fresh
+    `sftflow train` (a new interpreter, so bitsandbytes is imported anew) prints no such line."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed (the quant extra)")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset_dir: {toy_data_dir}\ndataset: toy\ncutoff_len: 64\n"
+        f"output_dir: {tmp_path / 'out'}\ndo_train: true\nmax_steps: 1\nlora_rank: 4\nplot_loss: false\n"
+        f"preview_rows: 0\ntokenized_cache_dir: {tmp_path / 'cache'}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sftflow.cli", "train", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run finished" in done.stdout
+    assert "gemm_4bit_forward" not in done.stderr + done.stdout
+    assert "kernels-community" not in done.stderr + done.stdout

@@ -53,7 +53,11 @@ def usage() -> str:
 
 
 def setup_logging() -> None:
-    """INFO logs from sftflow, warnings only from transformers; quiet tokenizers fork warnings."""
+    """INFO logs from sftflow, warnings only from transformers; quiet tokenizers fork warnings and the
+    import-time noise of libraries a command may not use (bitsandbytes' CPU backend)."""
+    from sftflow.config.parser import quiet_import_noise
+
+    quiet_import_noise()
     logging.basicConfig(format="[%(levelname)s|%(name)s] %(message)s", level=logging.INFO, stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

@@ -12,6 +12,7 @@ import difflib
 import enum
 import inspect
 import json
+import logging
 import textwrap
 import typing
 from dataclasses import dataclass
@@ -64,7 +65,21 @@ class RunArgs:
         return out
 
 
+# Third-party loggers that speak at import time about things sftflow does not use: bitsandbytes' CPU
+# backend warns on every import when the optional `kernels` package is missing, and `import peft` and the
+# HF Trainer import bitsandbytes whenever it is installed.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def quiet_import_noise() -> None:
+    """Raise QUIET_LOGGERS to ERROR. Called before transformers is first imported (every command parses
+    its config first) and again by the CLI's setup_logging."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def training_args_class() -> type:
+    quiet_import_noise()
     from transformers import Seq2SeqTrainingArguments
 
     return Seq2SeqTrainingArguments
