@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("sftflow.cli.chat", "RUN_DIR|CONFIG  chat with the tuned model in the terminal"),
     "api": ("sftflow.cli.api", "RUN_DIR|CONFIG  serve it over an OpenAI-compatible HTTP API"),
     "predict": ("sftflow.cli.predict", "CONFIG|RUN_DIR  answer a dataset into generated_predictions.jsonl"),
+    "eval": ("sftflow.cli.eval", "RUN_DIR|CONFIG --tasks T[,T]  lm-evaluation-harness, tuned vs base"),
     "export": (
         "sftflow.cli.export",
         "CONFIG [key=value ...]  merge LoRA adapter(s) into the base, write a standard HF model dir",
@@ -41,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sftflow.cli.preprocess",
         "CONFIG --output FILE.jsonl  write the tokenized examples (input_ids, labels) as JSON lines",
     ),
+    "board": ("sftflow.cli.board", "[--host H] [--port P] [--saves DIR]  the web workbench"),
     "version": ("sftflow.cli.version", "print the version"),
 }
 
