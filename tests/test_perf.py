@@ -151,3 +151,14 @@ def test_meter_without_a_llama_shape_logs_no_mfu():
 def test_sustained_matmul_rate_is_positive():
     assert sustained_matmul_flops(size=(64, 32, 48), runs=3) > 0
     assert sustained_matmul_flops(size=(64, 32, 48), runs=3, cpu_time=True) > 0
+
+
+def test_dpo_meter_counts_the_reference_forward_as_plan_does(tiny_model_dir):
+    from transformers import AutoConfig
+
+    model, finetuning = tuned(tiny_model_dir, SETUPS["lora_all"])
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    setup = TrainSetup.from_args(shape, finetuning)
+    meter = ThroughputMeter(model, reference_forward=True)
+    policy_and_reference = flops_per_token(shape, setup, 12, False) + forward_flops_per_token(shape, 12)
+    assert meter.flops([12]) == 12 * policy_and_reference

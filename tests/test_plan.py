@@ -269,3 +269,70 @@ def test_plan_batches_the_rows_training_packs(tmp_path, tiny_model_dir, tiny_tok
     assert len(packed) < len(train)  # several examples share a row
     assert sorted(plan.rows) == sorted(packed)
     assert plan.steps == -(-len(packed) // 2) * args.training.num_train_epochs
+
+
+def test_step_memory_per_stage(shape):
+    """rm keeps no vocabulary-wide logits; dpo under full tuning holds a frozen reference copy, under
+    LoRA none (the base with the adapter disabled); pairs run 2 x batch sequences."""
+    from types import SimpleNamespace
+
+    from sftflow.tools.plan.memory import logits_bytes, step_memory, weight_bytes
+
+    training = SimpleNamespace(gradient_checkpointing=False, optim="adamw_torch")
+    model_args = SimpleNamespace(attn_implementation="sdpa", quantization_bit=None)
+    full = TrainSetup.from_args(shape, FinetuningArguments(finetuning_type="full"))
+    lora = TrainSetup.from_args(shape, FinetuningArguments(**SETUPS["lora_all"]))
+
+    def memory(stage, setup, reference, model_shape=shape):
+        return step_memory(model_shape, setup, stage, 3, 20, 4, training, model_args, reference, 0, False)
+
+    sft, dpo = memory("sft", lora, False), memory("dpo", lora, False)
+    assert (
+        sft.logits_extra == 2 * logits_bytes(3, 20, shape.vocab) and dpo.logits_extra == 2 * sft.logits_extra
+    )
+    assert dpo.activations == activation_bytes(shape, lora, 6, 20).total and dpo.reference == 0
+    frozen_copy = weight_bytes(shape, TrainSetup("lora"), 4, None)
+    assert memory("dpo", full, True).reference == frozen_copy == shape.total_params() * 4
+    score = ModelShape(**{**vars(shape), "head": "score", "tied": False})
+    rm = memory("rm", TrainSetup.from_args(score, FinetuningArguments(**SETUPS["lora_all"])), False, score)
+    assert rm.logits_extra == 0 and rm.peak < dpo.peak
+
+
+def test_plan_measure_on_a_pair_stage_says_how_to_time_it(tmp_path, tiny_model_dir, capsys):
+    from pathlib import Path
+
+    from sftflow.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    config = [str(root / "examples" / "rm_demo.yaml"), f"model_name_or_path={tiny_model_dir}"]
+    config += [f"dataset_dir={root / 'data'}", f"tokenized_cache_dir={tmp_path / 'cache'}"]
+    assert main(["plan", *config, "--measure"]) == 2
+    err = capsys.readouterr().err
+    assert "plan --measure times sft and pt steps" in err and "max_steps=4" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("stage", ["sft", "pt"])
+def test_plan_measure_times_real_steps(stage, tmp_path, tiny_model_dir, toy_data_dir):
+    from pathlib import Path
+
+    from sftflow.tools.plan import build_plan
+
+    root = Path(__file__).resolve().parent.parent
+    keys = {"stage": "pt", "dataset": "wren_text", "dataset_dir": str(root / "data"), "cutoff_len": 32}
+    if stage == "sft":
+        keys = {"stage": "sft", "dataset": "toy", "dataset_dir": str(toy_data_dir), "cutoff_len": 64}
+    config = {
+        **keys,
+        "model_name_or_path": str(tiny_model_dir),
+        "output_dir": str(tmp_path / "out"),
+        "tokenized_cache_dir": str(tmp_path / "cache"),
+        "do_train": True,
+        "per_device_train_batch_size": 2,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    plan = build_plan(load_args(path), 1)
+    assert plan.measured["step_seconds"] > 0 and plan.measured["peak_bytes"] > 0
+    assert plan.measured["seq"] == plan.largest_seq  # the longest row, as the memory prediction
+    assert plan.throughput_source == "measured over 1 steps"
+    assert plan.flops_per_second == plan.measured["flops_per_second"] > 0

@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
         "Predict peak memory and run time, audit the data, and suggest config changes, without training. "
         "Formulas: docs/plan.md.",
         "CONFIG",
-        "a training config",
+        "a training config (any stage)",
     )
     parser.add_argument(
         "--measure",
@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         const=3,
         default=0,
         metavar="STEPS",
-        help="also time a few real steps (default 3) on the longest examples",
+        help="also time a few real steps (default 3) on the longest examples (sft and pt)",
     )
     ns = parse(parser, argv)
     if ns.measure < 0:
