@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sftflow.config.methods import check_methods
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ def check_stage(
         )
     if stage in ("rm", "dpo"):
         check_pairwise(model, data, finetuning)
+    check_methods(model, data, finetuning, training)  # per-method rules (config/methods.py)
 
 
 def check_pairwise(model: ModelArguments, data: DataArguments, finetuning: FinetuningArguments) -> None:

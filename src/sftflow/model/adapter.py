@@ -1,4 +1,9 @@
-"""Decide what trains: LoRA adapters (PEFT), every weight (full), or chosen layers (freeze).
+"""Decide what trains: LoRA or OFT adapters (PEFT), every weight (full), or chosen layers (freeze).
+
+Methods on top: PiSSA (`pissa_init`: the LoRA starts from the principal singular vectors of each weight and
+the base keeps the residual, PEFT `init_lora_weights="pissa_niter_N"`; `pissa_convert` saves the trained
+adapter as a plain LoRA on the original base, `PissaConvert`), OFT (`finetuning_type: oft`, PEFT OFTConfig)
+and LLaMA Pro (`use_llama_pro`: only the expanded blocks train, `llama_pro_layers`).
 
 Whatever the tuning type, trainable parameters end up in fp32 (optimizer states and updates stay exact on a
 bf16/fp16/quantized base), gradient checkpointing is on only when asked, and existing adapters are either
@@ -81,6 +86,10 @@ def apply_finetuning(
     """
     kind = finetuning_args.finetuning_type
     quantized = is_quantized(model)
+    if finetuning_args.use_llama_pro and kind not in ("freeze", "lora"):
+        raise SftflowError(
+            f"use_llama_pro trains the expanded blocks with finetuning_type: freeze or lora, not {kind}."
+        )
     if adapter_paths(model_args.adapter_name_or_path) and kind != "lora":
         raise SftflowError(
             f"adapter_name_or_path works with finetuning_type: lora, not {kind}. To train a merged model "
@@ -98,6 +107,16 @@ def apply_finetuning(
         enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
     if kind == "lora":
         model = _apply_lora(model, model_args, finetuning_args, new_ids, quantized, task_type)
+    elif kind == "oft":
+        model = _apply_oft(model, finetuning_args, task_type)
+    elif kind == "freeze" and finetuning_args.use_llama_pro:
+        freeze_layers(
+            model,
+            0,
+            finetuning_args.freeze_trainable_modules,
+            finetuning_args.freeze_extra_modules,
+            layer_ids=llama_pro_layers(len(_decoder_layers(model)), finetuning_args.freeze_trainable_layers),
+        )
     elif kind == "freeze":
         freeze_layers(
             model,
@@ -181,6 +200,14 @@ def _apply_lora(
                 f"lora_target {unknown} not found in the model; its linear layers are {available} (or use all)."
             )
         targets = args.lora_target
+    if args.use_llama_pro:  # only the expanded blocks' linear layers (PEFT matches a name's dotted suffix)
+        layers = _decoder_layers(model)
+        targets = [
+            f"layers.{i}.{name}"
+            for i in llama_pro_layers(len(layers), args.freeze_trainable_layers)
+            for name, module in layers[i].named_modules()
+            if name and name.rsplit(".", 1)[-1] in targets and isinstance(module, _linear())
+        ]
     if extra:
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = [t for t in extra if t not in names]
@@ -194,11 +221,115 @@ def _apply_lora(
         target_modules=targets,
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
+        init_lora_weights=pissa_init_name(args.pissa_iter) if args.pissa_init else True,
         modules_to_save=extra,
         # only the rows of the new tokens train and are saved; tied input/output embeddings stay tied
         trainable_token_indices=new_ids or None,
     )
     return get_peft_model(model, config)
+
+
+def pissa_init_name(iterations: int) -> str:
+    """PEFT's init_lora_weights for PiSSA: exact SVD (-1) or fast SVD with `iterations` subspace iterations.
+
+    >>> pissa_init_name(16), pissa_init_name(-1)
+    ('pissa_niter_16', 'pissa')
+    """
+    return "pissa" if iterations == -1 else f"pissa_niter_{iterations}"
+
+
+def llama_pro_layers(num_layers: int, num_expanded: int) -> list[int]:
+    """The expanded blocks of a LLaMA Pro model: the last block of each of `num_expanded` equal groups
+    (LLaMA-Factory's scripts/llama_pro.py appends one identity-initialised copy after every group).
+
+    >>> llama_pro_layers(8, 2)
+    [3, 7]
+
+    Raises:
+        SftflowError: num_expanded does not divide the layers into equal groups.
+    """
+    if num_expanded < 1 or num_layers % num_expanded:
+        raise SftflowError(
+            f"use_llama_pro: freeze_trainable_layers (the number of expanded blocks) must be >= 1 and divide the "
+            f"model's {num_layers} layers, got {num_expanded}."
+        )
+    stride = num_layers // num_expanded
+    return list(range(stride - 1, num_layers, stride))
+
+
+def _linear() -> Any:
+    import torch
+
+    return torch.nn.Linear
+
+
+def _apply_oft(model: Any, args: FinetuningArguments, task_type: str) -> Any:
+    """PEFT OFT adapters (orthogonal block-diagonal rotations of each target weight's input side)."""
+    from peft import OFTConfig, get_peft_model
+
+    available = linear_module_names(model)
+    targets = available if args.oft_target == ["all"] else args.oft_target
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise SftflowError(
+            f"oft_target {unknown} not found in the model; its linear layers are {available} (or use all)."
+        )
+    if (args.oft_rank == 0) == (args.oft_block_size == 0):
+        raise SftflowError(
+            f"OFT needs exactly one of oft_rank and oft_block_size set (the other 0), got oft_rank={args.oft_rank}, "
+            f"oft_block_size={args.oft_block_size}."
+        )
+    config = OFTConfig(
+        task_type=task_type,
+        r=args.oft_rank,
+        oft_block_size=args.oft_block_size,
+        module_dropout=args.module_dropout,
+        target_modules=targets,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # a block size that does not divide a layer's input size
+        raise SftflowError(
+            f"finetuning_type: oft: {exc} Choose another oft_block_size (or oft_rank)."
+        ) from None
+
+
+def pissa_converted_dir(output_dir: str | Path) -> Path:
+    """Where `pissa_convert` writes the trained adapter as a plain LoRA on the original base."""
+    return Path(output_dir) / "pissa_converted"
+
+
+def save_pissa_converted(model: Any, output_dir: str | Path, init_dir: str | Path) -> Path:
+    """Save the trained PiSSA adapter of `model` as a plain LoRA (rank 2r) that works on the original,
+    unmodified base: PEFT subtracts the initial adapter saved in `init_dir`. Returns the dir written."""
+    out = pissa_converted_dir(output_dir)
+    model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(init_dir))
+    return out
+
+
+def method_callbacks(finetuning: FinetuningArguments, output_dir: str | Path) -> list[Any]:
+    """TrainerCallbacks an adapter method needs: `PissaConvert` with pissa_init + pissa_convert."""
+    if not (finetuning.finetuning_type == "lora" and finetuning.pissa_init and finetuning.pissa_convert):
+        return []
+    from transformers import TrainerCallback
+
+    class PissaConvert(TrainerCallback):
+        """Save the initial PiSSA adapter (output_dir/pissa_init, kept on resume) before the first step, and
+        the trained adapter converted to a plain LoRA on the original base (pissa_converted/) at the end."""
+
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+        ) -> None:
+            init = Path(output_dir) / "pissa_init"
+            if state.is_world_process_zero and not (init / "adapter_config.json").is_file():
+                model.save_pretrained(str(init))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                path = save_pissa_converted(model, output_dir, Path(output_dir) / "pissa_init")
+                logger.info("pissa_convert: the adapter as a plain LoRA on the original base is in %s", path)
+
+    return [PissaConvert()]
 
 
 def merge_adapters(model: Any, paths: list[str], allow_pickle: bool = False) -> Any:
@@ -224,16 +355,22 @@ def merge_adapters(model: Any, paths: list[str], allow_pickle: bool = False) -> 
     return model
 
 
-def freeze_layers(model: Any, n: int, modules: list[str], extra: list[str] | None) -> None:
-    """Train only the last n decoder layers (first n if n < 0), optionally only some of their modules.
+def freeze_layers(
+    model: Any, n: int, modules: list[str], extra: list[str] | None, layer_ids: list[int] | None = None
+) -> None:
+    """Train only the last n decoder layers (first n if n < 0), or the layers `layer_ids`, optionally only
+    some of their modules.
 
     Raises:
         SftflowError: n selects no layer, or a module name matches nothing.
     """
     layers = _decoder_layers(model)
-    chosen = layers[-n:] if n > 0 else layers[:-n]
-    if n == 0 or not chosen:
-        raise SftflowError(f"freeze_trainable_layers={n} selects no layer (the model has {len(layers)}).")
+    if layer_ids is not None:
+        chosen = [layers[i] for i in layer_ids]
+    else:
+        chosen = layers[-n:] if n > 0 else layers[:-n]
+        if n == 0 or not chosen:
+            raise SftflowError(f"freeze_trainable_layers={n} selects no layer (the model has {len(layers)}).")
     model.requires_grad_(False)
     if modules == ["all"]:
         for layer in chosen:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sftflow.data.collator import SftCollator
+from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
@@ -55,7 +56,11 @@ def run_pt(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         eval_dataset=prepared.eval,
         data_collator=SftCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(output_dir), *(callbacks or [])],
+        callbacks=[
+            JsonlLogCallback(output_dir),
+            *method_callbacks(args.finetuning, output_dir),
+            *(callbacks or []),
+        ],
         skip_nan=args.finetuning.skip_nan,
         optimizers=(build_optimizer(model, args.finetuning, training), None),  # None: the Trainer's own
     )

@@ -13,6 +13,7 @@ from sftflow.data.encode import stop_token_ids
 from sftflow.data.packing import pack_dataset
 from sftflow.data.prepare import tokenize_prompts
 from sftflow.infer.predict import generate_predictions, sample_answers
+from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
@@ -74,7 +75,11 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         eval_dataset=eval_set,
         data_collator=(PackedCollator if args.data.packing else SftCollator)(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(output_dir), *(callbacks or [])],
+        callbacks=[
+            JsonlLogCallback(output_dir),
+            *method_callbacks(args.finetuning, output_dir),
+            *(callbacks or []),
+        ],
         generation_config=generation_config,
         skip_nan=args.finetuning.skip_nan,
         fast_loss=args.finetuning.fast_loss,
