@@ -1,1 +1,1 @@
-"""Training workflows (one per stage), the Trainer subclass, metrics and plots."""
+"""The training library the stage recipes use: trainers, checkpoints, shared steps, loss, attention, perf, plots."""
