@@ -164,7 +164,7 @@ def test_plan_runs_for_every_stage(stage, tmp_path, tiny_model_dir, capsys):
     if stage == "pt":  # every row is cutoff_len tokens but the last of a batch of texts
         assert plan.largest_seq == 128 and plan.audit.tokens == sum(plan.rows)
     else:  # both sequences of every pair are computed
-        assert plan.padded_tokens_per_epoch >= plan.audit.tokens > sum(plan.rows)
+        assert plan.computed_tokens_per_epoch >= plan.audit.tokens > sum(plan.rows)
         assert plan.memory.logits_extra == (
             0 if stage == "rm" else 2 * 16 * plan.largest_seq * plan.shape.vocab * 4
         )

@@ -336,3 +336,41 @@ def test_plan_measure_times_real_steps(stage, tmp_path, tiny_model_dir, toy_data
     assert plan.measured["seq"] == plan.largest_seq  # the longest row, as the memory prediction
     assert plan.throughput_source == "measured over 1 steps"
     assert plan.flops_per_second == plan.measured["flops_per_second"] > 0
+
+
+def test_plan_epoch_flops_are_what_the_logged_mfu_counts(
+    tmp_path, tiny_model_dir, tiny_tokenizer, toy_data_dir
+):
+    """sft with fast_loss trains padding-free rows: plan's epoch FLOPs are the meter's FLOPs over the same
+    examples; with fast_loss: false each batch is padded to its longest example."""
+    from sftflow.tools.plan import build_plan
+    from sftflow.train.perf import ThroughputMeter
+    from sftflow.train.steps import build_model
+
+    config = {
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(toy_data_dir),
+        "dataset": "toy",
+        "cutoff_len": 64,
+        "output_dir": str(tmp_path / "out"),
+        "tokenized_cache_dir": str(tmp_path / "cache"),
+        "do_train": True,
+        "per_device_train_batch_size": 4,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = load_args(path)
+    plan = build_plan(args)
+    meter = ThroughputMeter(build_model(args, tiny_tokenizer))
+    assert plan.padding_free and plan.flops_per_epoch == pytest.approx(
+        meter.flops(plan.audit.lengths), rel=1e-12
+    )
+    assert plan.computed_tokens_per_epoch == plan.audit.tokens
+
+    padded = build_plan(load_args(path, ["fast_loss=false"]))
+    assert not padded.padding_free
+    assert (
+        padded.computed_tokens_per_epoch
+        == padded_tokens(padded.rows, 4, args.training.seed)
+        >= plan.audit.tokens
+    )

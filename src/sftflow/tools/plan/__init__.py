@@ -27,17 +27,18 @@ from sftflow.model.loader import load_chat_tokenizer, model_path
 from sftflow.tools.plan.advice import advise
 from sftflow.tools.plan.estimate import (
     Plan,
+    computed_tokens,
     dtype_name_and_bytes,
     epoch_flops,
     find_device,
-    padded_tokens,
+    padding_free,
     reference_kind,
     throughput,
     training_rows,
 )
 from sftflow.tools.plan.format import format_plan
 from sftflow.tools.plan.measure import check_measurable, measure_steps
-from sftflow.tools.plan.memory import GIB, sequences_per_row, step_memory
+from sftflow.tools.plan.memory import GIB, step_memory
 from sftflow.train.perf import ModelShape, TrainSetup
 
 __all__ = ["Plan", "build_plan", "format_plan", "measure_steps"]
@@ -72,7 +73,7 @@ def build_plan(args: Any, measure_steps_count: int = 0) -> Plan:
     dtype, dtype_bytes = dtype_name_and_bytes(args.model, device)
     batch, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
     largest = max(rows)  # the largest batch: the longest row padded across the batch
-    reference = reference_kind(args)
+    reference, free = reference_kind(args), padding_free(args)
     memory = step_memory(
         shape,
         setup,
@@ -104,9 +105,10 @@ def build_plan(args: Any, measure_steps_count: int = 0) -> Plan:
         rows=rows,
         largest_seq=largest,
         reference=reference,
+        padding_free=free,
         steps=math.ceil(epochs * steps_per_epoch),
         epochs=epochs,
-        padded_tokens_per_epoch=sequences_per_row(stage) * padded_tokens(rows, batch, training.seed),
+        computed_tokens_per_epoch=computed_tokens(rows, audit, batch, training.seed, free),
         flops_per_epoch=0.0,
         flops_per_second=1.0,
         throughput_source="",

@@ -109,11 +109,12 @@ def data_advice(plan: Plan, args: Any) -> list[Advice]:
 
 
 def padding_advice(plan: Plan, args: Any) -> list[Advice]:
-    """Over 25% padding: packing (sft) or half the batch with twice the accumulation."""
+    """Over 25% padding computed: packing (sft) or half the batch with twice the accumulation. Padding-free
+    rows (sft with fast_loss, pt) compute no padding."""
     audit, rows, batch, seed = plan.audit, plan.rows, plan.batch_size, args.training.seed
-    padded = plan.padded_tokens_per_epoch
+    padded = plan.computed_tokens_per_epoch
     pad_share = 1 - audit.tokens / padded if padded else 0.0
-    if pad_share <= 0.25 or batch <= 1:
+    if plan.padding_free or pad_share <= 0.25 or batch <= 1:
         return []
     pct = audit.get("length", {})
     spread = f"lengths vary from {pct.get('min')} to {pct.get('max')}"

@@ -1,7 +1,10 @@
 """Time: the rows training batches, the FLOPs of an epoch over them, and the device's FLOP/s.
 
-FLOPs come from `sftflow.train.perf` (the model the logged MFU uses); each batch is padded to its longest
-row, and a pair (rm, dpo) runs both its sequences. dpo adds its reference model's no-grad forward.
+FLOPs come from `sftflow.train.perf` (the model the logged MFU uses). sft (with fast_loss, the default)
+and pt train on padding-free rows, each example attending within itself (`sftflow.train.loss`), so an
+epoch computes each example once at its own length: what the logged MFU counts. Otherwise (rm and dpo
+through TRL's trainers, sft with fast_loss: false) each batch is padded to its longest row, and a pair
+runs both its sequences; dpo adds its reference model's no-grad forward.
 """
 
 from __future__ import annotations
@@ -95,9 +98,10 @@ class Plan:
     rows: list[int]  # what the trainer batches: examples, packed rows, pt rows or pairs (longer side)
     largest_seq: int
     reference: str  # dpo's reference model: "adapter disabled", "model copy", or "" (none)
+    padding_free: bool  # sft (fast_loss) and pt: no FLOP on padding, each example at its own length
     steps: int
     epochs: float
-    padded_tokens_per_epoch: int
+    computed_tokens_per_epoch: int  # padding included where batches are padded
     flops_per_epoch: float
     flops_per_second: float
     throughput_source: str
@@ -164,6 +168,20 @@ def training_rows(audit: DataAudit, packing: bool) -> list[int]:
     return audit.lengths
 
 
+def padding_free(args: Any) -> bool:
+    """Whether the stage's trainer computes padding-free rows: sft with fast_loss, and pt (its recipe
+    always trains with the trained-token loss)."""
+    return args.finetuning.stage == "pt" or (args.finetuning.stage == "sft" and args.finetuning.fast_loss)
+
+
+def computed_tokens(plan_rows: list[int], audit: DataAudit, batch: int, seed: int, free: bool) -> int:
+    """Tokens one epoch computes: the real tokens on padding-free rows, else the padded batches (pairs:
+    both sequences of each pair, padded to the longest of the batch)."""
+    if free:
+        return audit.tokens
+    return sequences_per_row(audit.stage) * padded_tokens(plan_rows, batch, seed)
+
+
 def reference_kind(args: Any) -> str:
     """dpo's reference model, as stages/dpo.py builds it."""
     if args.finetuning.stage != "dpo" or args.finetuning.pref_loss == "orpo":
@@ -172,7 +190,10 @@ def reference_kind(args: Any) -> str:
 
 
 def epoch_flops(plan: Plan, seed: int) -> float:
-    """FLOPs of one epoch, each batch padded to its longest row (pairs: both sequences)."""
+    """FLOPs of one epoch: on padding-free rows each example at its own length (as the logged MFU
+    counts), else each batch padded to its longest row (pairs: both sequences)."""
+    if plan.padding_free:
+        return sum(s * plan.flops_per_token(s) for s in plan.audit.lengths)
     return sum(
         plan.sequences * len(b) * max(b) * plan.flops_per_token(max(b))
         for b in batches(plan.rows, plan.batch_size, seed)

@@ -98,7 +98,12 @@ def time_lines(plan: Plan) -> list[str]:
     reference = " + 2N reference forward" if plan.reference else ""
     lines = [
         "Time",
-        f"  tokens per epoch     {a.tokens:,} ({plan.padded_tokens_per_epoch:,} with padding)",
+        f"  tokens per epoch     {a.tokens:,} "
+        + (
+            "(padding-free rows: no FLOP on padding)"
+            if plan.padding_free
+            else f"({plan.computed_tokens_per_epoch:,} with padding)"
+        ),
         f"  FLOPs per token      {plan.flops_per_token(plan.largest_seq) / 1e9:.2f} GFLOP "
         f"({rule} + attention{reference}, N={s.matmul_params() / 1e6:.0f}M in matmuls)",
         f"  throughput           {plan.flops_per_second / 1e9:.1f} GFLOP/s ({plan.throughput_source})",
