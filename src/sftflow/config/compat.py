@@ -276,9 +276,6 @@ REFUSED: dict[str, Refused] = {
             "compute_accuracy": False,
             "disable_shuffling": False,
             "early_stopping_steps": None,
-            "kto_chosen_weight": 1.0,
-            "kto_rejected_weight": 1.0,
-            "simpo_gamma": 0.5,
         }.items()
     },
     # preference stages

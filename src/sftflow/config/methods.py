@@ -151,6 +151,8 @@ def check_kto(data: DataArguments, finetuning: FinetuningArguments, training: An
         raise SftflowError(
             "stage: kto needs per_device_eval_batch_size >= 2 (see per_device_train_batch_size)."
         )
+    if data.train_on_prompt:
+        raise SftflowError("stage: kto scores the last answer only; set train_on_prompt: false.")
     if data.streaming or data.packing:
         raise SftflowError(
             "stage: kto reads whole tagged examples into memory; set streaming: false and packing: false."

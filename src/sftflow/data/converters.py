@@ -13,6 +13,8 @@ The common form depends on the stage (what the tokenizers in `encode.py` read):
 * ``rm`` (``ranking: true`` in dataset_info.json): ``{"messages": [...], "chosen": str, "rejected": str,
   "tools": str}``. ``messages`` is the shared prompt (same rules as sft, but it ends with a user or tool
   turn); ``chosen`` and ``rejected`` are the two assistant answers to it.
+* ``kto`` (a ``kto_tag`` column, LLaMA-Factory's KTO form): the sft form plus ``"kto_tag": bool``, whether
+  the last answer is desirable (true) or undesirable (false).
 
 A row that cannot make a valid example raises `RowError` with the field and the reason; the loader adds
 the dataset, file and row number.
@@ -24,7 +26,7 @@ import json
 from typing import Any, Literal
 
 Message = dict[str, str]
-Stage = Literal["pt", "sft", "rm"]
+Stage = Literal["pt", "sft", "rm", "kto"]
 
 
 class RowError(ValueError):
@@ -228,4 +230,25 @@ def convert_row(
         messages = alpaca_to_messages(row, columns)
     else:
         messages = sharegpt_to_messages(row, columns, tags)
+    if stage == "kto":
+        return {
+            "messages": messages,
+            "tools": _tools(row, columns),
+            "kto_tag": kto_tag(row, columns["kto_tag"]),
+        }
     return {"messages": messages, "tools": _tools(row, columns)}
+
+
+def kto_tag(row: dict[str, Any], column: str) -> bool:
+    """The row's KTO label: true (desirable answer) or false; booleans, 0/1 and "true"/"false" are read.
+
+    >>> kto_tag({"label": "false"}, "label"), kto_tag({"label": 1}, "label")
+    (False, True)
+    """
+    value = row.get(column)
+    words = {"true": True, "false": False, "1": True, "0": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in words:
+        return words[str(value).strip().lower()]
+    raise RowError(f"column {column!r} (kto_tag) must be true or false, got {_short(value)}")

@@ -63,6 +63,8 @@ def features_for(stage: Stage) -> Features:
                 "tools": Value("string"),
             }
         )
+    if stage == "kto":
+        return Features({"messages": message, "tools": Value("string"), "kto_tag": Value("bool")})
     return Features({"messages": message, "tools": Value("string")})
 
 
@@ -73,6 +75,8 @@ def _placeholder(stage: Stage) -> dict[str, Any]:
         return {"text": ""}
     if stage == "rm":
         return {"messages": message, "chosen": "", "rejected": "", "tools": ""}
+    if stage == "kto":
+        return {"messages": message, "tools": "", "kto_tag": False}
     return {"messages": message, "tools": ""}
 
 
@@ -181,12 +185,14 @@ def _handle_errors(
 def _missing_columns(present: list[str], spec: DatasetSpec, stage: Stage) -> list[str]:
     if spec.formatting == "alpaca":
         required = [spec.columns["prompt"]]
-        if stage == "sft":
+        if stage in ("sft", "kto"):
             required.append(spec.columns["response"])
     else:
         required = [spec.columns["messages"]]
     if stage == "rm":
         required += [spec.columns["chosen"], spec.columns["rejected"]]
+    if stage == "kto":
+        required.append(spec.columns["kto_tag"])
     return [c for c in required if c not in present]
 
 

@@ -7,6 +7,7 @@ result, so what they show is what training gets. The stage picks the data form:
   - pt: plain texts, each + eos, concatenated and cut into cutoff_len rows (`encode_pretrain`);
   - sft: conversations -> input_ids/labels (`encode_sft`, the cutoff policy of `encode.py`);
   - rm, dpo: preference pairs -> chosen_ids/rejected_ids on one shared prompt (`encode_pairwise`);
+  - kto: tagged conversations (kto_tag) -> the sft encoding with only the last answer trained, + `label`;
   - predict prompts: `tokenize_prompts` (generation inputs from held-out conversations).
 
 Rows stay in dataset order; a run shuffles its training split after the step (`shuffled`). The tokenized
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # stage -> the data form its datasets are read and tokenized in (rm and dpo share pairs)
-FORMS = {"pt": "pt", "sft": "sft", "rm": "rm", "dpo": "rm"}
+FORMS = {"pt": "pt", "sft": "sft", "rm": "rm", "dpo": "rm", "kto": "kto"}
 
 
 @dataclass
@@ -103,9 +104,10 @@ def prepare(
             tokenized[split] = None
         elif form == "pt":
             tokenized[split] = tokenize_texts(rows, tokenizer, data, split, stats.setdefault(split, {}))
-        elif form == "sft":
+        elif form in ("sft", "kto"):  # kto: the completion is the last answer, so only it is trained
+            form_data = dataclasses.replace(data, mask_history=True) if form == "kto" else data
             tokenized[split] = tokenize_sft(
-                rows, tokenizer, data, stop_ids, split, stats.setdefault(split, {})
+                rows, tokenizer, form_data, stop_ids, split, stats.setdefault(split, {})
             )
         else:
             tokenized[split] = tokenize_pairs(
@@ -256,6 +258,8 @@ def tokenize_sft(
             "truncated": enc.truncated,
             "dropped": enc.dropped,
         }
+        if "kto_tag" in row:  # kto: whether the trained answer is desirable
+            out["label"] = row["kto_tag"]
         if streamed:
             return out
         return {

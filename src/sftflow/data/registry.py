@@ -31,7 +31,8 @@ ALPACA_COLUMNS = {
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
 OPENAI_COLUMNS = {"messages": "messages", "tools": "tools"}
 RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
-# Column keys LLaMA-Factory knows; the multimodal and KTO ones are refused with a clear message.
+KTO_COLUMNS = {"kto_tag": "kto_tag"}
+# Column keys LLaMA-Factory knows; the multimodal ones are refused with a clear message.
 KNOWN_COLUMNS = {
     "prompt",
     "query",
@@ -42,8 +43,9 @@ KNOWN_COLUMNS = {
     "tools",
     "chosen",
     "rejected",
+    "kto_tag",
 }
-UNSUPPORTED_COLUMNS = {"images", "videos", "audios", "kto_tag"}
+UNSUPPORTED_COLUMNS = {"images", "videos", "audios"}
 KNOWN_ENTRY_KEYS = {
     "file_name",
     "hf_hub_url",
@@ -166,7 +168,7 @@ def get_dataset_spec(name: str, dataset_dir: str | Path, stage: str = "sft") -> 
     bad = sorted(set(columns_given) & UNSUPPORTED_COLUMNS)
     if bad:
         raise SftflowError(
-            f"{source}: entry {name!r} maps {bad}: images, videos, audios and kto are not supported."
+            f"{source}: entry {name!r} maps {bad}: images, videos and audios are not supported."
         )
     bad = sorted(set(columns_given) - KNOWN_COLUMNS)
     if bad:
@@ -195,7 +197,8 @@ def get_dataset_spec(name: str, dataset_dir: str | Path, stage: str = "sft") -> 
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise SftflowError(f"{source}: entry {name!r}: num_samples must be a positive integer.")
     defaults = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS, "openai": OPENAI_COLUMNS}[formatting]
-    columns = {**defaults, **(RANKING_COLUMNS if ranking else {}), **columns_given}
+    kto = KTO_COLUMNS if stage == "kto" else {}
+    columns = {**defaults, **(RANKING_COLUMNS if ranking else {}), **kto, **columns_given}
     if formatting == "alpaca":
         tags = {}
     else:

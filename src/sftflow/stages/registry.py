@@ -1,4 +1,4 @@
-"""`sftflow train`: run the recipe of the configured `stage` (pt, sft, rm or dpo).
+"""`sftflow train`: run the recipe of the configured `stage` (pt, sft, rm, dpo or kto).
 
 Each stage is one recipe function in its own module; they share the steps of `sftflow.train.steps`.
 """
@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("sftflow.stages.sft", "run_sft"),
     "rm": ("sftflow.stages.rm", "run_rm"),
     "dpo": ("sftflow.stages.dpo", "run_dpo"),
+    "kto": ("sftflow.stages.kto", "run_kto"),
 }
 
 
