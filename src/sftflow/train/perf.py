@@ -204,12 +204,13 @@ class TrainSetup:
                 continue
             if not param.requires_grad or "lora_B" in parts:
                 continue
-            if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
-                layers.add(int(parts[parts.index("layers") + 1]))
+            index = parts[parts.index("layers") + 1] if "layers" in parts[:-1] else ""
+            if index.isdigit():
+                layers.add(int(index))
             elif param is embed_weight:
                 embedding = True
                 head = head or shape.tied
-            elif "norm" in parts[-2]:
+            elif len(parts) > 1 and "norm" in parts[-2]:
                 final_norm = True
             else:  # lm_head / score (a LoRA run's modules_to_save copy included)
                 head = True
