@@ -162,3 +162,14 @@ def test_dpo_meter_counts_the_reference_forward_as_plan_does(tiny_model_dir):
     meter = ThroughputMeter(model, reference_forward=True)
     policy_and_reference = flops_per_token(shape, setup, 12, False) + forward_flops_per_token(shape, 12)
     assert meter.flops([12]) == 12 * policy_and_reference
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    from sftflow.data import audit, packing
+    from sftflow.train import perf
+
+    for module in (perf, packing, audit):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -38,10 +38,13 @@ def percentiles(values: Sequence[int]) -> dict[str, int]:
 
 
 def histogram(values: Sequence[int], bins: int = HISTOGRAM_BINS) -> dict[str, list[int]]:
-    """Equal-width bins over [min, max]: `edges` (bins + 1) and `counts`.
+    """At most `bins` bins of one integer width over [min, max]: `edges` (one more than the bins) and
+    `counts`.
 
     >>> histogram([1, 2, 2, 4], bins=3)
-    {'edges': [1, 2, 3, 4], 'counts': [1, 2, 1]}
+    {'edges': [1, 3, 5], 'counts': [3, 1]}
+    >>> histogram([1, 2, 2, 4], bins=4)
+    {'edges': [1, 2, 3, 4, 5], 'counts': [1, 2, 0, 1]}
     """
     if not values:
         return {"edges": [], "counts": []}
