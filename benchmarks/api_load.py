@@ -1,14 +1,16 @@
-"""Load test for `sftflow api`: N chat requests at a fixed concurrency; prints requests/s, latency
-percentiles, generated tokens/s and errors.
+"""Load test, side by side: `sftflow api` and `transformers serve --continuous-batching` on the same model
+dir, at several concurrencies; prints requests/s, generated tokens/s, p50/p99 latency, errors and the
+peak RSS of each server (its whole process tree).
 
-Start a server first, then run this against it (run by hand; it is not a test):
+One invocation starts each server in turn on a free port, waits for it, sends one warm-up request, runs
+the levels, and stops it (run by hand; it is not a test):
 
-    sftflow api saves/smollm2-135m-instruct/lora/demo --port 8000 &
-    python benchmarks/api_load.py --url http://127.0.0.1:8000/v1 --concurrency 16 --requests 64
-    python benchmarks/api_load.py --url http://127.0.0.1:8000/v1 --concurrency 16 --requests 64 --stream
+    python benchmarks/api_load.py ~/.cache/sftflow/models/smollm2-135m-instruct
+    python benchmarks/api_load.py MODEL_DIR --concurrency 1,4,16 --requests 32 --max-tokens 32
 
-Uses only the standard library (urllib + threads), so the client adds little overhead. API_KEY is sent
-as a Bearer token when set.
+Every request is a chat completion with greedy decoding (temperature 0) and `max_tokens`; both servers
+load the model in float32 on the CPU. The client is the standard library (urllib + threads), so it adds
+little overhead. The request count per level is max(--requests, 2 x concurrency).
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 QUESTIONS = [
     "What is your name?",
@@ -39,46 +46,32 @@ QUESTIONS = [
 class Outcome:
     ok: bool
     latency_s: float
-    first_token_s: float | None = None
     completion_tokens: int = 0
     error: str = ""
 
 
-def one_request(url: str, index: int, max_tokens: int, stream: bool, api_key: str | None) -> Outcome:
-    body = {
-        "model": "sftflow",
-        "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(f"{url}/chat/completions", json.dumps(body).encode(), headers)
-    start = time.perf_counter()
-    first = None
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            if not stream:
-                data = json.loads(response.read())
-                return Outcome(True, time.perf_counter() - start, None, data["usage"]["completion_tokens"])
-            tokens = 0
-            for raw in response:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if "error" in chunk:
-                    return Outcome(False, time.perf_counter() - start, error=chunk["error"]["message"])
-                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter() - start
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-            return Outcome(True, time.perf_counter() - start, first, tokens)
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-        return Outcome(False, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+@dataclass
+class Level:
+    server: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    outcomes: list[Outcome]
+
+    def row(self) -> dict[str, float | int | str]:
+        good = [o for o in self.outcomes if o.ok]
+        latencies = [o.latency_s for o in good] or [float("nan")]
+        tokens = sum(o.completion_tokens for o in good)
+        return {
+            "server": self.server,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "requests_per_s": len(good) / self.wall_s,
+            "tokens_per_s": tokens / self.wall_s,
+            "p50_s": percentile(latencies, 50),
+            "p99_s": percentile(latencies, 99),
+            "errors": len(self.outcomes) - len(good),
+        }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,50 +80,174 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_request(url: str, model: str, index: int, max_tokens: int) -> Outcome:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"{url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=900) as response:
+            data = json.loads(response.read())
+        return Outcome(True, time.perf_counter() - start, data["usage"]["completion_tokens"])
+    except urllib.error.HTTPError as exc:
+        return Outcome(False, time.perf_counter() - start, error=f"HTTP {exc.code}: {exc.read()[:200]!r}")
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        return Outcome(False, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+
+
+class RssSampler:
+    """Peak resident memory of a process and its children, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.process, *self.process.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def server_command(name: str, model_dir: str, port: int) -> tuple[list[str], str]:
+    """The command that starts `name` on `port`, and the model name its requests use."""
+    if name == "sftflow":
+        sftflow = shutil.which("sftflow") or str(Path(sys.executable).with_name("sftflow"))
+        return [sftflow, "api", "--model", model_dir, "--port", str(port), "dtype=float32"], "sftflow"
+    cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    command = [cli, "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32"]
+    return [*command, "--port", str(port), "--host", "127.0.0.1"], model_dir
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def run_server(name: str, ns: argparse.Namespace, levels: list[int]) -> tuple[list[Level], int, float]:
+    port = free_port()
+    command, model = server_command(name, ns.model_dir, port)
+    url = f"http://127.0.0.1:{port}/v1"
+    log = open(Path(ns.log_dir) / f"{name}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "API_KEY": ""})
+    sampler = RssSampler(proc.pid)
+    start = time.perf_counter()
+    try:
+        wait_ready(url, proc)
+        warm = one_request(url, model, 0, 4)  # loads the model (transformers serve) and warms up
+        if not warm.ok:
+            raise RuntimeError(f"{name}: warm-up failed: {warm.error}")
+        ready_s = time.perf_counter() - start
+        results = []
+        for concurrency in levels:
+            count = max(ns.requests, 2 * concurrency)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                outcomes = list(pool.map(lambda i: one_request(url, model, i, ns.max_tokens), range(count)))
+            results.append(Level(name, concurrency, count, time.perf_counter() - t0, outcomes))
+            row = results[-1].row()
+            print(
+                f"  {name} c={concurrency}: {row['requests_per_s']:.2f} req/s, p50 {row['p50_s']:.2f} s, "
+                f"errors {row['errors']}",
+                flush=True,
+            )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        peak = sampler.stop()
+        log.close()
+    return results, peak, ready_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's /v1 base URL")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("model_dir", help="a Hugging Face model dir both servers load")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default 1,4,16)")
     parser.add_argument(
-        "--stream", action="store_true", help="use stream: true (also reports time to first token)"
+        "--requests", type=int, default=32, help="requests per level (at least 2 x concurrency)"
     )
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--servers", default="sftflow,transformers", help="which servers, in order")
+    parser.add_argument("--log-dir", default=".", help="where the servers' logs go (NAME.log)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     ns = parser.parse_args()
-    api_key = os.environ.get("API_KEY")
+    levels = [int(c) for c in ns.concurrency.split(",")]
+    load = os.getloadavg()
+    print(f"model {ns.model_dir}, {os.cpu_count()} CPUs, load average {load[0]:.2f} at start", flush=True)
 
-    one_request(ns.url, 0, 4, False, api_key)  # warm-up, not counted
-    start = time.perf_counter()
-    with ThreadPoolExecutor(ns.concurrency) as pool:
-        outcomes = list(
-            pool.map(lambda i: one_request(ns.url, i, ns.max_tokens, ns.stream, api_key), range(ns.requests))
-        )
-    wall = time.perf_counter() - start
+    rows, peaks = [], {}
+    for name in ns.servers.split(","):
+        results, peak, ready_s = run_server(name, ns, levels)
+        peaks[name] = peak
+        for level in results:
+            rows.append({**level.row(), "peak_rss_mb": peak / 2**20, "ready_s": ready_s})
+        for level in results:
+            for outcome in [o for o in level.outcomes if not o.ok][:3]:
+                print(f"  {name} error: {outcome.error}")
 
-    good = [o for o in outcomes if o.ok]
-    errors = [o for o in outcomes if not o.ok]
-    latencies = [o.latency_s for o in good]
-    tokens = sum(o.completion_tokens for o in good)
-    mode = "stream" if ns.stream else "plain"
-    print(
-        f"{ns.requests} requests ({mode}, max_tokens={ns.max_tokens}) at concurrency {ns.concurrency} "
-        f"against {ns.url}"
+    header = (
+        "| server | concurrency | requests | requests/s | tokens/s | p50 s | p99 s | errors | peak RSS MB |"
     )
-    print(f"  wall time        : {wall:.1f} s")
-    print(f"  requests/s       : {len(good) / wall:.2f}")
-    if latencies:
-        print(f"  latency p50      : {percentile(latencies, 50):.2f} s")
-        print(f"  latency p99      : {percentile(latencies, 99):.2f} s")
-        print(f"  latency mean/max : {statistics.mean(latencies):.2f} / {max(latencies):.2f} s")
-    first = [o.first_token_s for o in good if o.first_token_s is not None]
-    if first:
-        print(f"  first token p50  : {percentile(first, 50):.2f} s (p99 {percentile(first, 99):.2f} s)")
-    print(f"  generated tokens : {tokens} ({tokens / wall:.1f} tokens/s)")
-    print(f"  errors           : {len(errors)}")
-    for outcome in errors[:5]:
-        print(f"    {outcome.error}")
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end; {ns.max_tokens} tokens per answer, greedy\n")
+    print(header)
+    print("|" + "---|" * 9)
+    for r in rows:
+        print(
+            f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | "
+            f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['errors']} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
+    names = ns.servers.split(",")
+    if len(names) == 2:
+        print()
+        for concurrency in levels:
+            a, b = (
+                next(r for r in rows if r["server"] == n and r["concurrency"] == concurrency) for n in names
+            )
+            ratio = a["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else float("inf")
+            print(f"c={concurrency}: {names[0]} / {names[1]} requests/s = {ratio:.2f}x")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
