@@ -64,7 +64,7 @@ def test_json_config_is_read(tmp_path):
         ("per_device_train_batch_size=0", "per_device_train_batch_size must be >= 1"),
         ("gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
         ("learning_rate=-1", "learning_rate must be >= 0"),
-        ("max_steps=0", "max_steps must be a positive number"),
+        ("max_steps=0", r"max_steps must be >= -1 and not 0 \(a positive number of steps"),
         ("num_train_epochs=0", "num_train_epochs must be > 0"),
         ("logging_steps=0", r"invalid training arguments \(logging_steps\): .*non-zero --logging_steps"),
     ],

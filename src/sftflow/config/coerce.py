@@ -153,6 +153,9 @@ def coerce(tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {value!r}")
         return value
+    if isinstance(tp, type) and tp is not object and not isinstance(value, tp):
+        # a class no config value can be (accelerate's ParallelismConfig): only unset works
+        raise ValueError(f"{tp.__name__} cannot be given in a config; leave it unset")
     return value
 
 

@@ -24,7 +24,7 @@ import yaml
 from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
 from sftflow.config.coerce import coerce, type_name
 from sftflow.config.compat import ALIASES, REFUSED, refusal, resolve_compat
-from sftflow.config.validate import check_stage, check_training
+from sftflow.config.validate import check_effect, check_ranges, check_stage, check_training
 from sftflow.errors import SftflowError
 
 __all__ = ["RunArgs", "args_from_dict", "coerce", "field_docs", "help_text", "load_args"]
@@ -76,6 +76,13 @@ def quiet_import_noise() -> None:
     its config first) and again by the CLI's setup_logging."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# string training keys whose words transformers does not check when it builds the arguments
+KEYWORD_STRINGS = {
+    "include_num_input_tokens_seen": ("no", "all", "non_padding"),
+    "torch_compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+}
 
 
 def training_args_class() -> type:
@@ -199,6 +206,10 @@ def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunA
         cls, f = index[key]
         try:
             per_class[cls][key] = coerce(hints[cls].get(key, f.type), value)
+            # HF's argparse choices (log_level, ddp_backend, ...) and the words HF checks only later
+            choices = list(f.metadata.get("choices") or KEYWORD_STRINGS.get(key, ()))
+            if choices and isinstance(per_class[cls][key], str):
+                coerce(typing.Literal[tuple(choices)], per_class[cls][key])
         except ValueError as exc:
             raise SftflowError(f"bad value for {key}: {exc}") from None
 
@@ -213,7 +224,9 @@ def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunA
         groups.append(cls(**per_class[cls]))
     training = build_training_args(per_class[training_cls])
     model, data, finetuning, generating = groups
+    check_ranges(model, data, finetuning, generating, training)
     _check_together(model, data, finetuning, training)
+    check_effect(raw, model, data, finetuning, generating, training)
     return RunArgs(model, data, finetuning, generating, training, user_keys=raw)
 
 

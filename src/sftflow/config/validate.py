@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sftflow.config.methods import check_methods
@@ -110,3 +112,225 @@ def check_report_to(report_to: list[str] | None) -> None:
             raise SftflowError(
                 f"report_to: {name} is not installed (pip install {name}), or set report_to: none."
             )
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: low/high bounds (None = unbounded), open = bound excluded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nonzero: bool = False
+    hint: str = ""  # what the values mean, added to the message
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return not (self.nonzero and value == 0)
+
+    def describe(self) -> str:
+        """`in [0, 1)`, `>= 1`, `> 0`, `a non-zero number`."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}" + (" and not 0" if self.nonzero else "")
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "a non-zero number" if self.nonzero else "a number"
+
+
+POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Range(0, low_open=True), Range(1), Range(0)
+FRACTION, PROBABILITY = Range(0, 1, high_open=True), Range(0, 1, low_open=True)
+SEED = Range(0, 2**32 - 1)  # numpy's seed range (set_seed)
+
+# Every numeric key of `sftflow train --help`, with the values it accepts (tests/test_config_sweep.py checks
+# that none is missing). Checked before anything loads: torch, PEFT and the Trainer would refuse most of
+# these only after the model has loaded, or not at all.
+RANGES: dict[str, Range] = {
+    # model
+    "quantization_bit": Range(4, 8),
+    "export_size": POSITIVE,
+    # data
+    "cutoff_len": Range(8),
+    "max_samples": AT_LEAST_ONE,
+    "val_size": NON_NEGATIVE,
+    "preview_rows": NON_NEGATIVE,
+    "preprocessing_num_workers": AT_LEAST_ONE,
+    "buffer_size": AT_LEAST_ONE,
+    # finetuning
+    "lora_rank": AT_LEAST_ONE,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": FRACTION,
+    "freeze_trainable_layers": Range(nonzero=True, hint="the last n layers, or the first n with -n"),
+    "pref_beta": POSITIVE,
+    "pref_ftx": NON_NEGATIVE,
+    "simpo_gamma": NON_NEGATIVE,
+    "kto_chosen_weight": NON_NEGATIVE,
+    "kto_rejected_weight": NON_NEGATIVE,
+    "loraplus_lr_ratio": POSITIVE,
+    "loraplus_lr_embedding": NON_NEGATIVE,
+    "pissa_iter": Range(-1, hint="-1 = exact SVD"),
+    "oft_rank": NON_NEGATIVE,
+    "oft_block_size": NON_NEGATIVE,
+    "module_dropout": FRACTION,
+    "galore_rank": AT_LEAST_ONE,
+    "galore_update_interval": AT_LEAST_ONE,
+    "galore_scale": POSITIVE,
+    "apollo_rank": AT_LEAST_ONE,
+    "apollo_update_interval": AT_LEAST_ONE,
+    "apollo_scale": POSITIVE,
+    "badam_start_block": NON_NEGATIVE,
+    "badam_switch_interval": AT_LEAST_ONE,
+    "badam_update_ratio": PROBABILITY,
+    "badam_verbose": NON_NEGATIVE,
+    # generating
+    "temperature": POSITIVE,
+    "top_p": PROBABILITY,
+    "top_k": NON_NEGATIVE,
+    "num_beams": AT_LEAST_ONE,
+    "max_new_tokens": AT_LEAST_ONE,
+    "repetition_penalty": POSITIVE,
+    "serve_max_queue": AT_LEAST_ONE,
+    "serve_max_batch_tokens": AT_LEAST_ONE,
+    "serve_memory_fraction": Range(0, 1, low_open=True, high_open=True),
+    # training (HF)
+    "per_device_train_batch_size": AT_LEAST_ONE,
+    "per_device_eval_batch_size": AT_LEAST_ONE,
+    "gradient_accumulation_steps": AT_LEAST_ONE,
+    "num_train_epochs": NON_NEGATIVE,
+    "max_steps": Range(-1, nonzero=True, hint="a positive number of steps, or -1 to use num_train_epochs"),
+    "learning_rate": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "adam_epsilon": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "label_smoothing_factor": FRACTION,
+    "neftune_noise_alpha": POSITIVE,
+    "torch_empty_cache_steps": AT_LEAST_ONE,
+    "logging_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "eval_delay": NON_NEGATIVE,
+    "eval_accumulation_steps": AT_LEAST_ONE,
+    "save_steps": POSITIVE,
+    "save_total_limit": AT_LEAST_ONE,
+    "seed": SEED,
+    "data_seed": SEED,
+    "dataloader_num_workers": NON_NEGATIVE,
+    "dataloader_prefetch_factor": AT_LEAST_ONE,
+    "ddp_bucket_cap_mb": AT_LEAST_ONE,
+    "ddp_timeout": AT_LEAST_ONE,
+    "local_rank": Range(-1),
+    "generation_max_length": AT_LEAST_ONE,
+    "generation_num_beams": AT_LEAST_ONE,
+}
+
+
+def check_ranges(*groups: Any) -> None:
+    """Each RANGES key that one of `groups` holds (and is set) must lie in its range.
+
+    Raises:
+        SftflowError: `KEY must be <range>, got <value>.`
+    """
+    for key, allowed in RANGES.items():
+        for group in groups:
+            value = getattr(group, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value not in allowed:
+                    hint = f" ({allowed.hint})" if allowed.hint else ""
+                    raise SftflowError(f"{key} must be {allowed.describe()}{hint}, got {value:g}.")
+                break
+
+
+LORA_KEYS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target",
+    "use_dora",
+    "use_rslora",
+    "additional_target",
+    "create_new_adapter",
+    "compare_base",
+)
+FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
+DPO_KEYS = ("pref_beta", "pref_loss", "pref_ftx")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+def no_effect(key: str, model: Any, data: Any, finetuning: Any, generating: Any, training: Any) -> str | None:
+    """Why `key`, set by the user, would change nothing in this run (None when it takes effect).
+
+    Generation keys are kept in a training config: they are saved with the run and used by chat, api and
+    predict. `export_*` keys are read by `sftflow export`.
+    """
+    stage, tuning = finetuning.stage, finetuning.finetuning_type
+    if key in LORA_KEYS and tuning != "lora":
+        return f"{key} applies to finetuning_type: lora only (this run uses {tuning})"
+    if key in FREEZE_KEYS and tuning != "freeze" and not getattr(finetuning, "use_llama_pro", False):
+        return f"{key} applies to finetuning_type: freeze only (this run uses {tuning})"
+    if key in DPO_KEYS and stage not in ("dpo", "kto"):
+        return f"{key} applies to stage: dpo only (this run is stage: {stage})"
+    if key in ("quantization_type", "double_quantization") and model.quantization_bit != 4:
+        return f"{key} applies to quantization_bit: 4 only"
+    if key in SAMPLING_KEYS and not generating.do_sample:
+        return f"{key} applies only when sampling; set do_sample: true"
+    if key == "buffer_size" and not data.streaming:
+        return "buffer_size applies to streaming: true only (in-memory data is shuffled whole)"
+    if key in ("tokenized_cache_dir", "overwrite_cache") and data.streaming:
+        return f"{key} does not apply with streaming: true (a stream is tokenized on the fly, not cached)"
+    if key == "template_file" and not data.template:
+        return "template_file needs template: the name of one of its templates"
+    if key in ("mask_history", "train_on_prompt") and stage != "sft":
+        return f"{key} applies to stage: sft only (this run is stage: {stage})"
+    if key in ("save_total_limit", "save_only_model", "save_on_each_node") and training.save_strategy == "no":
+        return f"{key} applies only when checkpoints are saved; set save_steps or save_strategy"
+    if key == "eval_steps" and training.eval_strategy != "steps":
+        return "eval_steps applies to eval_strategy: steps only"
+    if key == "label_smoothing_factor" and finetuning.fast_loss and stage in ("sft", "pt"):
+        return "label_smoothing_factor needs fast_loss: false (sftflow's fast loss has no label smoothing)"
+    if key == "generation_max_length":
+        return "sftflow's predict generates max_new_tokens per answer; set max_new_tokens"
+    return None
+
+
+def _is_default(key: str, *groups: Any) -> bool:
+    for group in groups:
+        for f in dataclasses.fields(group):
+            if f.name == key:
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                else:
+                    return False
+                value = getattr(group, key)
+                return value == default or getattr(value, "value", value) == getattr(
+                    default, "value", default
+                )
+    return False
+
+
+def check_effect(
+    user_keys: Any, model: Any, data: Any, finetuning: Any, generating: Any, training: Any
+) -> None:
+    """Refuse the keys the user set, to another value than the default, that would change nothing in this
+    run (no key is silently ignored).
+
+    Raises:
+        SftflowError: one line per such key, with the reason.
+    """
+    problems = []
+    for key in user_keys:
+        if _is_default(key, model, data, finetuning, generating, training):
+            continue  # spelling out the default changes nothing either way
+        reason = no_effect(key, model, data, finetuning, generating, training)
+        if reason:
+            problems.append(f"{key} has no effect here: {reason}.")
+    if problems:
+        raise SftflowError("\n".join(problems))
