@@ -83,6 +83,7 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         generation_config=generation_config,
         skip_nan=args.finetuning.skip_nan,
         fast_loss=args.finetuning.fast_loss,
+        dft_loss=args.finetuning.use_dft_loss,
         optimizers=(build_optimizer(model, args.finetuning, training), None),  # None: the Trainer's own
     )
     result = RunResult(output_dir)

@@ -19,6 +19,10 @@ and padding positions carry label -100, so their logits are thrown away. `causal
    tokens in the whole accumulation window (over all ranks under DDP), so batch 8 x accumulation 1 and
    batch 1 x accumulation 8 give the same loss and gradients, as the Trainer's own loss does.
 
+With `dft=True` (`use_dft_loss`) each trained token's cross-entropy is weighted by its probability under the
+model, exp(-loss), taken as a constant (Dynamic Fine-Tuning, arXiv 2508.05629; TRL's `loss_type="dft"`),
+with the same sum / num_items_in_batch normalisation.
+
 The model is always called through its (possibly DDP/PEFT-wrapped) forward; nothing is patched.
 """
 
@@ -106,7 +110,11 @@ def flatten_batch(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def causal_lm_loss(
-    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, fused_head: bool = True
+    model: Any,
+    inputs: dict[str, Any],
+    num_items_in_batch: Any = None,
+    fused_head: bool = True,
+    dft: bool = False,
 ) -> tuple[Any, Any]:
     """Cross-entropy over the trained tokens of `inputs`, with logits computed only there.
 
@@ -117,6 +125,7 @@ def causal_lm_loss(
             token losses is divided by it. None: divide by this batch's trained tokens (a mean).
         fused_head: multiply the output head into the loss chunk by chunk (`linear_cross_entropy`) when
             the head is a plain linear map; False: ask the model for the kept positions' logits.
+        dft: weight each token's loss by its detached probability (the DFT loss).
 
     Returns:
         (loss, model outputs). With a plain linear output head the logits are never materialised for the
@@ -153,10 +162,13 @@ def causal_lm_loss(
                 torch.allclose(mine.float(), outputs.logits[0].detach().float(), 1e-3, 1e-3)
             )
         if hidden is not None and _HEAD_CHECKED.get(head, True):
-            total = linear_cross_entropy(hidden.index_select(0, keep), head.weight, targets[keep])
+            total = linear_cross_entropy(hidden.index_select(0, keep), head.weight, targets[keep], dft=dft)
     if total is None:
         outputs = model(**call, logits_to_keep=keep)
-        total = F.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
+        token_losses = F.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="none")
+        if dft:
+            token_losses = token_losses * token_losses.detach().neg().exp()
+        total = token_losses.sum()
     if num_items_in_batch is None:
         num_items_in_batch = keep.numel()
     # An empty window (every label -100) would divide 0 by 0; the loss is then 0 with a zero gradient.
@@ -188,8 +200,11 @@ def output_head(model: Any) -> Any:
     return None
 
 
-def linear_cross_entropy(hidden: Any, weight: Any, targets: Any, chunk_elements: int = 2**25) -> Any:
-    """sum over rows of cross_entropy(hidden @ weight.T, targets), without keeping the logits.
+def linear_cross_entropy(
+    hidden: Any, weight: Any, targets: Any, chunk_elements: int = 2**25, dft: bool = False
+) -> Any:
+    """sum over rows of cross_entropy(hidden @ weight.T, targets), without keeping the logits (`dft`: each
+    row's cross-entropy times its constant probability exp(-cross_entropy)).
 
     The logits of a few rows at a time (at most `chunk_elements` floats) are computed in fp32, turned
     into their gradient (softmax minus one-hot) in place and multiplied back straight away, so the
@@ -206,7 +221,7 @@ def linear_cross_entropy(hidden: Any, weight: Any, targets: Any, chunk_elements:
     True
     """
     rows = max(1, chunk_elements // weight.shape[0])
-    return _linear_cross_entropy_function().apply(hidden, weight, targets, rows)
+    return _linear_cross_entropy_function().apply(hidden, weight, targets, rows, dft)
 
 
 @functools.cache
@@ -215,7 +230,7 @@ def _linear_cross_entropy_function() -> Any:
 
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, rows: int) -> Any:
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, rows: int, dft: bool) -> Any:
             ctx.weight_dtype = weight.dtype
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -227,9 +242,14 @@ def _linear_cross_entropy_function() -> Any:
                 # log-sum-exp and softmax in place: no second (rows x vocab) buffer to allocate and fault in
                 peak = logits.amax(-1, keepdim=True)
                 exp_sum = logits.sub_(peak).exp_().sum(-1, keepdim=True)
-                total += (peak + exp_sum.log() - target_logit).sum()
+                token_loss = peak + exp_sum.log() - target_logit
                 grad = logits.div_(exp_sum)  # softmax: d(sum CE)/d logits ...
                 grad[torch.arange(t.numel(), device=t.device), t] -= 1  # ... minus the one-hot target
+                if dft:  # DFT: the loss and its gradient scaled by the token's probability, a constant
+                    probability = token_loss.neg().exp()
+                    token_loss = token_loss * probability
+                    grad.mul_(probability)
+                total += token_loss.sum()
                 grad = grad.to(weight.dtype)
                 if grad_hidden is not None:
                     grad_hidden[start : start + rows] = grad @ weight
@@ -245,6 +265,7 @@ def _linear_cross_entropy_function() -> Any:
             return (
                 (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None,
                 (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None,
+                None,
                 None,
                 None,
             )

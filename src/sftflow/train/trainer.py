@@ -280,11 +280,13 @@ class SftflowTrainer(Resilience, Seq2SeqTrainer):
         *args: Any,
         generation_config: GenerationConfig | None = None,
         fast_loss: bool = True,
+        dft_loss: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.sft_generation_config = generation_config
         self.fast_loss = fast_loss  # training loss with logits only at trained positions (loss.py)
+        self.dft_loss = dft_loss  # use_dft_loss: the trained-token loss weighted by each token's probability
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         # With the trained-token loss, sdpa models attend per example on its padding-free rows.
@@ -303,6 +305,11 @@ class SftflowTrainer(Resilience, Seq2SeqTrainer):
     ) -> Any:
         if self.fast_loss and model.training and not return_outputs and supports_fast_loss(model, inputs):
             return self.trained_token_loss(model, inputs, num_items_in_batch)
+        if self.dft_loss and model.training:  # the model's own loss would silently be the plain one
+            raise SftflowError(
+                "use_dft_loss needs sftflow's trained-token loss, which this model or batch does not support "
+                "(a forward without logits_to_keep, or inputs besides input_ids/labels). Set use_dft_loss: false."
+            )
         return super().training_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def trained_token_loss(
@@ -313,7 +320,7 @@ class SftflowTrainer(Resilience, Seq2SeqTrainer):
         num_items_in_batch counts the tokens of all ranks)."""
         # FSDP / DeepSpeed shard the head's weight outside the forward: there the model computes the logits.
         fused_head = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch, fused_head=fused_head)
+        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch, fused_head=fused_head, dft=self.dft_loss)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch:
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
