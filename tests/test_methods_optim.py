@@ -72,6 +72,7 @@ def test_muon_updates_the_hidden_matrices_and_adamw_the_rest(tiny_model_dir, tin
 
 
 def test_galore_projects_the_moments_of_the_target_weights(tiny_model_dir, tiny_tokenizer):
+    pytest.importorskip("galore_torch")  # the methods extra
     model, optimizer = setup(
         tiny_model_dir, tiny_tokenizer, finetuning_type="full", use_galore=True, galore_rank=4
     )
@@ -88,6 +89,7 @@ def test_galore_projects_the_moments_of_the_target_weights(tiny_model_dir, tiny_
 
 
 def test_apollo_keeps_low_rank_moments_on_the_target_weights(tiny_model_dir, tiny_tokenizer):
+    pytest.importorskip("apollo_torch")  # the methods extra
     model, optimizer = setup(
         tiny_model_dir, tiny_tokenizer, finetuning_type="full", use_apollo=True, apollo_rank=4
     )
@@ -101,6 +103,7 @@ def test_apollo_keeps_low_rank_moments_on_the_target_weights(tiny_model_dir, tin
 
 
 def test_adam_mini_keeps_one_second_moment_per_head(tiny_model_dir, tiny_tokenizer):
+    pytest.importorskip("adam_mini")  # the methods extra
     model, optimizer = setup(tiny_model_dir, tiny_tokenizer, finetuning_type="full", use_adam_mini=True)
     steps(model, optimizer)
     q = model.model.layers[0].self_attn.q_proj.weight  # 4 heads
@@ -111,6 +114,7 @@ def test_adam_mini_keeps_one_second_moment_per_head(tiny_model_dir, tiny_tokeniz
 
 
 def test_badam_trains_one_layer_at_a_time(tiny_model_dir, tiny_tokenizer):
+    pytest.importorskip("badam")  # the methods extra
     model, optimizer = setup(
         tiny_model_dir, tiny_tokenizer, finetuning_type="full", use_badam=True, badam_switch_interval=1
     )
@@ -123,6 +127,7 @@ def test_badam_trains_one_layer_at_a_time(tiny_model_dir, tiny_tokenizer):
 
 
 def test_badam_ratio_mode_keeps_sparse_moments(tiny_model_dir, tiny_tokenizer):
+    pytest.importorskip("badam")  # the methods extra
     model, optimizer = setup(
         tiny_model_dir, tiny_tokenizer, finetuning_type="full", use_badam=True, badam_mode="ratio"
     )
