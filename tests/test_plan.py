@@ -374,3 +374,36 @@ def test_plan_epoch_flops_are_what_the_logged_mfu_counts(
         == padded_tokens(padded.rows, 4, args.training.seed)
         >= plan.audit.tokens
     )
+
+
+def test_dpo_full_that_does_not_fit_gets_one_batch_change_and_lora(tmp_path, tiny_model_dir, monkeypatch):
+    """dpo under full tuning holds a reference copy; advice for a run that does not fit: the batch that
+    fits (one batch change only), checkpointing, and LoRA, which also drops the reference copy."""
+    from pathlib import Path
+
+    import sftflow.tools.plan as plan_module
+    from sftflow.tools.plan import build_plan
+
+    root = Path(__file__).resolve().parent.parent
+    keys = yaml.safe_load((root / "examples" / "dpo_demo.yaml").read_text())
+    keys = {k: v for k, v in keys.items() if not k.startswith("lora_")}
+    keys |= {"finetuning_type": "full", "model_name_or_path": str(tiny_model_dir)}
+    keys |= {"dataset_dir": str(root / "data"), "tokenized_cache_dir": str(tmp_path / "cache")}
+    keys |= {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 64}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    roomy = build_plan(load_args(path))
+    m = roomy.memory
+    assert roomy.largest_batch == roomy.audit.examples < 64  # one batch holds every pair
+    assert m.reference == roomy.shape.total_params() * 4 and roomy.reference == "model copy"
+    per_row = (m.activations + m.logits_extra) / roomy.largest_batch
+    small = int((m.peak - m.activations - m.logits_extra + 3.5 * per_row) / 0.9)
+    device = plan_module.estimate.Device("small GPU", "cpu", small, small)
+    monkeypatch.setattr(plan_module, "find_device", lambda: device)
+    tight = build_plan(load_args(path))
+    changes = [a.change for a in tight.advice]
+    assert not tight.fits and sum(c.startswith("per_device_train_batch_size") for c in changes) == 1
+    fitting = int(changes[0].removeprefix("per_device_train_batch_size:").split(",")[0])
+    assert 1 <= fitting < roomy.largest_batch  # (the process RSS grew a little since the first plan)
+    lora = next(a for a in tight.advice if a.change == "finetuning_type: lora")
+    assert "the reference is the base with the adapter disabled" in lora.reason

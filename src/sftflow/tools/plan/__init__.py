@@ -73,12 +73,13 @@ def build_plan(args: Any, measure_steps_count: int = 0) -> Plan:
     dtype, dtype_bytes = dtype_name_and_bytes(args.model, device)
     batch, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
     largest = max(rows)  # the largest batch: the longest row padded across the batch
+    largest_batch = min(batch, len(rows))  # a batch larger than the data holds every row once
     reference, free = reference_kind(args), padding_free(args)
     memory = step_memory(
         shape,
         setup,
         stage,
-        batch,
+        largest_batch,
         largest,
         dtype_bytes,
         training,
@@ -99,6 +100,7 @@ def build_plan(args: Any, measure_steps_count: int = 0) -> Plan:
         device=device,
         dtype=dtype,
         batch_size=batch,
+        largest_batch=largest_batch,
         accumulation=accumulation,
         audit=audit,
         memory=memory,

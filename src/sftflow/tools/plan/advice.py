@@ -11,11 +11,15 @@ from sftflow.tools.plan.memory import GIB
 
 # what a training row is, per stage, in the advice's words
 UNITS = {"pt": "rows", "sft": "examples", "rm": "pairs", "dpo": "pairs"}
+BATCH = "per_device_train_batch_size:"
 
 
 def advise(plan: Plan, args: Any) -> list[Advice]:
     """Concrete config changes, each with the reason, for what looks off."""
-    return [*memory_advice(plan, args), *data_advice(plan, args), *device_advice(plan)]
+    memory, data = memory_advice(plan, args), data_advice(plan, args)
+    if any(a.change.startswith(BATCH) for a in memory):  # one batch change: the one that fits
+        data = [a for a in data if not a.change.startswith(BATCH)]
+    return [*memory, *data, *device_advice(plan)]
 
 
 def memory_advice(plan: Plan, args: Any) -> list[Advice]:
@@ -25,14 +29,14 @@ def memory_advice(plan: Plan, args: Any) -> list[Advice]:
         return []
     out: list[Advice] = []
     act = memory.activations_checkpointed if memory.gradient_checkpointing else memory.activations
-    per_row = (act + memory.logits_extra) / plan.batch_size
+    per_row = (act + memory.logits_extra) / plan.largest_batch
     fixed = memory.peak - act - memory.logits_extra
     fitting = int((device.memory * 0.9 - fixed) // per_row) if per_row else 0
     if fitting >= 1:
         ga = math.ceil(plan.batch_size * plan.accumulation / fitting)
         out.append(
             Advice(
-                f"per_device_train_batch_size: {fitting}, gradient_accumulation_steps: {ga}",
+                f"{BATCH} {fitting}, gradient_accumulation_steps: {ga}",
                 f"the predicted peak {memory.peak / GIB:.1f} GiB exceeds the {device.memory / GIB:.1f} GiB of "
                 f"{device.name}; batch {fitting} fits and the accumulation keeps the effective batch",
             )
@@ -131,7 +135,7 @@ def padding_advice(plan: Plan, args: Any) -> list[Advice]:
     smaller_pad = 1 - audit.tokens / (plan.sequences * padded_tokens(rows, smaller, seed))
     return [
         Advice(
-            f"per_device_train_batch_size: {smaller}, gradient_accumulation_steps: {plan.accumulation * 2}",
+            f"{BATCH} {smaller}, gradient_accumulation_steps: {plan.accumulation * 2}",
             f"padding is {pad_share:.0%} of the computed tokens ({spread}); half the batch with twice the "
             f"accumulation pads {smaller_pad:.0%} for the same effective batch",
         )

@@ -92,6 +92,7 @@ class Plan:
     device: Device
     dtype: str
     batch_size: int
+    largest_batch: int  # rows in the largest batch: batch_size, or every row when the data holds fewer
     accumulation: int
     audit: DataAudit
     memory: Memory

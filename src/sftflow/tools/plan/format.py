@@ -56,10 +56,11 @@ def header(plan: Plan) -> list[str]:
 
 def memory_lines(plan: Plan) -> list[str]:
     s, m = plan.shape, plan.memory
-    tokens = plan.batch_size * plan.sequences * plan.largest_seq
-    rows = f"{plan.batch_size} x {plan.largest_seq} tokens"
+    batch = plan.largest_batch
+    tokens = batch * plan.sequences * plan.largest_seq
+    rows = f"{batch} x {plan.largest_seq} tokens"
     if plan.sequences == 2:
-        rows = f"{plan.batch_size} pairs = {2 * plan.batch_size} x {plan.largest_seq} tokens"
+        rows = f"{batch} pairs = {2 * batch} x {plan.largest_seq} tokens"
     lines = [
         f"Memory per device (largest batch: {rows})",
         f"  weights              {_gib(m.weights)}",
