@@ -156,6 +156,7 @@ CONTEXT: dict[str, dict[str, Any]] = {
 # context that other rules need (a valid combination), not refused as "no effect" without it
 NEEDS: dict[str, dict[str, Any]] = {
     "dataloader_prefetch_factor": {"dataloader_num_workers": 1},
+    "lr_scheduler_kwargs": {"lr_scheduler_type": "cosine"},
     "do_train": {"dataset": "some_data"},
     "interleave_probs": {"mix_strategy": "interleave_under"},
     "neftune_noise_alpha": {"fast_loss": False},

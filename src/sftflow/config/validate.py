@@ -90,6 +90,58 @@ def check_training(training: Any) -> None:
             f"num_train_epochs must be > 0 (or set max_steps), got {training.num_train_epochs}."
         )
     check_report_to(training.report_to)
+    check_optimizer(training)
+    check_scheduler(training)
+
+
+def check_optimizer(training: Any) -> None:
+    """An optim other than torch's AdamW must be usable here (its package installed, its settings given):
+    the Trainer would find out only after the model has loaded.
+
+    Raises:
+        SftflowError: naming optim and what is missing.
+    """
+    name = getattr(training.optim, "value", training.optim)
+    if name in ("adamw_torch_fused", "adamw_torch"):
+        return
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training)
+    except (ImportError, ValueError) as exc:
+        raise SftflowError(f"optim: {name} cannot be used here: {exc}") from None
+    except Exception:  # noqa: BLE001 - needs the model (GaLore/APOLLO layer lists): checked when it is built
+        return
+
+
+def check_scheduler(training: Any) -> None:
+    """lr_scheduler_kwargs must be arguments of the chosen schedule (transformers passes them on only when
+    the scheduler is built, after the model has loaded).
+
+    Raises:
+        SftflowError: naming the unknown kwargs and the ones the schedule takes.
+    """
+    kwargs = training.lr_scheduler_kwargs
+    if not kwargs or not isinstance(kwargs, dict):
+        return
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(training.lr_scheduler_type)]
+    taken = [
+        p
+        for p in inspect.signature(function).parameters
+        if p not in ("optimizer", "num_warmup_steps", "num_training_steps")
+    ]
+    unknown = sorted(set(kwargs) - set(taken))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values()):
+        name = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)
+        raise SftflowError(
+            f"lr_scheduler_kwargs: {', '.join(unknown)} not taken by lr_scheduler_type: {name} "
+            f"(it takes {', '.join(taken) or 'none'})."
+        )
 
 
 def check_report_to(report_to: list[str] | None) -> None:
@@ -114,6 +166,10 @@ def check_report_to(report_to: list[str] | None) -> None:
             )
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Range:
     """The values a numeric key accepts: low/high bounds (None = unbounded), open = bound excluded."""
@@ -135,11 +191,13 @@ class Range:
     def describe(self) -> str:
         """`in [0, 1)`, `>= 1`, `> 0`, `a non-zero number`."""
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}" + (" and not 0" if self.nonzero else "")
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}" + (
+                " and not 0" if self.nonzero else ""
+            )
         if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
         return "a non-zero number" if self.nonzero else "a number"
 
 
@@ -243,7 +301,7 @@ def check_ranges(*groups: Any) -> None:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if value not in allowed:
                     hint = f" ({allowed.hint})" if allowed.hint else ""
-                    raise SftflowError(f"{key} must be {allowed.describe()}{hint}, got {value:g}.")
+                    raise SftflowError(f"{key} must be {allowed.describe()}{hint}, got {_num(value)}.")
                 break
 
 
