@@ -8,7 +8,7 @@ Everything is computed from the config, the model's config.json and the data ste
   - pt: the cutoff_len rows of concatenated texts, every token trained;
   - rm: chosen and rejected of each pair through a sequence-classification (score) head, no LM logits;
   - dpo: the policy on chosen and rejected, plus a no-grad forward of the reference (the base with the
-    adapter disabled under LoRA, a second copy of the model under full/freeze; none for orpo).
+    adapter disabled under LoRA, a second copy of the model under full/freeze; none for orpo, simpo).
 
 The parts: `memory` (bytes of the largest step), `estimate` (rows, FLOPs, device, time), `advice`,
 `measure` (real steps), `format` (what the terminal shows); FLOPs and the model's shape come from

@@ -183,9 +183,12 @@ def computed_tokens(plan_rows: list[int], audit: DataAudit, batch: int, seed: in
     return sequences_per_row(audit.stage) * padded_tokens(plan_rows, batch, seed)
 
 
+REFERENCE_FREE = ("orpo", "simpo")  # pref_loss values that train without a reference model
+
+
 def reference_kind(args: Any) -> str:
-    """dpo's reference model, as stages/dpo.py builds it."""
-    if args.finetuning.stage != "dpo" or args.finetuning.pref_loss == "orpo":
+    """dpo's reference model, as stages/dpo.py builds it (none for orpo and simpo)."""
+    if args.finetuning.stage != "dpo" or args.finetuning.pref_loss in REFERENCE_FREE:
         return ""
     return "adapter disabled" if args.finetuning.finetuning_type == "lora" else "model copy"
 

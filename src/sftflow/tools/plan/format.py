@@ -12,6 +12,7 @@ STAGE_WORK = {
     "sft": "one sequence per example, answers trained",
     "rm": "chosen + rejected per pair through a score head",
     "dpo": "policy on chosen + rejected per pair",
+    "kto": "one tagged answer per example, counted as sft (KTO's reference and KL forwards not counted)",
 }
 REFERENCE_WORK = {
     "adapter disabled": ", + a no-grad reference forward (the base, adapter disabled)",
