@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftflow.board import runs
+from sftflow.board import models, runs
 from sftflow.errors import SftflowError
 
 
@@ -144,3 +144,22 @@ def test_a_failed_launch_shows_its_error_line(tmp_path, tiny_model_dir, toy_data
     assert error.startswith("sftflow error:") and "no_such_data" in error
     with pytest.raises(SftflowError, match="no complete checkpoint"):
         runs.resume_run(run_dir)
+
+
+def test_the_models_of_a_run(tmp_path):
+    lora = write_run(tmp_path / "lora", LOG)
+    with pytest.raises(SftflowError, match="no trained weights yet"):
+        models.tuned_keys(lora)
+    (lora / "adapter_config.json").write_text("{}")
+    assert models.base_keys(lora) == {"model_name_or_path": "tiny", "stage": "sft", "dataset": "toy, other"}
+    assert models.tuned_keys(lora)["adapter_name_or_path"] == str(lora)
+    config = yaml.safe_load((lora / runs.CONFIG_FILE).read_text())
+    (lora / runs.CONFIG_FILE).write_text(yaml.safe_dump({**config, "adapter_name_or_path": "a1,a2"}))
+    assert models.tuned_keys(lora)["adapter_name_or_path"] == f"a1,{lora}"  # a2 continued into the run
+    (lora / runs.CONFIG_FILE).write_text(
+        yaml.safe_dump({**config, "adapter_name_or_path": ["a1", "a2"], "create_new_adapter": True})
+    )
+    assert models.tuned_keys(lora)["adapter_name_or_path"] == f"a1,a2,{lora}"
+    full = write_run(tmp_path / "full", LOG)
+    (full / "config.json").write_text("{}")
+    assert models.tuned_keys(full)["model_name_or_path"] == str(full)

@@ -96,6 +96,8 @@ def to_text(value: Any) -> str:
         return ", ".join(to_text(v) for v in value)
     if isinstance(value, dict):
         return json.dumps(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # 1.0 -> "1", as a user types it (a float key reads it back as 1.0)
     return str(value)
 
 

@@ -232,7 +232,7 @@ def read_run(run_dir: Path, saves: Path) -> Run:
         model=str(config.get("model_name_or_path", "")),
         datasets=list(datasets),
         step=int(max((e.get("step", 0) for e in log), default=0)),
-        max_steps=int(last.get("max_steps") or config.get("max_steps") or 0),
+        max_steps=int(max((e.get("max_steps") or 0 for e in log), default=0) or config.get("max_steps") or 0),
         metrics=metrics,
         duration_s=float(duration) if duration is not None else None,
         error=error,

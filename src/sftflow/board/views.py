@@ -1,0 +1,175 @@
+"""What the board's panels show, computed from the saves dir (no gradio here: tested without a browser),
+and who may open the board."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sftflow.board import runs
+from sftflow.errors import SftflowError
+
+TOKEN_ENV = "SFTFLOW_BOARD_TOKEN"
+TOKEN_USER = "sftflow"
+LOG_TAIL_LINES = 40
+
+# -- safety ------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def board_auth(host: str, environ: dict[str, str] | None = None) -> Any:
+    """The gradio auth for `host`: none on a loopback host without a token; a check of user `sftflow`
+    and the token in SFTFLOW_BOARD_TOKEN when that is set.
+
+    Raises:
+        SftflowError: a non-loopback host without SFTFLOW_BOARD_TOKEN (the board would be open to the
+            network with no login).
+    """
+    token = (environ if environ is not None else os.environ).get(TOKEN_ENV, "")
+    if not token:
+        if is_loopback(host):
+            return None
+        raise SftflowError(
+            f"refusing to serve on {host} with no login: anyone who can reach it could start runs. "
+            f"Set {TOKEN_ENV} to a secret (the page then asks for user {TOKEN_USER!r} and that token), "
+            "or keep the default --host 127.0.0.1."
+        )
+
+    def check(user: str, password: str) -> bool:
+        return user == TOKEN_USER and hmac.compare_digest(password.encode(), token.encode())
+
+    return check
+
+
+# -- pure helpers (tested without a browser) -----------------------------------------------------------
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def runs_table(saves: Path) -> list[list[Any]]:
+    rows = []
+    for run in runs.list_runs(saves):
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in run.metrics.items())
+        steps = f"{run.step}/{run.max_steps}" if run.max_steps else str(run.step)
+        rows.append(
+            [
+                run.name,
+                run.status,
+                run.stage,
+                run.model,
+                ", ".join(run.datasets),
+                steps,
+                metrics,
+                fmt_duration(run.duration_s),
+                run.error or "",
+            ]  # fmt: skip
+        )
+    return rows
+
+
+TABLE_HEADERS = ["run", "status", "stage", "model", "datasets", "steps", "final metrics", "duration", "error"]
+
+
+def curve_frame(series: dict[str, list[tuple[int, float]]], keys: dict[str, str]) -> Any:
+    """A long DataFrame (step, value, series) of the `keys` series, named by `keys`' values."""
+    import pandas as pd
+
+    rows = [
+        {"step": step, "value": value, "series": label}
+        for key, label in keys.items()
+        for step, value in series.get(key, [])
+    ]
+    return typed_frame(pd.DataFrame(rows, columns=["step", "value", "series"]))
+
+
+def typed_frame(frame: Any) -> Any:
+    """Numeric step and value columns (an object column makes the chart's axes categorical)."""
+    return frame.astype({"step": "int64", "value": "float64", "series": "str"})
+
+
+def chart_value(frame: Any) -> Any:
+    """None for a chart with no points: a LinePlot first given an empty frame never draws its lines."""
+    return frame if len(frame) else None
+
+
+def overlay_frame(saves: Path, names: list[str], key: str) -> Any:
+    """One curve (`loss` or `eval_loss`) of several runs in one DataFrame (series = run name)."""
+    import pandas as pd
+
+    rows = [
+        {"step": step, "value": value, "series": name}
+        for name in names
+        for step, value in runs.curves(saves / name).get(key, [])
+    ]
+    return typed_frame(pd.DataFrame(rows, columns=["step", "value", "series"]))
+
+
+def progress_markdown(run: runs.Run) -> str:
+    lines = [f"**{run.name}**: {run.status}"]
+    if run.max_steps:
+        pct = 100 * run.step / run.max_steps
+        lines.append(f"step {run.step} of {run.max_steps} ({pct:.0f}%)")
+    else:
+        lines.append(f"step {run.step}")
+    if run.duration_s is not None:
+        lines.append(f"elapsed {fmt_duration(run.duration_s)}")
+    if run.eta_s is not None:
+        lines.append(f"ETA {fmt_duration(run.eta_s)}")
+    if run.metrics:
+        lines.append(", ".join(f"{k} {v:.4g}" for k, v in run.metrics.items()))
+    text = " · ".join(lines)
+    if run.error:
+        text += f"\n\n`{run.error}`"
+    return text
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    path = run_dir / runs.LOG_FILE
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def fresh_output_dir(saves: Path) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = saves / f"run-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = saves / f"run-{stamp}-{n}"
+    return str(path)
+
+
+def next_output_dir(saves: Path, wanted: Any = None) -> str:
+    """`wanted` when it is a free dir inside `saves`, else a fresh run-<time> dir there."""
+    if wanted:
+        path = Path(str(wanted)).expanduser().resolve()
+        free = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+        if saves in path.parents and free:
+            return str(wanted)
+    return fresh_output_dir(saves)
+
+
+def command_markdown(keys: dict[str, Any]) -> str:
+    out = keys.get("output_dir") or "OUTPUT_DIR"
+    return f"```\n{runs.train_command(Path(out) / runs.CONFIG_FILE)}\n```"

@@ -1,0 +1,63 @@
+"""What the board's panels show (table rows, chart frames, progress, next output_dir) and who may open it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftflow.board import runs, views
+from sftflow.errors import SftflowError
+
+
+def finished_run(path: Path, losses: list[float]) -> Path:
+    path.mkdir(parents=True)
+    (path / runs.CONFIG_FILE).write_text(yaml.safe_dump({"model_name_or_path": "tiny", "dataset": ["toy"]}))
+    log = [
+        {"step": i + 1, "max_steps": len(losses), "elapsed_s": i + 1.0, "loss": v}
+        for i, v in enumerate(losses)
+    ]
+    log.append({"step": len(losses), "eval_loss": 1.5})
+    (path / "trainer_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    (path / "all_results.json").write_text(json.dumps({"train_loss": 2.0, "train_runtime": 75.0}))
+    return path
+
+
+def test_auth_is_required_off_loopback():
+    assert views.board_auth("127.0.0.1", {}) is None
+    assert views.board_auth("localhost", {}) is None
+    assert views.board_auth("::1", {}) is None
+    with pytest.raises(SftflowError, match="SFTFLOW_BOARD_TOKEN"):
+        views.board_auth("0.0.0.0", {})
+    check = views.board_auth("0.0.0.0", {"SFTFLOW_BOARD_TOKEN": "s3cret"})
+    assert check("sftflow", "s3cret") and not check("sftflow", "guess") and not check("admin", "s3cret")
+    assert views.board_auth("127.0.0.1", {"SFTFLOW_BOARD_TOKEN": "s3cret"})("sftflow", "s3cret")
+
+
+def test_table_charts_and_progress(tmp_path):
+    saves = tmp_path / "saves"
+    finished_run(saves / "a", [3.0, 2.0])
+    finished_run(saves / "b", [4.0, 3.0, 2.5])
+    rows = {row[0]: row for row in views.runs_table(saves)}
+    assert rows["a"][:3] == ["a", "finished", "sft"] and rows["a"][5] == "2/2"
+    assert rows["a"][6] == "train_loss=2" and rows["a"][7] == "1m15s"
+    frame = views.overlay_frame(saves, ["a", "b"], "loss")
+    assert list(frame["series"]) == ["a", "a", "b", "b", "b"]
+    assert str(frame["step"].dtype) == "int64" and str(frame["value"].dtype) == "float64"
+    assert views.chart_value(views.overlay_frame(saves, [], "loss")) is None  # never an empty frame
+    live = views.curve_frame(runs.curves(saves / "b"), {"loss": "raw", "loss_smoothed": "smoothed"})
+    assert sorted(set(live["series"])) == ["raw", "smoothed"] and len(live) == 6
+    text = views.progress_markdown(runs.read_run(saves / "b", saves))
+    assert "finished" in text and "step 3 of 3 (100%)" in text and "train_loss 2" in text
+
+
+def test_next_output_dir(tmp_path):
+    saves = tmp_path / "saves"
+    assert views.next_output_dir(saves, str(saves / "mine")) == str(saves / "mine")
+    finished_run(saves / "used", [1.0])
+    fresh = views.next_output_dir(saves, str(saves / "used"))
+    assert fresh.startswith(str(saves / "run-"))
+    assert views.next_output_dir(saves, str(tmp_path / "outside")).startswith(str(saves / "run-"))
+    assert "sftflow train" in views.command_markdown({"output_dir": "saves/x"})
