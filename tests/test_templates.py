@@ -168,3 +168,36 @@ def test_user_yaml_template_errors(tiny_tokenizer, tmp_path, body, name, match):
     path.write_text(body)
     with pytest.raises(SftflowError, match=match):
         apply_template(copy.deepcopy(tiny_tokenizer), name, path)
+
+
+def test_llamafactory_template_names(tiny_tokenizer, caplog):
+    """A LLaMA-Factory name: its sftflow built-in, else the tokenizer's own template when the tokenizer is of
+    the name's family (logged), else a clear error with what exists."""
+    import logging
+
+    from sftflow.data.template import LLAMAFACTORY_TEMPLATES, template_family
+
+    assert len(LLAMAFACTORY_TEMPLATES) == 124 and {"qwen3_nothink", "llama3", "deepseek3"} <= set(
+        LLAMAFACTORY_TEMPLATES
+    )
+    assert template_family("qwen3_5_nothink") == "qwen" and template_family("chatglm3") == "glm"
+
+    same_family = copy.deepcopy(tiny_tokenizer)  # a saved Llama: config.json says model_type: llama
+    own = same_family.chat_template
+    with caplog.at_level(logging.INFO, logger="sftflow.data.template"):
+        apply_template(same_family, "llama4")
+    assert same_family.chat_template == own
+    assert "LLaMA-Factory's llama template" in caplog.text and "tokenizer's own chat template" in caplog.text
+
+    builtin = copy.deepcopy(tiny_tokenizer)
+    apply_template(builtin, "vicuna")  # the same name as a sftflow built-in: the built-in
+    assert builtin.chat_template != own and "USER: " in builtin.chat_template
+
+    with pytest.raises(
+        SftflowError, match=r"'qwen3_nothink' is a LLaMA-Factory template .*qwen family.*Built-in: "
+    ):
+        apply_template(copy.deepcopy(tiny_tokenizer), "qwen3_nothink")
+    no_template = copy.deepcopy(tiny_tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(SftflowError, match="has no chat template"):
+        apply_template(no_template, "llama4")

@@ -5,6 +5,9 @@ Every template, built-in or user, is a Jinja chat template installed as the toke
 `chat_template`: rendering goes through `tokenizer.apply_chat_template` whatever the source, the
 template is saved with the tokenizer, and chat/serving later use exactly what training used.
 
+LLaMA-Factory's template names (LLAMAFACTORY_TEMPLATES) are accepted: the built-in of that name, else the
+tokenizer's own template when the tokenizer is of the name's model family (logged), else an error.
+
 Built-ins and YAML templates are written as format strings (LLaMA-Factory's `format_user`,
 `format_assistant`, ... with `{content}`, `{bos_token}`, `{eos_token}` placeholders) and compiled to
 Jinja by `compile_template`. A YAML file maps names to either such a spec or a raw `chat_template`:
@@ -25,12 +28,75 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from sftflow.errors import SftflowError
+
+logger = logging.getLogger(__name__)
+
+# The templates LLaMA-Factory registers (src/llamafactory/data/template.py). Those with a sftflow built-in
+# of the same name use it; the others use the tokenizer's own chat template when the tokenizer is of the
+# same model family (the name's leading word: qwen3_nothink -> qwen), else they are refused.
+_LLAMAFACTORY_NAMES = (
+    "alpaca bailing bailing_v2 breeze chatglm3 chatml chatml_de cohere cpm4 dbrx deepseek deepseek3 "
+    "deepseekr1 hy3 deepseekcoder default dots_ocr empty ernie ernie_nothink ernie_vl exaone falcon "
+    "falcon_h1 fewshot gemma gemma2 gemma3 gemma3n gemma4 gemma4n glm4 glm4_moe glm4v glm4_5v glm_ocr glm4_7 "
+    "glmz1 gpt_oss granite3 granite3_vision granite4 index hunyuan hunyuan_small hy_dense_1_8b hy_dense_7b "
+    "intern2 intern_vl intern_s1 keye_vl kimi_vl lfm2 lfm2_vl llama2 llama2_zh llama3 llama4 mllama "
+    "moonlight moss_vl llava llava_next llava_next_llama3 llava_next_mistral llava_next_qwen llava_next_yi "
+    "llava_next_video llava_next_video_mistral llava_next_video_yi mimo mimo_v2 mimo_vl minicpm_v "
+    "minicpm_v_4_6 minicpm_o minimax1 minimax2 ministral mistral mistral_small ministral3 olmo openchat "
+    "openchat-3.6 opencoder paligemma paligemma_chat phi phi_small phi4 phi4_mini pixtral qwen qwen3 "
+    "qwen3_nothink qwen2_audio qwen2_omni qwen3_omni qwen3_omni_nothink qwen2_vl qwen3_vl qwen3_vl_nothink "
+    "qwen3_5 qwen3_5_nothink qwen3_6 sailor seed_coder seed_oss smollm smollm2 solar starchat telechat2 "
+    "vicuna video_llava xuanyuan yi yi_vl youtu youtu_vl yuan zephyr aeva"
+)
+LLAMAFACTORY_TEMPLATES = tuple(_LLAMAFACTORY_NAMES.split())
+
+
+def template_family(name: str) -> str:
+    """The model family a LLaMA-Factory template name is for: its leading letters.
+
+    >>> template_family("qwen3_nothink"), template_family("deepseekr1"), template_family("llava_next_qwen")
+    ('qwen', 'deepseek', 'llava')
+    """
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    match = re.match(r"[a-z]+", name.lower())
+    return match.group(0) if match else name.lower()
+
+
+# names whose leading letters are not the model type's
+_FAMILIES = {
+    "deepseekr1": "deepseek",
+    "deepseekcoder": "deepseek",
+    "chatglm3": "glm",
+    "glmz1": "glm",
+    "gpt_oss": "gpt_oss",
+    "hy3": "hunyuan",
+    "hy_dense_1_8b": "hunyuan",
+    "hy_dense_7b": "hunyuan",
+    "seed_coder": "seed",
+    "seed_oss": "seed_oss",
+}
+
+
+def tokenizer_family(tokenizer: Any) -> str:
+    """What the tokenizer says about its model: the model_type of the config.json beside it, and its name."""
+    source = str(getattr(tokenizer, "name_or_path", "") or "")
+    config = Path(source) / "config.json"
+    model_type = ""
+    if config.is_file():
+        try:
+            model_type = str(json.loads(config.read_text(encoding="utf-8")).get("model_type", ""))
+        except (OSError, json.JSONDecodeError):
+            model_type = ""
+    return f"{model_type} {Path(source).name}".lower()
+
 
 PLACEHOLDER = re.compile(r"\{(content|bos_token|eos_token)\}")
 
@@ -285,6 +351,22 @@ def apply_template(tokenizer: Any, name: str | None, template_file: str | Path |
                 "in a YAML template_file."
             )
         return
+    if name not in available and name in LLAMAFACTORY_TEMPLATES:
+        family = template_family(name)
+        if getattr(tokenizer, "chat_template", None) and family in tokenizer_family(tokenizer):
+            logger.info(
+                "template: %s is LLaMA-Factory's %s template; sftflow has no built-in of that name, so the "
+                "tokenizer's own chat template (same family) is used.",
+                name,
+                family,
+            )
+            return
+        raise SftflowError(
+            f"template {name!r} is a LLaMA-Factory template sftflow has no built-in for, and this tokenizer "
+            f"({getattr(tokenizer, 'name_or_path', '?')}) is not of the {family} family or has no chat template. "
+            f"Built-in: {', '.join(BUILTIN_TEMPLATES)}; or leave template unset to use the tokenizer's own, or "
+            "define it in a template_file."
+        )
     if name not in available:
         close = difflib.get_close_matches(name, list(available), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
