@@ -62,6 +62,7 @@ def run_pt(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
             *(callbacks or []),
         ],
         skip_nan=args.finetuning.skip_nan,
+        fast_loss=args.finetuning.fast_loss,
         optimizers=(build_optimizer(model, args.finetuning, training), None),  # None: the Trainer's own
     )
     result = RunResult(output_dir)
