@@ -419,26 +419,28 @@ def check_gguf(summary: GGUFSummary, tokenizer: Any) -> dict[str, Any]:
     return meta
 
 
-def top1_agreement(reference: Any, candidate: Any, sequences: list[tuple[list[int], list[int]]]) -> float:
-    """Teacher-forced top-1 agreement of two models on the trained (answer) positions of `sequences`.
+def top1_predictions(model: Any, sequences: list[tuple[list[int], list[int]]]) -> list[Any]:
+    """The model's most likely next token at the trained (answer) positions of each sequence, teacher-forced.
 
     Args:
-        reference: a causal LM (e.g. the merged HF model).
-        candidate: another (e.g. a GGUF loaded back with transformers).
+        model: a causal LM (the merged HF model, or a GGUF loaded back with transformers).
         sequences: (input_ids, labels) pairs; positions whose label is -100 are not scored.
 
     Returns:
-        The share of scored positions where both models' most likely next token is the same.
+        One tensor of predicted ids per sequence, one id per scored position.
     """
     import torch
 
-    agree = total = 0
+    predictions = []
     with torch.no_grad():
         for ids, labels in sequences:
-            x = torch.tensor([ids])
             scored = torch.tensor(labels[1:]) != -100
-            a = reference(x).logits[0, :-1].argmax(-1)[scored]
-            b = candidate(x).logits[0, :-1].argmax(-1)[scored]
-            agree += int((a == b).sum())
-            total += int(scored.sum())
+            predictions.append(model(torch.tensor([ids])).logits[0, :-1].argmax(-1)[scored])
+    return predictions
+
+
+def top1_agreement(reference: list[Any], candidate: list[Any]) -> float:
+    """The share of scored positions where two models' `top1_predictions` are the same token."""
+    agree = sum(int((a == b).sum()) for a, b in zip(reference, candidate, strict=True))
+    total = sum(len(a) for a in reference)
     return agree / total if total else float("nan")
