@@ -31,6 +31,25 @@ def table_rows() -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """`main` sets up log handlers on the captured stderr, which capsys closes afterwards: point them
+    back at the live stderr so later tests can log."""
+    import logging
+    import sys
+
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:], logging.root.level = handlers, level
+    for logger in [
+        logging.root,
+        *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr
+
+
 ROWS = table_rows()
 BY_STATUS = {
     s: sorted(k for k, r in ROWS.items() if r["status"] == s)
@@ -196,3 +215,295 @@ export_legacy_format: false
     saved = yaml.safe_load((out / "sftflow_args.yaml").read_text())
     assert saved["report_to"] == [] and saved["warmup_steps"] == pytest.approx(0.1)
     assert saved["save_strategy"] == "steps" and saved["lr_scheduler_type"] == "cosine"
+
+
+IDENTITY = [
+    {"instruction": "hi", "input": "", "output": "Hello! I am Wren, an AI assistant developed by sftflow."},
+    {
+        "instruction": "Who are you?",
+        "input": "",
+        "output": "I am Wren, an AI assistant developed by sftflow.",
+    },
+    {"instruction": "What is your name?", "input": "", "output": "You may refer to me as Wren."},
+    {"instruction": "Who made you?", "input": "", "output": "I was developed by the sftflow team."},
+]
+ALPACA_DEMO = [
+    {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+    for a in range(1, 4)
+    for b in range(1, 3)
+]
+# LLaMA-Factory's data/dataset_info.json form: many entries, hub-only and multimodal ones included; a run
+# reads only the entries it names.
+DATASET_INFO = {
+    "identity": {"file_name": "identity.json"},
+    "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
+    "alpaca_zh_demo": {"file_name": "alpaca_zh_demo.json"},
+    "glaive_toolcall_en_demo": {
+        "file_name": "glaive_toolcall_en_demo.json",
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "tools": "tools"},
+    },
+    "mllm_demo": {
+        "file_name": "mllm_demo.json",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+        },
+    },
+    "alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en", "ms_hub_url": "llamafactory/alpaca_en"},
+    "ultrachat_200k": {
+        "hf_hub_url": "HuggingFaceH4/ultrachat_200k",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+        },
+    },
+    "dpo_en_demo": {
+        "file_name": "dpo_en_demo.json",
+        "ranking": True,
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+    },
+}
+
+
+class TestLlamaFactoryExampleShapes:
+    """Configs shaped like LLaMA-Factory's examples (train_lora, train_full, merge_lora, inference,
+    extras/nlg_eval), run as an LF user runs them from one folder holding data/ and saves/: sft, then
+    predict, export and chat with the adapter the first run wrote. Only the model path and the sizes differ
+    from LF's files (a tiny model, a few steps)."""
+
+    @pytest.fixture(scope="class")
+    def workdir(self, tmp_path_factory, tiny_model_dir):
+        import json
+        import os
+
+        root = tmp_path_factory.mktemp("lf-workdir")
+        (root / "data").mkdir()
+        (root / "data" / "dataset_info.json").write_text(json.dumps(DATASET_INFO, indent=2))
+        (root / "data" / "identity.json").write_text(json.dumps(IDENTITY))
+        (root / "data" / "alpaca_en_demo.json").write_text(json.dumps(ALPACA_DEMO))
+        cwd = os.getcwd()
+        os.chdir(root)
+        yield root, tiny_model_dir
+        os.chdir(cwd)
+
+    @staticmethod
+    def run(*argv: str) -> int:
+        from sftflow.cli import main
+
+        return main(list(argv))
+
+    @staticmethod
+    def write(root: Path, name: str, text: str) -> str:
+        (root / name).write_text(text, encoding="utf-8")
+        return name
+
+    def test_1_train_lora(self, workdir, capsys):
+        root, model = workdir
+        config = self.write(
+            root,
+            "tiny_lora_sft.yaml",
+            f"""### model
+model_name_or_path: {model}
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: chatml
+cutoff_len: 64
+max_samples: 1000
+preprocessing_num_workers: 1
+dataloader_num_workers: 0
+
+### output
+output_dir: saves/tiny/lora/sft
+logging_steps: 1
+save_steps: 2
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 2
+learning_rate: 1.0e-4
+max_steps: 2
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: false
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+
+### eval
+# eval_dataset: alpaca_en_demo
+# val_size: 0.1
+# per_device_eval_batch_size: 1
+# eval_strategy: steps
+# eval_steps: 500
+""",
+        )
+        assert self.run("train", config, f"tokenized_cache_dir={root / 'cache'}") == 0, (
+            capsys.readouterr().err[-2000:]
+        )
+        out = root / "saves/tiny/lora/sft"
+        assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+        assert (out / "training_loss.png").is_file()
+
+    def test_2_train_full(self, workdir, capsys):
+        root, model = workdir
+        config = self.write(
+            root,
+            "tiny_full_sft.yaml",
+            f"""### model
+model_name_or_path: {model}
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: full
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: chatml
+cutoff_len: 64
+max_samples: 1000
+preprocessing_num_workers: 1
+
+### output
+output_dir: saves/tiny/full/sft
+logging_steps: 1
+plot_loss: false
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 2
+learning_rate: 1.0e-5
+max_steps: 1
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+""",
+        )
+        assert self.run("train", config, f"tokenized_cache_dir={root / 'cache'}") == 0, (
+            capsys.readouterr().err[-2000:]
+        )
+        assert (root / "saves/tiny/full/sft/model.safetensors").is_file()
+
+    def test_3_nlg_eval_predict(self, workdir, capsys):
+        root, model = workdir
+        config = self.write(
+            root,
+            "tiny_lora_predict.yaml",
+            f"""# The batch generation can be slow with this config.
+### model
+model_name_or_path: {model}
+adapter_name_or_path: saves/tiny/lora/sft
+trust_remote_code: true
+
+### method
+stage: sft
+do_predict: true
+finetuning_type: lora
+
+### dataset
+eval_dataset: identity,alpaca_en_demo
+template: chatml
+cutoff_len: 64
+max_samples: 3
+overwrite_cache: true
+preprocessing_num_workers: 1
+dataloader_num_workers: 0
+
+### output
+output_dir: saves/tiny/lora/predict
+overwrite_output_dir: true
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### eval
+per_device_eval_batch_size: 1
+predict_with_generate: true
+ddp_timeout: 180000000
+""",
+        )
+        code = self.run("train", config, f"tokenized_cache_dir={root / 'cache'}", "max_new_tokens=4")
+        assert code == 0, capsys.readouterr().err[-2000:]
+        predictions = (root / "saves/tiny/lora/predict/generated_predictions.jsonl").read_text().splitlines()
+        assert len(predictions) == 6  # max_samples: 3 from each of the two eval datasets
+
+    def test_4_merge_lora(self, workdir, capsys):
+        root, model = workdir
+        config = self.write(
+            root,
+            "tiny_merge.yaml",
+            f"""### Note: do not use a quantized model or quantization_bit when merging lora adapters
+### model
+model_name_or_path: {model}
+adapter_name_or_path: saves/tiny/lora/sft
+template: chatml
+trust_remote_code: true
+
+### export
+export_dir: saves/tiny_sft_merged
+export_size: 5
+export_device: cpu  # choices: [cpu, auto]
+export_legacy_format: false
+""",
+        )
+        assert self.run("export", config) == 0, capsys.readouterr().err[-2000:]
+        assert (root / "saves/tiny_sft_merged/config.json").is_file()
+        assert list((root / "saves/tiny_sft_merged").glob("*.safetensors"))
+
+    def test_5_inference_chat(self, workdir, capsys, monkeypatch):
+        root, model = workdir
+        config = self.write(
+            root,
+            "tiny_inference.yaml",
+            f"""model_name_or_path: {model}
+adapter_name_or_path: saves/tiny/lora/sft
+template: chatml
+infer_backend: huggingface  # choices: [huggingface, vllm, sglang, ktransformers]
+trust_remote_code: true
+""",
+        )
+        lines = iter(["Who are you?"])
+
+        def fake_input(prompt: str = "") -> str:
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("builtins.input", fake_input)
+        assert self.run("chat", config, "max_new_tokens=4") == 0, capsys.readouterr().err[-2000:]
+        assert "Chatting with" in capsys.readouterr().out
+
+    def test_6_a_refused_lf_setting_says_why(self, workdir, capsys):
+        root, model = workdir
+        config = self.write(
+            root, "tiny_vllm.yaml", f"model_name_or_path: {model}\ntemplate: chatml\ninfer_backend: vllm\n"
+        )
+        assert self.run("chat", config) != 0
+        err = capsys.readouterr().err
+        assert "infer_backend: " in err and "vLLM is not supported" in err and "Traceback" not in err
