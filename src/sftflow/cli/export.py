@@ -13,7 +13,11 @@ KEYS = """keys:
   dtype                 dtype of the written weights (default auto: the base checkpoint's own dtype)
   template              chat template to save with the tokenizer (default: the adapter's tokenizer, else the base's)
   new_special_tokens    tokens added at training time, if the adapter dir has no tokenizer
-  overwrite_output_dir  allow writing into a non-empty export_dir"""
+  overwrite_output_dir  allow writing into a non-empty export_dir
+  export_format         hf (default) or gguf: also write model-<export_quantization>.gguf and an Ollama Modelfile
+  export_quantization   GGUF tensor type: f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1
+  export_hub_model_id   upload export_dir to this hub repo after the export (needs network)
+  dataset, dataset_dir  training data, read for the Modelfile's SYSTEM (a system prompt every row shares)"""
 
 
 def main(argv: list[str]) -> int:
@@ -38,4 +42,11 @@ def main(argv: list[str]) -> int:
     export_dir = export_model(args.model, args.data, overwrite=args.finetuning.overwrite_output_dir)
     print(f"sftflow: exported the merged model to {export_dir.resolve()}", flush=True)
     print(f"  load it with AutoModelForCausalLM.from_pretrained({str(export_dir)!r})", flush=True)
+    if args.model.export_format == "gguf":
+        from sftflow.model.gguf import gguf_file_name
+
+        gguf = export_dir / gguf_file_name(args.model.export_quantization)
+        print(f"  GGUF: {gguf.resolve()} (llama.cpp: llama-cli -m {gguf})", flush=True)
+        if (export_dir / "Modelfile").is_file():
+            print(f"  Ollama: ollama create NAME -f {(export_dir / 'Modelfile').resolve()}", flush=True)
     return 0
