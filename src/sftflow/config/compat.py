@@ -337,6 +337,29 @@ REFUSED: dict[str, Refused] = {
             "ray_init_kwargs": None,
         }.items()
     },
+    # Megatron-Core keys of LLaMA-Factory's examples/megatron* configs (mcore_adapter's training arguments)
+    **{
+        key: Refused(_LAUNCH)
+        for key in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "expert_model_parallel_size",
+            "context_parallel_size",
+            "sequence_parallel",
+            "use_distributed_optimizer",
+            "overlap_param_gather",
+            "overlap_grad_reduce",
+            "bias_activation_fusion",
+            "apply_rope_fusion",
+            "moe_grouped_gemm",
+            "moe_token_dispatcher_type",
+            "recompute_granularity",
+            "use_packed_sequences",
+            "mixed_precision",
+            "export_hf_on_finish",
+        )
+    },
+    "kt_config": Refused(_KT),
     "master_addr": Refused("set MASTER_ADDR in the environment (torchrun --master_addr)", (None,)),
     "master_port": Refused("set MASTER_PORT in the environment (torchrun --master_port)", (None,)),
     **{
