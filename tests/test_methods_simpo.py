@@ -17,6 +17,7 @@ PAIRS = [
 def simpo_setup(tmp_path, model_dir, **overrides):
     from datasets import Dataset
 
+    import sftflow.config.methods
     from sftflow.model.loader import load_chat_tokenizer
     from sftflow.train.preference import simpo_trainer
     from sftflow.train.steps import build_model
@@ -37,7 +38,11 @@ def simpo_setup(tmp_path, model_dir, **overrides):
         "report_to": "none",
         **overrides,
     }
-    args = load_args(None, [f"{k}={v}" for k, v in config.items()])
+    sftflow.config.methods.SIMPO_IN_DPO = True  # the trainer is tested here; stages/dpo.py calls it
+    try:
+        args = load_args(None, [f"{k}={v}" for k, v in config.items()])
+    finally:
+        sftflow.config.methods.SIMPO_IN_DPO = False
     tokenizer = load_chat_tokenizer(args.model, args.data)
     model = build_model(args, tokenizer)
     trainer = simpo_trainer(args, model, tokenizer, Dataset.from_list(PAIRS), None, [])
