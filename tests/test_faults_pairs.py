@@ -38,7 +38,7 @@ def pair_config(path: Path, model_dir: Path, data_dir: Path, out: Path, stage: s
         "dataset": "pairs",
         "cutoff_len": 64,
         "lora_rank": 4,
-        "pref_beta": 0.5,
+        **({"pref_beta": 0.5} if stage == "dpo" else {}),  # rm has no beta: the key would be refused
         "output_dir": str(out),
         "tokenized_cache_dir": str(out.parent / f"cache-{out.name}"),  # concurrent runs share no entry
         "do_train": True,
