@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -75,7 +76,7 @@ def board(tmp_path, tiny_model_dir, toy_data_dir):
         "do_eval": True,
         "eval_strategy": "steps",
         "eval_steps": 10,
-        "max_steps": 50,
+        "max_steps": 30,
         "logging_steps": 1,
         "per_device_train_batch_size": 2,
         "learning_rate": 5e-3,
@@ -218,7 +219,7 @@ def test_board_in_a_browser(board, tmp_path):
             wait_text(page, "#train-message", lambda t: "SIGTERM sent" in t, 10, "stop")
             text = wait_text(page, "#live-progress", lambda t: "stopped" in t, 60, "stopped")
             stopped_at = step_of(text)
-            assert 0 < stopped_at < 50, text
+            assert 0 < stopped_at < 30, text
             assert list((saves / "first").glob("checkpoint-*")), "no checkpoint after Stop"
             mark(f"stopped at step {stopped_at}")
             page.click("#resume-btn")
@@ -233,10 +234,10 @@ def test_board_in_a_browser(board, tmp_path):
             text = wait_text(
                 page, "#live-progress", lambda t: "first" in t and "finished" in t, 90, "resumed"
             )
-            assert step_of(text) == 50, text
+            assert step_of(text) == 30, text
             log = (saves / "first" / "trainer_log.jsonl").read_text().splitlines()
             steps = [json.loads(line)["step"] for line in log if "loss" in json.loads(line)]
-            assert steps == sorted(set(steps)) and steps[-1] == 50  # each step once across the resume
+            assert steps == sorted(set(steps)) and steps[-1] == 30  # each step once across the resume
 
             mark("resumed run finished")
             # compare the two runs
@@ -259,6 +260,8 @@ def test_board_in_a_browser(board, tmp_path):
             page.wait_for_selector("#report iframe", timeout=30_000)
             assert "first" in page.frame_locator("#report iframe").locator("body").inner_text(timeout=10_000)
             mark("compared, report opened")
+            rss = psutil.Process(board_proc.pid).memory_info().rss / 2**20
+            print(f"board RSS before chat: {rss:.0f} MiB")
             # chat: the tuned model and its base answer the same prompt side by side
             page.get_by_role("tab", name="Chat").click()
             pick(page, "chat-run", "first")
@@ -288,11 +291,8 @@ def test_board_in_a_browser(board, tmp_path):
             assert "exported" in text_of(page, "#export-status"), text_of(page, "#export-status")
             assert (saves / "exports" / "first" / "config.json").is_file()
             mark("exported")
-            import psutil
-
-            print(
-                f"board RSS: {psutil.Process(board_proc.pid).memory_info().rss / 2**20:.0f} MiB (two chat models loaded)"
-            )
+            rss = psutil.Process(board_proc.pid).memory_info().rss / 2**20
+            print(f"board RSS after chat and export: {rss:.0f} MiB")
         finally:
             browser.close()
     assert board_proc.poll() is None, "the board died during the test"

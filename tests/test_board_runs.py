@@ -68,7 +68,10 @@ def test_curves_from_the_log(tmp_path):
 def test_statuses_and_table(tmp_path):
     saves = tmp_path / "saves"
     write_run(
-        saves / "m" / "lora" / "done", LOG, {"train_loss": 2.5, "eval_loss": 3.0, "train_runtime": 7.5}, DEAD
+        saves / "m" / "lora" / "done",
+        LOG,
+        {"train_loss": 2.5, "eval_loss": 3.0, "train_runtime": 7.5},
+        {**DEAD, "launches": 2, "earlier_s": 2.5},  # resumed once: 2.5 s trained before
     )
     (saves / "m" / "lora" / "done" / runs.LOG_FILE).write_text(f"{runs.LAUNCH_MARK}1 ===\nok\n")
     failed = write_run(saves / "failed", LOG[:1], None, DEAD)
@@ -92,7 +95,7 @@ def test_statuses_and_table(tmp_path):
         "tiny",
         ["toy", "other"],
     )
-    assert (done.step, done.max_steps, done.duration_s) == (2, 4, 7.5)
+    assert (done.step, done.max_steps, done.duration_s) == (2, 4, 10.0)
     assert done.metrics == {"train_loss": 2.5, "eval_loss": 3.0}
     assert table["failed"].status == "failed"
     assert table["failed"].error == "sftflow error: dataset 'toy' not found in data/dataset_info.json"

@@ -124,7 +124,11 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
             # ---- Runs ---------------------------------------------------------------------------
             with gr.Tab("Runs", id="runs"):
                 table = gr.Dataframe(
-                    headers=TABLE_HEADERS, interactive=False, wrap=True, elem_id="runs-table"
+                    headers=TABLE_HEADERS,
+                    interactive=False,
+                    wrap=True,
+                    elem_id="runs-table",
+                    column_widths=["15%", "8%", "5%", "22%", "8%", "6%", "22%", "7%", "7%"],
                 )
                 refresh_btn = gr.Button("Refresh", elem_id="runs-refresh")
                 compare = gr.Dropdown(

@@ -217,12 +217,7 @@ def read_run(run_dir: Path, saves: Path) -> Run:
     datasets = config.get("dataset") or []
     if isinstance(datasets, str):
         datasets = [d.strip() for d in datasets.split(",") if d.strip()]
-    duration = results.get("train_runtime") if status == "finished" else None
-    if duration is None:
-        duration = last.get("elapsed_s")
-        if duration is None and status == "running":
-            started = read_json(run_dir / STATUS_FILE).get("started_at")
-            duration = time.time() - started if started else None
+    duration = run_duration(run_dir, status, results, last)
     metrics = {k: results[k] for k in SUMMARY_METRICS if isinstance(results.get(k), (int, float))}
     return Run(
         path=run_dir,
@@ -239,6 +234,22 @@ def read_run(run_dir: Path, saves: Path) -> Run:
         pid=read_json(run_dir / STATUS_FILE).get("pid") if status == "running" else None,
         config=config,
     )
+
+
+def run_duration(run_dir: Path, status: str, results: dict[str, Any], last: dict[str, Any]) -> float | None:
+    """Training seconds over every launch: the earlier launches' (recorded at resume) plus this one's
+    (train_runtime once finished, else the elapsed_s of its last log entry)."""
+    launch = read_json(run_dir / STATUS_FILE)
+    earlier = float(launch.get("earlier_s") or 0.0)
+    if status == "finished" and isinstance(results.get("train_runtime"), (int, float)):
+        return earlier + float(results["train_runtime"])
+    log = run_dir / "trainer_log.jsonl"
+    this_launch = not launch or (
+        log.is_file() and log.stat().st_mtime >= float(launch.get("started_at") or 0)
+    )
+    if this_launch and isinstance(last.get("elapsed_s"), (int, float)):
+        return earlier + float(last["elapsed_s"])
+    return earlier or None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -292,7 +303,9 @@ def config_text(keys: dict[str, Any], config_path: Path) -> str:
     return head + yaml.safe_dump(keys, sort_keys=False, allow_unicode=True)
 
 
-def _launch(run_dir: Path, config_path: Path, overrides: list[str], cwd: str, launches: int) -> int:
+def _launch(
+    run_dir: Path, config_path: Path, overrides: list[str], cwd: str, launches: int, earlier_s: float = 0.0
+) -> int:
     import psutil
 
     log = (run_dir / LOG_FILE).open("a", encoding="utf-8")
@@ -320,6 +333,7 @@ def _launch(run_dir: Path, config_path: Path, overrides: list[str], cwd: str, la
         "create_time": created,
         "started_at": time.time(),
         "launches": launches,
+        "earlier_s": earlier_s,  # training seconds of the launches before this one
         "cwd": cwd,
         "command": train_command(config_path, overrides),
     }
@@ -400,6 +414,6 @@ def resume_run(run_dir: str | Path) -> int:
             "or set save_strategy: steps with save_steps)."
         )
     cwd = status.get("cwd") or os.getcwd()
-    return _launch(
-        run_dir, config_path, ["resume_from_checkpoint=true"], cwd, int(status.get("launches", 1)) + 1
-    )
+    earlier = read_run(run_dir, run_dir.parent).duration_s or 0.0
+    launches = int(status.get("launches", 1)) + 1
+    return _launch(run_dir, config_path, ["resume_from_checkpoint=true"], cwd, launches, earlier)
