@@ -53,6 +53,7 @@ def test_method_keys_load_under_llamafactory_names(overrides):
         (["pissa_init=true"], "pissa_convert: true"),
         (["pissa_init=true", "pissa_iter=-1", "quantization_bit=4"], "unquantized base"),
         (["finetuning_type=oft", "stage=dpo"], "stage: sft or pt"),
+        (["finetuning_type=oft", "new_special_tokens=<x>"], "trains no embedding rows"),
         (["finetuning_type=full", "use_llama_pro=true"], "freeze or lora"),
         (["use_dft_loss=true", "fast_loss=false"], "fast_loss: true"),
         (["use_dft_loss=true", "stage=pt"], "sft loss"),

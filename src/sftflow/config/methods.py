@@ -127,9 +127,12 @@ def check_methods(
         raise SftflowError(
             f"finetuning_type: oft runs with stage: sft or pt, not {stage}; use lora for {stage}."
         )
-    if kind == "oft" and (model.quantization_bit is not None or model.adapter_name_or_path):
+    if kind == "oft" and (
+        model.quantization_bit is not None or model.adapter_name_or_path or model.new_special_tokens
+    ):
         raise SftflowError(
-            "finetuning_type: oft builds a new adapter on an unquantized base; remove quantization_bit/adapter_name_or_path."
+            "finetuning_type: oft builds a new adapter on an unquantized base and trains no embedding rows; remove "
+            "quantization_bit / adapter_name_or_path / new_special_tokens (or use finetuning_type: lora)."
         )
     if finetuning.use_llama_pro and kind not in ("freeze", "lora"):
         raise SftflowError(
