@@ -36,6 +36,19 @@ def test_sftflow_eval_writes_tuned_and_base_results(run_dir, capsys):
     assert "wren_identity  acc" in out and "eval_harness.json" in out
 
 
+def test_report_shows_the_lm_eval_results(run_dir):
+    from sftflow.tools.report import build_html
+
+    (run_dir / "eval_harness.json").write_text(
+        json.dumps(
+            {"tasks": ["t"], "tuned": {"t": {"acc": 0.75}}, "base": {"t": {"acc": 0.25}}, "limit": None}
+        )
+    )
+    page = build_html(run_dir)
+    section = page[page.index('id="lm-eval"') : page.index('id="curves"')]
+    assert "Evaluation (lm-eval)" in section and "0.25" in section and "0.75" in section
+
+
 def test_unknown_task_and_missing_tasks_are_user_errors(run_dir):
     from sftflow.tools.evaluate import evaluate
 

@@ -34,4 +34,8 @@ def main(argv: list[str]) -> int:
     result = evaluate(args, tasks, out_dir, ns.include, ns.limit, ns.batch_size, base=not ns.no_base)
     print(format_table(result))
     print(f"sftflow eval: wrote {out_dir / RESULT_FILE}")
+    from sftflow.tools.report import REPORT_NAME, write_report
+
+    if (out_dir / REPORT_NAME).is_file():  # a trained run's report: show the results there too
+        print(f"sftflow eval: updated {write_report(out_dir)}")
     return 0

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
 MAX_SAMPLES = 50
 # the outcome first, the config last (it is what the board opens for a run)
-SECTIONS = ("base-vs-tuned", "curves", "samples", "metrics", "data", "config")
+SECTIONS = ("base-vs-tuned", "lm-eval", "curves", "samples", "metrics", "data", "config")
 # PNGs the run writes (train.plotting) -> the logged series each draws
 CURVES = {"training_loss.png": "loss", "training_eval_loss.png": "eval_loss"}
 # outcome metrics shown as numbers when there is no base-vs-tuned comparison
@@ -329,6 +329,24 @@ def samples_section(output_dir: Path, limit: int = MAX_SAMPLES) -> str:
     return f"<p>{shown} held-out examples.</p>" + table(header, body, len(header), css="samples")
 
 
+def lm_eval_section(output_dir: Path) -> str:
+    """`sftflow eval`'s results (eval_harness.json): each task's metrics, base vs tuned."""
+    from sftflow.tools.evaluate import RESULT_FILE
+
+    result = read_json(output_dir / RESULT_FILE)
+    if not result.get("tuned"):
+        return f'<p class="note">no {RESULT_FILE}: run <code>sftflow eval {esc(output_dir)} --tasks T</code>.</p>'
+    rows = []
+    for task in result.get("tasks", []):
+        for metric, tuned in result["tuned"].get(task, {}).items():
+            if not metric.endswith("_stderr"):
+                base = result.get("base", {}).get(task, {}).get(metric)
+                rows.append([esc(task), esc(metric), "-" if base is None else fmt(base), fmt(tuned)])
+    limit = f", at most {result['limit']} examples per task" if result.get("limit") else ""
+    note = f"<p>lm-evaluation-harness {esc(result.get('lm_eval_version', '?'))}, in process{limit}.</p>"
+    return note + table(["task", "metric", "base", "tuned"], rows, numeric_from=2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The page
 
@@ -342,6 +360,7 @@ def build_html(output_dir: Path) -> str:
         work = Path(tmp)
         parts = [
             section("base-vs-tuned", "Outcome: base vs tuned model", base_vs_tuned_section(metrics)),
+            section("lm-eval", "Evaluation (lm-eval)", lm_eval_section(output_dir)),
             section("curves", "Loss and eval curves", curves_section(output_dir, log, work)),
             section("samples", "Sample predictions", samples_section(output_dir)),
             section("metrics", "Final metrics", metrics_section(metrics)),
