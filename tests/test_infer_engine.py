@@ -258,6 +258,11 @@ def test_batch_path_routes_what_it_cannot_carry_to_the_exact_path(batched):
         SamplingParams(grammar="{}"),
     ]:
         assert batched.path(params) == "exact"
+    batched.generating.repetition_penalty = 1.2  # the manager would drop it: such a config goes exact
+    try:
+        assert batched.path(SamplingParams()) == "exact"
+    finally:
+        batched.generating.repetition_penalty = 1.0
     sampled = batched.generate(QUESTION, SamplingParams(max_new_tokens=6, temperature=1.0, n=3))
     assert len(sampled.choices) == 3 and all(c.completion_tokens == 6 for c in sampled.choices)
     assert len({c.text for c in sampled.choices}) > 1  # n sampled answers are n requests

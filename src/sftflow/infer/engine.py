@@ -795,6 +795,8 @@ class _BatchPath:
         g = self.engine.generating
         if params.logprobs or params.top_logprobs or params.grammar or params.echo or params.seed is not None:
             return False
+        if g.repetition_penalty != 1.0:  # the manager would drop it silently
+            return False
         do_sample, temperature, top_p = self.engine.sampling(params)
         if not do_sample:
             return "top_k" in self.keys and g.num_beams == 1
