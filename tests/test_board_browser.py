@@ -1,5 +1,5 @@
 """`sftflow board` in a real headless Chromium (Debian's, driven by playwright) on the tiny test model:
-start a run from the page, see the chart update, close the page and reopen it mid-run, stop (checkpoint),
+browse the data, start a run from the page, see the chart update, close the page and reopen it mid-run, stop (checkpoint),
 resume to the end, start and compare a second run, chat with the tuned model and its base side by side.
 
 Set SFTFLOW_BOARD_SHOTS=DIR to keep the two screenshots (docs/board-train.png, docs/board-runs.png).
@@ -181,6 +181,13 @@ def test_board_in_a_browser(board, tmp_path):
             page, load_s = open_page(browser, url)
             mark(f"page loaded in {load_s:.2f} s")
             assert load_s < 30
+
+            # the data browser: the training examples as the model sees them, trained tokens marked
+            page.get_by_text("data: the examples as the model sees them").click()
+            page.click("#data-btn")
+            data = wait_text(page, "#data-box", lambda t: "example 0" in t or "error" in t, 60, "data")
+            assert "18 examples" in data and page.locator("#data-box mark").count() >= 1, data
+            mark("data browsed")
 
             # start a run from the page, and a second, shorter one beside it from the same form
             page.click("#start-btn")

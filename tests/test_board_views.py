@@ -61,3 +61,24 @@ def test_next_output_dir(tmp_path):
     assert fresh.startswith(str(saves / "run-"))
     assert views.next_output_dir(saves, str(tmp_path / "outside")).startswith(str(saves / "run-"))
     assert "sftflow train" in views.command_markdown({"output_dir": "saves/x"})
+
+
+def test_data_page_marks_trained_tokens(tiny_model_dir, toy_data_dir, tmp_path):
+    from sftflow.config.parser import args_from_dict
+
+    args = args_from_dict(
+        {
+            "model_name_or_path": str(tiny_model_dir),
+            "dataset_dir": str(toy_data_dir),
+            "dataset": "toy",
+            "do_train": True,
+            "cutoff_len": 40,
+            "tokenized_cache_dir": str(tmp_path / "cache"),
+        },  # fmt: skip
+        require_output_dir=False,
+    )
+    page = views.data_page(args, 2, size=3)
+    assert "page 2 of 6 (18 examples" in page
+    assert "<b>example 3</b>" in page and "<b>example 5</b>" in page and "example 6<" not in page
+    assert page.count("<mark") >= 3 and "plus" in page
+    assert "at cutoff_len: truncated" in page  # the toy rows are 45 tokens, cutoff_len 40

@@ -22,6 +22,7 @@ from sftflow.board.views import (
     chart_value,
     command_markdown,
     curve_frame,
+    data_page,
     fresh_output_dir,
     log_tail,
     next_output_dir,
@@ -85,6 +86,11 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
                 command = gr.Markdown(elem_id="train-command")
                 with gr.Accordion("plan: memory and time before start", open=False) as plan_section:
                     plan_box = gr.Textbox(show_label=False, lines=12, max_lines=40, interactive=False)
+                with gr.Accordion("data: the examples as the model sees them", open=False):
+                    with gr.Row():
+                        data_page_no = gr.Number(value=1, minimum=1, precision=0, label="page", scale=1)
+                        data_btn = gr.Button("Show data", scale=1, elem_id="data-btn")
+                    data_box = gr.HTML(elem_id="data-box")
                 gr.Markdown(f"### Live run (read from its output dir every {REFRESH_S:g} s)")
                 with gr.Row():
                     live_run = gr.Dropdown(label="run", choices=[], scale=3, elem_id="live-run")
@@ -228,6 +234,13 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
             except SftflowError as exc:
                 return f"sftflow error: {exc}", gr.update(open=True)
 
+        def on_data(page: float, *values: Any) -> str:
+            try:
+                args = form.check_keys(form.form_to_keys(list(values)))
+                return data_page(args, int(page or 1))
+            except SftflowError as exc:
+                return error_md(exc)
+
         def on_start(*values: Any) -> tuple:
             try:
                 keys = form.form_to_keys(list(values))
@@ -352,6 +365,7 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
         load_btn.click(on_load_config, load_from, [message, *widgets])
         check_btn.click(on_check, widgets, [message, command, yaml_box])
         yaml_btn.click(on_yaml, yaml_box, [message, *widgets])
+        data_btn.click(on_data, [data_page_no, *widgets], data_box)
         plan_btn.click(on_plan, widgets, [plan_box, plan_section])
         start_btn.click(on_start, widgets, [message, command, live_run, widgets[out_index]])
         live_outputs = [progress, loss_plot, eval_plot, lr_plot, grad_plot, tps_plot, mem_plot, log_box]

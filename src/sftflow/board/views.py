@@ -173,3 +173,63 @@ def next_output_dir(saves: Path, wanted: Any = None) -> str:
 def command_markdown(keys: dict[str, Any]) -> str:
     out = keys.get("output_dir") or "OUTPUT_DIR"
     return f"```\n{runs.train_command(Path(out) / runs.CONFIG_FILE)}\n```"
+
+
+# -- the data browser ------------------------------------------------------------------------------
+
+DATA_PAGE_SIZE = 5
+
+
+def example_html(tokenizer: Any, row: dict[str, Any], index: int, cutoff_len: int) -> str:
+    """One tokenized example as the model sees it, trained tokens highlighted, with its token counts."""
+    import html
+
+    from sftflow.data.encode import IGNORE_INDEX
+    from sftflow.data.inspect import trained_spans
+
+    if "input_ids" not in row:  # preference pairs: the text view of `sftflow preview`
+        from sftflow.data.inspect import render_example
+
+        return f"<pre>{html.escape(render_example(tokenizer, row, index, color=False))}</pre>"
+    labels = row.get("labels", row["input_ids"])
+    trained = sum(1 for t in labels if t != IGNORE_INDEX)
+    n = len(row["input_ids"])
+    mark = " · <b>at cutoff_len: truncated</b>" if n >= cutoff_len else ""
+    body = "".join(
+        f'<mark style="background:#c8f7c5">{html.escape(tokenizer.decode(ids))}</mark>'
+        if is_trained
+        else html.escape(tokenizer.decode(ids))
+        for is_trained, ids in trained_spans(row["input_ids"], labels)
+    )
+    head = f"<div><b>example {index}</b>: {n} tokens, {trained} trained{mark}</div>"
+    return f'{head}<pre style="white-space:pre-wrap">{body}</pre>'
+
+
+def data_page(args: Any, page: int, size: int = DATA_PAGE_SIZE) -> str:
+    """A page of the run's training examples after the same data step as `sftflow train` (the tokenized
+    cache included), then the counts: per dataset, truncated and dropped at cutoff_len."""
+    import html
+
+    from sftflow.data.inspect import format_report
+    from sftflow.data.prepare import prepare
+    from sftflow.model.loader import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(args.model, args.data)
+    prepared = prepare(
+        args.finetuning.stage, args.data, tokenizer, args.training.seed, args.training.do_train
+    )
+    shown = prepared.train if prepared.train is not None else prepared.eval
+    if shown is None:
+        return "<p>no examples.</p>"
+    total = len(shown) if hasattr(shown, "__len__") else None
+    start = max(page - 1, 0) * size
+    rows = (
+        [shown[i] for i in range(start, min(start + size, total))]
+        if total is not None
+        else list(shown.take(size))
+    )
+    pages = f" of {-(-total // size)}" if total else ""
+    parts = [f"<p>page {page}{pages} ({total} examples; trained tokens highlighted)</p>"]
+    parts += [example_html(tokenizer, row, start + i, args.data.cutoff_len) for i, row in enumerate(rows)]
+    parts.append(f"<pre>{html.escape(format_report(prepared.meta))}</pre>")
+    return "".join(parts)
