@@ -60,10 +60,6 @@ def test_method_keys_load_under_llamafactory_names(overrides):
         (["pref_loss=simpo"], "stage: dpo"),
         (["stage=kto", "per_device_train_batch_size=1"], "per_device_train_batch_size >= 2"),
         (["stage=kto", "per_device_train_batch_size=2", "packing=true"], "packing: false"),
-        (["stage=dpo", "pref_loss=simpo"], "does not call it yet"),
-        (["stage=rm", "use_muon=true"], "not supported in stage: rm yet"),
-        (["stage=dpo", "loraplus_lr_ratio=4"], "not supported in stage: dpo yet"),
-        (["stage=dpo", "pissa_init=true", "pissa_convert=true"], "not supported in stage: dpo yet"),
         (["use_asft_loss=true"], "out of scope"),
         (["use_eaft_loss=true"], "out of scope"),
         (["mixture_of_depths=convert"], "mixture-of-depths"),
@@ -81,9 +77,8 @@ def test_ppo_is_refused_with_the_reason():
     check_stage_name("kto")  # sftflow's own stages pass
 
 
-def test_simpo_keys_load_once_dpo_dispatches_to_it(monkeypatch):
-    import sftflow.config.methods
-
-    monkeypatch.setattr(sftflow.config.methods, "SIMPO_IN_DPO", True)
+def test_simpo_and_the_method_keys_load_in_the_pair_stages():
+    for stage_keys in (["stage=rm", "use_muon=true"], ["stage=dpo", "loraplus_lr_ratio=4"]):
+        load("do_train=true", *stage_keys)
     args = load("stage=dpo", "pref_loss=simpo", "simpo_gamma=1.0", "use_muon=true")
     assert args.finetuning.pref_loss == "simpo" and args.finetuning.simpo_gamma == 1.0

@@ -17,7 +17,6 @@ PAIRS = [
 def simpo_setup(tmp_path, model_dir, **overrides):
     from datasets import Dataset
 
-    import sftflow.config.methods
     from sftflow.model.loader import load_chat_tokenizer
     from sftflow.train.preference import simpo_trainer
     from sftflow.train.steps import build_model
@@ -38,11 +37,7 @@ def simpo_setup(tmp_path, model_dir, **overrides):
         "report_to": "none",
         **overrides,
     }
-    sftflow.config.methods.SIMPO_IN_DPO = True  # the trainer is tested here; stages/dpo.py calls it
-    try:
-        args = load_args(None, [f"{k}={v}" for k, v in config.items()])
-    finally:
-        sftflow.config.methods.SIMPO_IN_DPO = False
+    args = load_args(None, [f"{k}={v}" for k, v in config.items()])
     tokenizer = load_chat_tokenizer(args.model, args.data)
     model = build_model(args, tokenizer)
     trainer = simpo_trainer(args, model, tokenizer, Dataset.from_list(PAIRS), None, [])

@@ -31,8 +31,6 @@ HQQ = (
     "(QLoRA) or 8."
 )
 
-# stages/dpo.py dispatches pref_loss: simpo to train/preference.py's simpo_trainer (#18: set True with it)
-SIMPO_IN_DPO = False
 
 NEFTUNE_FAST_LOSS = (
     "neftune_noise_alpha with fast_loss: true is refused: NEFTune's noise is alpha / sqrt(L * d) with L the "
@@ -77,20 +75,6 @@ def check_methods(
             raise SftflowError(
                 f"{key} needs the {package} package: pip install {package} (or 'sftflow[methods]')."
             )
-    # rm and dpo (but SimPO) build their TRL trainers in stages/rm.py and stages/dpo.py, which do not take
-    # these optimizers or PiSSA's conversion yet (#18): refused there rather than silently left out
-    unwired = stage == "rm" or (stage == "dpo" and finetuning.pref_loss != "simpo")
-    if chosen and unwired:
-        raise SftflowError(
-            f"{chosen[0]} is not supported in stage: {stage} yet; use it with sft, pt, kto or simpo."
-        )
-    if finetuning.pissa_init and stage in ("rm", "dpo"):
-        raise SftflowError(f"pissa_init is not supported in stage: {stage} yet; use it with sft, pt or kto.")
-    if finetuning.pref_loss == "simpo" and stage == "dpo" and not SIMPO_IN_DPO:
-        raise SftflowError(
-            "pref_loss: simpo is built (train/preference.py: simpo_trainer) but stages/dpo.py does not call it "
-            "yet; use pref_loss: sigmoid, ipo, hinge or orpo for now."
-        )
     if finetuning.loraplus_lr_ratio is not None and finetuning.loraplus_lr_ratio <= 0:
         raise SftflowError(
             f"loraplus_lr_ratio must be > 0 (16 in the LoRA+ paper), got {finetuning.loraplus_lr_ratio}."

@@ -1,6 +1,6 @@
 """The preference-tuning (dpo) recipe, top to bottom:
 args -> tokenizer/template -> preference pairs -> causal LM (+LoRA) -> TRL DPOTrainer (sigmoid / ipo /
-hinge, optional NLL term) or TRL's experimental ORPOTrainer, both with sftflow's `Resilience` (atomic
+hinge, optional NLL term), TRL's experimental ORPOTrainer or CPOTrainer (SimPO), each with sftflow's `Resilience` (atomic
 checkpoints, resume, NaN/OOM/SIGTERM handling, tokens/s logs) -> train/eval -> report.
 
 Pairs are tokenized by sftflow (`encode_pairwise`, the same rendering and cutoff policy as sft) and handed
@@ -17,9 +17,12 @@ from trl import DPOConfig, DPOTrainer
 
 from sftflow.data.encode import IGNORE_INDEX
 from sftflow.errors import SftflowError
+from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer, load_model
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
+from sftflow.train.optim import build_optimizer
+from sftflow.train.preference import simpo_trainer
 from sftflow.train.steps import (
     RunResult,
     build_model,
@@ -47,7 +50,7 @@ def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     rewards/margins.
 
     Raises:
-        SftflowError: orpo without TRL's experimental ORPO trainer.
+        SftflowError: orpo / simpo without TRL's experimental ORPO / CPO trainer.
     """
     training, finetuning = args.training, args.finetuning
     output_dir, resume = start_run(args)
@@ -65,9 +68,16 @@ def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
 
     # 4. Trainer (TRL needs a train_dataset even when only evaluating).
     train_set = train_set if train_set is not None else eval_set
-    trainer_callbacks = [JsonlLogCallback(output_dir), *(callbacks or [])]
+    trainer_callbacks = [
+        JsonlLogCallback(output_dir),
+        *method_callbacks(finetuning, output_dir),
+        *(callbacks or []),
+    ]
     if finetuning.pref_loss == "orpo":
         trainer = orpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
+    elif finetuning.pref_loss == "simpo":
+        eval_pairs = completions(eval_set) if eval_set is not None else None
+        trainer = simpo_trainer(args, model, tokenizer, completions(train_set), eval_pairs, trainer_callbacks)
     else:
         trainer = dpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
     result = RunResult(output_dir)
@@ -146,6 +156,7 @@ def dpo_trainer(
         eval_dataset=completions(eval_set) if eval_set is not None else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizers=(build_optimizer(model, args.finetuning, config), None),  # None: the Trainer's own
         skip_nan=args.finetuning.skip_nan,
     )
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
@@ -200,5 +211,6 @@ def orpo_trainer(
         eval_dataset=completions(eval_set) if eval_set is not None else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizers=(build_optimizer(model, args.finetuning, config), None),  # None: the Trainer's own
         skip_nan=args.finetuning.skip_nan,
     )

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 from trl import RewardConfig, RewardTrainer
 
 from sftflow.infer.predict import write_pair_scores
+from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
+from sftflow.train.optim import build_optimizer
 from sftflow.train.steps import (
     RunResult,
     build_model,
@@ -55,14 +57,20 @@ def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     # 4. Trainer: TRL's, on our tokenization (the full rendered conversations, scored at their last token).
     #    With sftflow's checkpoints, resume, NaN/OOM/SIGTERM handling and tokens/s logs.
     columns = ["chosen_ids", "rejected_ids"]
+    config = trl_args(RewardConfig, training, max_length=None, disable_dropout=False)
     trainer = ResilientRewardTrainer(
         model=model,
-        args=trl_args(RewardConfig, training, max_length=None, disable_dropout=False),
+        args=config,
         # TRL needs a train_dataset even when only evaluating
         train_dataset=(train_set if train_set is not None else eval_set).select_columns(columns),
         eval_dataset=eval_set.select_columns(columns) if eval_set is not None else None,
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(output_dir), *(callbacks or [])],
+        callbacks=[
+            JsonlLogCallback(output_dir),
+            *method_callbacks(args.finetuning, output_dir),
+            *(callbacks or []),
+        ],
+        optimizers=(build_optimizer(model, args.finetuning, config), None),  # None: the Trainer's own
         skip_nan=args.finetuning.skip_nan,
     )
     result = RunResult(output_dir)
