@@ -1,6 +1,7 @@
 """`sftflow board` in a real headless Chromium (Debian's, driven by playwright) on the tiny test model:
-browse the data, start a run from the page, see the chart update, close the page and reopen it mid-run, stop (checkpoint),
-resume to the end, start and compare a second run, chat with the tuned model and its base side by side.
+browse the data, start two runs from the page, stop one (checkpoint) and resume it, close the page and
+reopen it mid-run, see the chart update, watch it finish, compare the two runs, open a report, chat with
+the tuned model and its base side by side, export.
 
 Set SFTFLOW_BOARD_SHOTS=DIR to keep the two screenshots (docs/board-train.png, docs/board-runs.png).
 """
@@ -75,8 +76,8 @@ def board(tmp_path, tiny_model_dir, toy_data_dir):
         "do_train": True,
         "do_eval": True,
         "eval_strategy": "steps",
-        "eval_steps": 10,
-        "max_steps": 30,
+        "eval_steps": 20,
+        "max_steps": 80,
         "logging_steps": 1,
         "per_device_train_batch_size": 2,
         "learning_rate": 5e-3,
@@ -203,15 +204,28 @@ def test_board_in_a_browser(board, tmp_path):
             assert second.startswith("run-"), second
             mark("started two runs")
 
-            # the first one shows up as running and its loss chart fills in as it goes
+            # as soon as the first one trains, stop it: the graceful SIGTERM path saves a checkpoint
             pick(page, "live-run", "first")
+            wait_text(page, "#live-progress", lambda t: "first" in t and step_of(t) >= 1, 90, "first steps")
+            page.click("#stop-btn")
+            wait_text(page, "#train-message", lambda t: "SIGTERM sent" in t, 10, "stop")
+            text = wait_text(page, "#live-progress", lambda t: "stopped" in t, 60, "stopped")
+            stopped_at = step_of(text)
+            assert 0 < stopped_at < 80, text
+            assert list((saves / "first").glob("checkpoint-*")), "no checkpoint after Stop"
+            mark(f"stopped at step {stopped_at}")
+
+            # resume it, close the page and open it again mid-run: it opens on the running run, whose
+            # charts go on from the checkpoint's step
+            page.click("#resume-btn")
+            wait_text(page, "#train-message", lambda t: "resumed" in t, 20, "resume")
+            page.close()
+            page, _ = open_page(browser, url)
             text = wait_text(
-                page,
-                "#live-progress",
-                lambda t: "first" in t and "running" in t and step_of(t) >= 2,
-                90,
-                "run",
+                page, "#live-progress", lambda t: "running" in t and step_of(t) > stopped_at, 90, "reopen"
             )
+            assert "first" in text, text
+            mark("reopened mid-run")
             chart = page.locator("#loss-plot")
             before = chart.screenshot()
             deadline = time.time() + 30
@@ -220,31 +234,14 @@ def test_board_in_a_browser(board, tmp_path):
             assert chart.screenshot() != before, "the loss chart did not change while the run went on"
             page.screenshot(path=str(shots / "board-train.png"))
             mark("chart updated")
-
-            # stop: the graceful SIGTERM path saves a checkpoint; then resume to the end
-            page.click("#stop-btn")
-            wait_text(page, "#train-message", lambda t: "SIGTERM sent" in t, 10, "stop")
-            text = wait_text(page, "#live-progress", lambda t: "stopped" in t, 60, "stopped")
-            stopped_at = step_of(text)
-            assert 0 < stopped_at < 30, text
-            assert list((saves / "first").glob("checkpoint-*")), "no checkpoint after Stop"
-            mark(f"stopped at step {stopped_at}")
-            page.click("#resume-btn")
-            wait_text(page, "#train-message", lambda t: "resumed" in t, 20, "resume")
-
-            # close the page and open it again mid-run: it opens on a running run, and the resumed one runs
-            page.close()
-            page, _ = open_page(browser, url)
-            wait_text(page, "#live-progress", lambda t: "running" in t, 20, "reopen")
-            mark("reopened mid-run")
             pick(page, "live-run", "first")
             text = wait_text(
                 page, "#live-progress", lambda t: "first" in t and "finished" in t, 90, "resumed"
             )
-            assert step_of(text) == 30, text
+            assert step_of(text) == 80, text
             log = (saves / "first" / "trainer_log.jsonl").read_text().splitlines()
             steps = [json.loads(line)["step"] for line in log if "loss" in json.loads(line)]
-            assert steps == sorted(set(steps)) and steps[-1] == 30  # each step once across the resume
+            assert steps == sorted(set(steps)) and steps[-1] == 80  # each step once across the resume
 
             mark("resumed run finished")
             # compare the two runs

@@ -83,11 +83,14 @@ def test_statuses_and_table(tmp_path):
         f"{runs.LAUNCH_MARK}1 ===\nsftflow error: dataset 'x' not found\n"  # an earlier launch's error
         f"{runs.LAUNCH_MARK}2 ===\nsftflow error: training stopped by SIGTERM at step 2 of 4; checkpoint saved\n"
     )
+    early = write_run(saves / "early", [], None, {**DEAD, "stop_requested": True})
+    (early / runs.LOG_FILE).write_text(f"{runs.LAUNCH_MARK}1 ===\nloading\n")
     alive = {"pid": os.getpid(), "create_time": None, "started_at": time.time() - 3}
     write_run(saves / "live", LOG[:2], None, alive)
     (saves / "checkpoint-3").mkdir(parents=True)  # not a run
     table = {r.name: r for r in runs.list_runs(saves)}
-    assert set(table) == {"m/lora/done", "failed", "stopped", "live"}
+    assert set(table) == {"m/lora/done", "failed", "stopped", "live", "early"}
+    assert table["early"].status == "stopped" and "before training began" in table["early"].error
     done = table["m/lora/done"]
     assert (done.status, done.stage, done.model, done.datasets) == (
         "finished",

@@ -204,6 +204,8 @@ def run_status(run_dir: Path) -> tuple[str, str | None]:
         return "failed", error
     if results:
         return "finished", None
+    if status.get("stop_requested"):  # SIGTERM before training began: no checkpoint was written
+        return "stopped", "stopped before training began (no checkpoint); start it again"
     return "failed", "the run exited without results; see " + str(run_dir / LOG_FILE)
 
 
@@ -387,6 +389,8 @@ def stop_run(run_dir: str | Path) -> None:
     if not status or not process_alive(status):
         raise SftflowError(f"{run_dir.name} is not running, so there is nothing to stop.")
     os.kill(int(status["pid"]), signal.SIGTERM)
+    status["stop_requested"] = True
+    (run_dir / STATUS_FILE).write_text(json.dumps(status, indent=1), encoding="utf-8")
 
 
 def resume_run(run_dir: str | Path) -> int:
