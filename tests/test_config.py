@@ -151,7 +151,9 @@ def test_keyword_strings_stay_strings_in_yaml_and_on_the_command_line(tmp_path):
     assert args.training.report_to == []  # what HF makes of the string "none"
     assert args.training.save_strategy == "no" and args.training.eval_strategy == "no"
     assert args.training.lr_scheduler_type == "cosine" and args.training.resume_from_checkpoint is None
-    args = load_args(None, [*BASE, "report_to=none", "save_strategy=no", "hub_strategy=end"])
+    args = load_args(
+        None, [*BASE, "report_to=none", "save_strategy=no", "push_to_hub=true", "hub_strategy=end"]
+    )
     assert args.training.report_to == [] and args.training.save_strategy == "no"
     assert args.training.hub_strategy == "end"
     args = load_args(None, [*BASE, "report_to=all", "include_num_input_tokens_seen=true", "tf32=null"])

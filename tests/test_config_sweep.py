@@ -145,12 +145,20 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "freeze_extra_modules": {"finetuning_type": "freeze"},
     **{k: {"stage": "dpo"} for k in ("pref_beta", "pref_loss", "pref_ftx")},
     **{k: {"quantization_bit": 4} for k in ("quantization_type", "double_quantization")},
-    **{k: {"do_sample": True} for k in ("temperature", "top_p", "top_k")},
     "buffer_size": {"streaming": True, "max_steps": 5},
     "template_file": {"template": "qa"},
     **{k: {"save_steps": 5} for k in ("save_total_limit", "save_only_model", "save_on_each_node")},
     "eval_steps": {"val_size": 0.1},
     "label_smoothing_factor": {"fast_loss": False},
+    **{
+        k: {"eval_strategy": "steps", "eval_steps": 5, "val_size": 0.1}
+        for k in ("eval_delay", "eval_on_start")
+    },
+    **{
+        k: {"push_to_hub": True}
+        for k in ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_revision", "hub_always_push")
+    },
+    "dataloader_persistent_workers": {"dataloader_num_workers": 1},
 }
 
 # context that other rules need (a valid combination), not refused as "no effect" without it
@@ -341,6 +349,8 @@ def test_a_key_without_its_context_is_refused_as_having_no_effect(key):
         ("generation_max_length", 64, {}, "set max_new_tokens"),
         ("label_smoothing_factor", 0.1, {}, "needs fast_loss: false"),
         ("quantization_type", "fp4", {"quantization_bit": 8}, "applies to quantization_bit: 4 only"),
+        ("predict_with_generate", True, {"stage": "rm"}, "applies to stage: sft only"),
+        ("hub_model_id", "me/model", {}, "applies with push_to_hub: true only"),
     ],
 )
 def test_keys_that_change_nothing_here_are_refused(key, value, context, reason):

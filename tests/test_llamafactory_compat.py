@@ -81,6 +81,12 @@ ALIAS_SAMPLES = {
 }
 
 
+# keys that take effect only with others set (else they are refused as having no effect)
+ALIAS_CONTEXT = {
+    "push_to_hub_model_id": {"push_to_hub": True},
+}
+
+
 def value_of(args, key: str):
     for group in (args.model, args.data, args.finetuning, args.generating, args.training):
         if hasattr(group, key):
@@ -114,11 +120,14 @@ def test_alias_keys_load_and_land_on_their_target(key):
     target = ALIASES[key].target
     assert f"→ `{target}`" in ROWS[key]["text"], f"the table maps {key} elsewhere than {target}"
     value, expected = ALIAS_SAMPLES[key]
-    args = args_from_dict({**BASE, key: value})
+    context = ALIAS_CONTEXT.get(key, {})
+    args = args_from_dict({**BASE, **context, key: value})
     landed = value_of(args, target)
     assert landed == pytest.approx(expected) if isinstance(expected, float) else landed == expected
     with pytest.raises(SftflowError, match=f"{key} and {target} are both set"):
-        args_from_dict({**BASE, key: value, target: value_of(args_from_dict(BASE), target) or value})
+        args_from_dict(
+            {**BASE, **context, key: value, target: value_of(args_from_dict(BASE), target) or value}
+        )
 
 
 def _accepted(cell: str) -> list[str]:

@@ -318,14 +318,15 @@ LORA_KEYS = (
 )
 FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
 DPO_KEYS = ("pref_beta", "pref_loss", "pref_ftx")
-SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+HUB_KEYS = ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_revision", "hub_always_push")
 
 
 def no_effect(key: str, model: Any, data: Any, finetuning: Any, generating: Any, training: Any) -> str | None:
     """Why `key`, set by the user, would change nothing in this run (None when it takes effect).
 
     Generation keys are kept in a training config: they are saved with the run and used by chat, api and
-    predict. `export_*` keys are read by `sftflow export`.
+    predict (temperature/top_p/top_k are also the server's defaults for requests that ask to sample, so
+    they count without do_sample). `export_*` keys are read by `sftflow export`.
     """
     stage, tuning = finetuning.stage, finetuning.finetuning_type
     if key in LORA_KEYS and tuning != "lora":
@@ -336,8 +337,6 @@ def no_effect(key: str, model: Any, data: Any, finetuning: Any, generating: Any,
         return f"{key} applies to stage: dpo only (this run is stage: {stage})"
     if key in ("quantization_type", "double_quantization") and model.quantization_bit != 4:
         return f"{key} applies to quantization_bit: 4 only"
-    if key in SAMPLING_KEYS and not generating.do_sample:
-        return f"{key} applies only when sampling; set do_sample: true"
     if key == "buffer_size" and not data.streaming:
         return "buffer_size applies to streaming: true only (in-memory data is shuffled whole)"
     if key in ("tokenized_cache_dir", "overwrite_cache") and data.streaming:
@@ -352,6 +351,14 @@ def no_effect(key: str, model: Any, data: Any, finetuning: Any, generating: Any,
         return "eval_steps applies to eval_strategy: steps only"
     if key == "label_smoothing_factor" and finetuning.fast_loss and stage in ("sft", "pt"):
         return "label_smoothing_factor needs fast_loss: false (sftflow's fast loss has no label smoothing)"
+    if key in ("eval_delay", "eval_on_start") and training.eval_strategy == "no":
+        return f"{key} applies only when evaluating during training; set eval_strategy (or eval_steps)"
+    if key in HUB_KEYS and not training.push_to_hub:
+        return f"{key} applies with push_to_hub: true only (sftflow export uploads with export_hub_model_id)"
+    if key == "dataloader_persistent_workers" and training.dataloader_num_workers == 0:
+        return "dataloader_persistent_workers needs dataloader_num_workers > 0"
+    if key == "predict_with_generate" and stage != "sft":
+        return f"predict_with_generate applies to stage: sft only (stage {stage} does not generate)"
     if key == "generation_max_length":
         return "sftflow's predict generates max_new_tokens per answer; set max_new_tokens"
     return None
