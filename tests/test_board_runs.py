@@ -169,3 +169,12 @@ def test_the_models_of_a_run(tmp_path):
     full = write_run(tmp_path / "full", LOG)
     (full / "config.json").write_text("{}")
     assert models.tuned_keys(full)["model_name_or_path"] == str(full)
+
+
+def test_a_reused_pid_is_not_the_run(tmp_path):
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    assert runs.process_alive({"pid": os.getpid(), "create_time": me.create_time()})
+    assert not runs.process_alive({"pid": os.getpid(), "create_time": me.create_time() - 100})  # reused
+    assert not runs.process_alive({"pid": None})
