@@ -127,6 +127,7 @@ def test_help_lists_every_key_with_its_doc():
             if f.init and not f.name.startswith("_"):
                 assert f"  {f.name} (" in text
     assert "Module names to adapt" in text  # from the lora_target field docstring
+    assert "warmup_ratio -> warmup_steps" in text and "docs/llamafactory.md" in text
     from sftflow.config import FinetuningArguments
 
     assert field_docs(FinetuningArguments)["lora_rank"] == "LoRA rank r."

@@ -330,4 +330,7 @@ def help_text() -> str:
             lines.append(f"  {f.name} ({type_name(hints.get(f.name, f.type))}, default: {default})")
             if doc:
                 lines.append(f"      {doc}")
+    lines.append("\n[LLaMA-Factory and older transformers keys] (docs/llamafactory.md)")
+    lines.append("  aliases: " + ", ".join(f"{key} -> {alias.target}" for key, alias in ALIASES.items()))
+    lines.append(f"  {len(REFUSED)} more are refused with the reason and what to use instead.")
     return "\n".join(lines)
