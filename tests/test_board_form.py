@@ -111,3 +111,8 @@ def test_bad_values_give_the_cli_message():
         form.yaml_to_keys("- a\n- b\n")
     with pytest.raises(SftflowError, match="lora_rank must be >= 1"):
         form.check_keys({"model_name_or_path": "m", "output_dir": "o", "lora_rank": 0})
+
+
+def test_llamafactory_keys_fill_the_form_as_the_cli_reads_them():
+    values = form.keys_to_form({"evaluation_strategy": "steps", "warmup_ratio": 0.1})
+    assert form.form_to_keys(values) == {"warmup_steps": 0.1, "eval_strategy": "steps"}

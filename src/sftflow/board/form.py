@@ -211,16 +211,20 @@ def form_to_keys(values: list[Any]) -> dict[str, Any]:
 def keys_to_form(keys: dict[str, Any]) -> list[Any]:
     """Widget values for `keys` (unset keys get their default).
 
+    Keys of LLaMA-Factory and older transformers configs are mapped (or refused) as the CLI does.
+
     Raises:
-        SftflowError: an unknown key (with the closest valid one, as the CLI says it), or a value that does
-            not fit its key.
+        SftflowError: an unknown key (with the closest valid one, as the CLI says it), a refused key, or a
+            value that does not fit its key.
     """
+    from sftflow.config.compat import ALIASES, REFUSED, resolve_compat
     from sftflow.config.parser import coerce, unknown_key_message
 
     by_key = {f.key: f for f in fields()}
-    unknown = [k for k in keys if k not in by_key]
+    unknown = [k for k in keys if k not in by_key.keys() | ALIASES.keys() | REFUSED.keys()]
     if unknown:
         raise SftflowError("\n".join(unknown_key_message(k, sorted(by_key)) for k in unknown))
+    keys = resolve_compat(keys, by_key)  # LLaMA-Factory / older transformers keys, as the CLI reads them
     values = []
     for field_ in fields():
         if field_.key not in keys:
