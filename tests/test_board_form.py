@@ -116,3 +116,10 @@ def test_bad_values_give_the_cli_message():
 def test_llamafactory_keys_fill_the_form_as_the_cli_reads_them():
     values = form.keys_to_form({"evaluation_strategy": "steps", "warmup_ratio": 0.1})
     assert form.form_to_keys(values) == {"warmup_steps": 0.1, "eval_strategy": "steps"}
+
+
+def test_a_cli_runs_resolved_config_fills_the_form():
+    values = form.keys_to_form({"report_to": [], "lora_target": ["q_proj", "v_proj"], "lora_alpha": 16})
+    keys = form.form_to_keys(values)
+    assert keys == {"lora_alpha": 16, "lora_target": ["q_proj", "v_proj"], "report_to": []}
+    assert form.check_keys({**keys, "model_name_or_path": "m", "output_dir": "o"}).training.report_to == []

@@ -180,11 +180,18 @@ def parse_value(field_: FormField, value: Any) -> Any:
     if field_.kind == "choice" and not field_.custom:
         return text
     if text == "":
+        if str(field_.default) != "" and _takes_list(field_.type):
+            return []  # emptied on purpose (report_to: none -> no tracker at all)
         return None if _optional(field_.type) else ""
     try:
         return coerce(field_.type, text)
     except (ValueError, TypeError) as exc:
         raise SftflowError(f"bad value for {field_.key}: {exc}") from None
+
+
+def _takes_list(tp: Any) -> bool:
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return any(typing.get_origin(option) is list for option in options)
 
 
 def _optional(tp: Any) -> bool:
