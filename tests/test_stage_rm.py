@@ -54,9 +54,7 @@ def test_rm_learns_the_preference_and_saves_the_score_head(tmp_path, tiny_model_
 
     from sftflow.stages.registry import run_stage
 
-    args = load_args(
-        None, pair_config(tmp_path, tiny_model_dir, stage="rm", do_predict=True, predict_with_generate=True)
-    )
+    args = load_args(None, pair_config(tmp_path, tiny_model_dir, stage="rm", do_predict=True))
     result = run_stage(args)
     out = tmp_path / "out"
     for name in [
