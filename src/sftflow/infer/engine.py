@@ -824,11 +824,14 @@ class _BatchPath:
             self.manager.cancel_request(request_id)
 
         job.on_cancel = cancel
+        # token by token only when someone reads them (a stream) or stop strings must be watched for;
+        # otherwise the manager sends the finished answer once (less work per step)
+        streaming = job.events is not None or bool(job.params.stop)
         added = self.manager.add_request(
             job.prompt_ids,
             request_id=request_id,
             max_new_tokens=job.max_new_tokens,
-            streaming=True,
+            streaming=streaming,
             eos_token_id=self.engine.stop_ids,
             **kwargs,
         )
