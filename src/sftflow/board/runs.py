@@ -282,7 +282,13 @@ def list_runs(saves: str | Path) -> list[Run]:
     saves = Path(saves)
 
     def changed(path: Path) -> float:
-        return max((p.stat().st_mtime for p in path.iterdir() if p.is_file()), default=0.0)
+        times = []
+        for p in path.iterdir():
+            try:
+                times.append(p.stat().st_mtime)
+            except OSError:  # a file the run replaced meanwhile
+                continue
+        return max(times, default=0.0)
 
     return [read_run(p, saves) for p in sorted(find_run_dirs(saves), key=changed, reverse=True)]
 
