@@ -1,0 +1,107 @@
+"""The exact path: one `model.generate` at a time, with logits processors, for what continuous batching
+cannot carry: grammar-constrained decoding (response_format, forced tool calls), logprobs /
+top_logprobs, echo (the prompt's logprobs), a per-request seed, beam search.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sftflow.infer.requests import TokenLogprob
+
+if TYPE_CHECKING:
+    from sftflow.infer.engine import ChatEngine
+    from sftflow.infer.requests import Job
+
+
+def run_exact(engine: ChatEngine, job: Job) -> None:
+    """Generate `job` with `generate`, feeding it token by token (and each token's logprob when asked)."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    params = job.params
+    config = engine.generation_config(params, job.max_new_tokens, job.events is not None)
+    top = max(params.top_logprobs, 1) if params.logprobs else 0
+    recorder = Recorder(top)
+    processors: list[Any] = [recorder] if top else []
+    if params.grammar is not None:
+        from sftflow.infer.constrain import GrammarProcessor
+
+        processors.append(GrammarProcessor(engine.tokenizer, params.grammar, engine.stop_ids))
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), job.cancelled.is_set(), device=input_ids.device)
+
+    class Feed(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # generate hands the prompt over first
+                self.prompt_seen = True
+                return
+            ids = value.reshape(-1).tolist()
+            for token in ids:
+                if top and recorder.steps:
+                    step = recorder.steps[len(job.logprobs)]
+                    job.logprobs.append(token_logprob(engine.tokenizer, token, step))
+            if job.feed(ids):
+                job.cancelled.set()
+
+        def end(self) -> None:
+            pass
+
+    if job.seed is not None:
+        torch.manual_seed(job.seed)
+    input_ids = torch.tensor([job.prompt_ids], device=engine.model.device)
+    with torch.inference_mode():
+        echoed = prompt_logprobs(engine, input_ids, params.top_logprobs) if params.echo else None
+        if job.max_new_tokens > 0:
+            engine.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=config,
+                logits_processor=LogitsProcessorList(processors),
+                stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                streamer=Feed(),
+            )
+    job.finish(echoed)
+
+
+def token_logprob(tokenizer: Any, token: int, step: tuple[Any, Any, Any]) -> TokenLogprob:
+    """`token`'s logprob and the top alternatives from one step's (logprobs, top ids, top values)."""
+    logprobs, top_ids, top_values = step
+    top = [(i, tokenizer.decode([i]), v) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
+    return TokenLogprob(token, tokenizer.decode([token]), float(logprobs[token]), top)
+
+
+def prompt_logprobs(engine: ChatEngine, input_ids: Any, top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it (None for the first)."""
+    import torch
+
+    logits = engine.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(max(top, 1), dim=-1)
+    out: list[TokenLogprob | None] = [None]
+    for pos, token in enumerate(input_ids[0, 1:].tolist()):
+        out.append(token_logprob(engine.tokenizer, token, (logprobs[pos], ids[pos, :top], values[pos, :top])))
+    return out
+
+
+class Recorder:
+    """A logits processor that keeps each step's log-softmax (after repetition penalty, before sampling
+    warpers and grammar masks) and its top-k, to report logprobs of the tokens `generate` picks."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.steps: list[tuple[Any, Any, Any]] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logprobs = torch.log_softmax(scores[0].float(), dim=-1)
+        values, ids = logprobs.topk(self.top)
+        self.steps.append((logprobs, ids, values))
+        return scores
