@@ -147,7 +147,7 @@ def test_tool_results_in_the_history_are_rendered(client, engine):
         model="sftflow", messages=history, tools=[WEATHER], max_tokens=4
     )
     assert response.choices[0].finish_reason in ("stop", "length")
-    from sftflow.infer.api import Message
+    from sftflow.infer.protocol import Message
 
     rendered = [Message(**m).to_template() for m in history]  # what the server hands the template
     prompt = engine.tokenizer.decode(engine.encode(rendered, [WEATHER]))

@@ -14,7 +14,6 @@ from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
     from sftflow.config import GeneratingArguments
-    from sftflow.infer.engine import ChatEngine
     from sftflow.infer.requests import Job, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ class BatchPath:
     """Continuous batching: a transformers ContinuousBatchingManager fed by jobs, and a dispatcher thread
     that routes each request's tokens to its job (and drops a cancelled request's late tokens)."""
 
-    def __init__(self, engine: ChatEngine) -> None:
+    def __init__(self, engine: Any) -> None:  # the ChatEngine
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 

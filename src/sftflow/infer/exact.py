@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING, Any
 from sftflow.infer.requests import TokenLogprob
 
 if TYPE_CHECKING:
-    from sftflow.infer.engine import ChatEngine
     from sftflow.infer.requests import Job
 
 
-def run_exact(engine: ChatEngine, job: Job) -> None:
+def run_exact(engine: Any, job: Job) -> None:  # engine: the ChatEngine
     """Generate `job` with `generate`, feeding it token by token (and each token's logprob when asked)."""
     import torch
     from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -77,7 +76,7 @@ def token_logprob(tokenizer: Any, token: int, step: tuple[Any, Any, Any]) -> Tok
     return TokenLogprob(token, tokenizer.decode([token]), float(logprobs[token]), top)
 
 
-def prompt_logprobs(engine: ChatEngine, input_ids: Any, top: int) -> list[TokenLogprob | None]:
+def prompt_logprobs(engine: Any, input_ids: Any, top: int) -> list[TokenLogprob | None]:
     """Each prompt token's log-probability given the tokens before it (None for the first)."""
     import torch
 

@@ -11,12 +11,9 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from sftflow.errors import SftflowError
-
-if TYPE_CHECKING:
-    from sftflow.infer.engine import ChatEngine
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -176,7 +173,7 @@ class Job:
 
     def __init__(
         self,
-        engine: ChatEngine,
+        engine: Any,  # the ChatEngine (not imported: engine imports this module)
         prompt_ids: list[int],
         params: SamplingParams,
         max_new_tokens: int,
