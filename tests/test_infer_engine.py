@@ -342,3 +342,21 @@ def test_grammar_constrains_the_answer_to_a_json_schema(engine):
     assert completion.finish_reason == "stop"
     with pytest.raises(SftflowError, match="cannot be enforced"):
         json_schema_grammar({"type": "no-such-type"})
+
+
+def test_job_text_equals_decode_also_when_cut_inside_a_character(tiny_tokenizer):
+    """Streamed text holds back an incomplete multi-byte character; an answer cut there (max_new_tokens)
+    ends as `decode` gives it, like the batch decode of predict."""
+    from types import SimpleNamespace
+
+    from sftflow.infer.requests import Job
+
+    ids = tiny_tokenizer.encode("€ü ñ", add_special_tokens=False)  # bytes: not merged by the tiny BPE
+    cut = next(k for k in range(2, len(ids)) if tiny_tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    engine = SimpleNamespace(tokenizer=tiny_tokenizer, stop_id_set={tiny_tokenizer.eos_token_id})
+    job = Job(engine, [1], SamplingParams(), max_new_tokens=cut, streaming=True, seed=None)
+    for token in ids[:cut]:
+        job.feed([token])
+    job.finish()
+    completion = job.future.result()
+    assert completion.text == tiny_tokenizer.decode(ids[:cut]) and completion.finish_reason == "length"

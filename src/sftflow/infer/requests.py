@@ -238,7 +238,14 @@ class Job:
             if self.done:
                 return
             if not self.ended_on_stop:
-                self._emit(self.buffer.flush())
+                # text held back for an incomplete character ends the answer as decode gives it
+                full = self.engine.tokenizer.decode(self.answer, skip_special_tokens=True)
+                tail = full[len(self.decoded) :] if full.startswith(self.decoded) else ""
+                text, hit = self.buffer.feed(tail)
+                self._emit(text)
+                self.ended_on_stop = hit
+                if not hit:
+                    self._emit(self.buffer.flush())
             stopped = self.ended_on_stop or self.count < self.max_new_tokens
             logprobs = self.logprobs[: self.count] if self.params.logprobs else None
             completion = Completion(
