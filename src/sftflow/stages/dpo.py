@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from trl import DPOConfig, DPOTrainer
 
-from sftflow.data.encode import IGNORE_INDEX
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer, load_model
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
 from sftflow.train.optim import build_optimizer
-from sftflow.train.preference import simpo_trainer
+from sftflow.train.preference import pair_rows, simpo_trainer
 from sftflow.train.steps import (
     RunResult,
     build_model,
@@ -188,14 +187,7 @@ def orpo_trainer(
         """ORPOTrainer with `Resilience` that builds its rows from sftflow's ids instead of tokenizing text."""
 
         def tokenize_row(self, feature: dict, model: Any = None) -> dict:
-            prompt = list(feature["prompt_ids"])
-            out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
-            for side in ("chosen", "rejected"):
-                answer = list(feature[f"{side}_ids"])
-                out[f"{side}_input_ids"] = prompt + answer
-                out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
-                out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
-            return out
+            return pair_rows(feature)
 
     config = trl_args(
         ORPOConfig,
