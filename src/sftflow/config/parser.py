@@ -24,6 +24,7 @@ import yaml
 from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
 from sftflow.config.coerce import coerce, type_name
 from sftflow.config.compat import ALIASES, REFUSED, refusal, resolve_compat
+from sftflow.config.methods import check_stage_name
 from sftflow.config.validate import check_effect, check_ranges, check_stage, check_training
 from sftflow.errors import SftflowError
 
@@ -199,6 +200,7 @@ def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunA
         problems.append(str(exc))
     if problems:
         raise SftflowError("\n".join(problems))
+    check_stage_name(raw.get("stage"))  # ppo: the reason, not "did you mean 'dpo'"
 
     per_class: dict[type, dict[str, Any]] = {cls: {} for cls in all_classes()}
     hints = {cls: _resolved_hints(cls) for cls in all_classes()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,31 @@ def check_training(training: Any) -> None:
     check_report_to(training.report_to)
     check_optimizer(training)
     check_scheduler(training)
+    check_fsdp(training)
+
+
+def check_fsdp(training: Any) -> None:
+    """FSDP through the HF Trainer needs CUDA GPUs and a distributed launch; on CPU it cannot shard (with
+    use_cpu it would silently run plain DDP), so it is refused rather than run as something else.
+
+    Raises:
+        SftflowError: fsdp is set on CPU, or in a single process.
+    """
+    if not training.fsdp:
+        return
+    import torch
+
+    if training.use_cpu or not torch.cuda.is_available():
+        raise SftflowError(
+            "fsdp needs CUDA GPUs: on CPU the HF Trainer cannot shard the model (with use_cpu it would run plain "
+            "DDP instead). Drop fsdp and fsdp_config for a CPU run (torchrun with use_cpu: true is data parallel, "
+            "see examples/torchrun_cpu_sft.yaml), or run examples/fsdp_sft.yaml on GPUs."
+        )
+    if int(os.environ.get("WORLD_SIZE") or 1) < 2:
+        raise SftflowError(
+            "fsdp shards over several processes: launch with torchrun --nproc_per_node N -m sftflow.cli train "
+            "CONFIG (or accelerate launch), see examples/fsdp_sft.yaml."
+        )
 
 
 def check_optimizer(training: Any) -> None:
