@@ -148,8 +148,7 @@ def test_example_launch_configs_are_well_formed():
         assert first.startswith("# ") and ("torchrun" in first or "accelerate launch" in first), name
     torchrun = load_args(examples / "torchrun_cpu_sft.yaml")
     assert torchrun.training.use_cpu and torchrun.data.dataset == ["wren_identity"]
-    fsdp = load_args(examples / "fsdp_sft.yaml", ["bf16=false"])  # bf16 needs a GPU here
-    assert fsdp.training.fsdp and fsdp.training.fsdp_config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    # fsdp_sft.yaml needs GPUs: on CPU it is refused (tests/test_scale_configs.py checks its shape)
     for stage in (2, 3):
         ds = json.loads((examples / f"deepspeed_z{stage}.json").read_text())
         assert ds["zero_optimization"]["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == "auto"

@@ -1,10 +1,10 @@
 """Scale-out settings are honoured or refused, never run as something else: FSDP on CPU is refused with
 the reason (the HF Trainer would run plain DDP or fail inside its constructor), `stage: ppo` says why it
-is out of scope, and the FSDP / DeepSpeed example configs have the shape their libraries read."""
+is out of scope, and the FSDP example has the shape transformers reads (the DeepSpeed JSONs are checked in
+tests/test_distributed.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -43,15 +43,3 @@ def test_fsdp_example_is_what_transformers_reads_as_fsdp2():
     assert args.fsdp_config["version"] == 2 and args.fsdp_config["reshard_after_forward"] is True
     assert args.fsdp_config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert config["finetuning_type"] == "full"  # FSDP shards full tuning; LoRA runs plain DDP
-
-
-@pytest.mark.parametrize(("name", "stage"), [("deepspeed_z2.json", 2), ("deepspeed_z3.json", 3)])
-def test_deepspeed_configs_leave_the_batch_to_the_trainer(name, stage):
-    config = json.loads((EXAMPLES / name).read_text())
-    assert config["zero_optimization"]["stage"] == stage
-    # "auto": the HF Trainer fills them from the run's keys, so they cannot disagree with the config
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        assert config[key] == "auto", key
-    assert config["bf16"]["enabled"] == "auto"
-    example = yaml.safe_load((EXAMPLES / "deepspeed_sft.yaml").read_text())
-    assert (EXAMPLES.parent / example["deepspeed"]).is_file()
