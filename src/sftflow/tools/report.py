@@ -296,7 +296,6 @@ def base_vs_tuned_section(metrics: dict[str, Any]) -> str:
 
 def samples_section(output_dir: Path, limit: int = MAX_SAMPLES) -> str:
     """Held-out prompts with reference, base and tuned answers; for rm, the scored pairs."""
-    rows, total = sample_rows(output_dir, limit)
     pairs = read_pair_scores(output_dir)
     if pairs:
         header = ["#", "prompt", "chosen", "rejected", "chosen score", "rejected score"]
@@ -311,9 +310,9 @@ def samples_section(output_dir: Path, limit: int = MAX_SAMPLES) -> str:
             ]
             for i, p in enumerate(pairs[:limit])
         ]
-        rows, total = body, len(pairs)
-        shown = f"the first {len(body)} of {total}" if total > len(body) else f"all {total}"
+        shown = f"the first {len(body)} of {len(pairs)}" if len(pairs) > len(body) else f"all {len(pairs)}"
         return f"<p>{shown} held-out pairs, scored.</p>" + table(header, body, 4, css="samples")
+    rows, total = sample_rows(output_dir, limit)
     if not rows:
         return '<p class="note">no generated_predictions.jsonl in the output dir.</p>'
     has_base = rows[0]["base"] is not None
