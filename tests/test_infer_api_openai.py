@@ -320,4 +320,5 @@ def test_disconnecting_client_cancels_its_request(server, engine):
     deadline = time.monotonic() + 20
     while engine.held and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert engine.held == 0 and engine._batch.pending == 0
+    assert engine.held == 0  # the slot is free (and, on the continuous path, its handler gone)
+    assert engine._batch is None or engine._batch.pending == 0

@@ -222,23 +222,27 @@ def test_stop_helpers():
     assert buffer.flush() == "EN"
 
 
-# -- the batch path (continuous batching) and the exact path's extras ------------------------------
+# -- the batch path (dynamic or continuous batching) and the exact path's extras -------------------
 
 
-@pytest.fixture(scope="module")
-def batched(run_dir):
-    engine = load_engine(infer_args(str(run_dir), ["serve_max_queue=4"]), batched=True)
+@pytest.fixture(scope="module", params=["dynamic", "continuous"])
+def batched(run_dir, request):
+    overrides = ["serve_max_queue=4", f"serve_batching={request.param}"]
+    engine = load_engine(infer_args(str(run_dir), overrides), batched=True)
     yield engine
     engine.close()
 
 
 def test_batch_path_greedy_equals_generate_token_for_token(batched, engine):
-    prompts = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(6)]
+    # prompts of different lengths: the dynamic path left-pads them into one batch
+    prompts = [[{"role": "user", "content": f"Question number {i}?" + " And why" * i}] for i in range(6)]
     params = SamplingParams(max_new_tokens=8)
     assert batched.path(params) == "batch" and engine.path(params) == "exact"
     expected = [engine.generate(p, params).choices[0] for p in prompts]
     futures = [batched.submit(p, params) for p in prompts[:4]]  # four at once share forward passes
     got = [f.result(timeout=120).choices[0] for f in futures]
+    if batched._dynamic is not None:
+        assert batched._dynamic.largest_batch > 1
     got += [batched.generate(p, params).choices[0] for p in prompts[4:]]
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == [
@@ -278,9 +282,10 @@ def test_closed_stream_cancels_its_request_and_frees_its_slot(batched):
     stream, _ = batched.stream(QUESTION, SamplingParams(max_new_tokens=400))
     pieces = iter(stream)
     next(pieces)
-    assert batched.held == 1 and batched._batch.pending == 1
+    assert batched.held == 1 and (batched._batch is None or batched._batch.pending == 1)
     stream.close()
-    assert batched.held == 0 and batched._batch.pending == 0  # handler and slot gone at once
+    assert batched.held == 0  # the slot is free at once
+    assert batched._batch is None or batched._batch.pending == 0  # and the manager's handler gone
     after = batched.generate(QUESTION, SamplingParams(max_new_tokens=3)).choices[0]
     assert after.completion_tokens == 3  # the engine goes on serving
 
@@ -297,11 +302,25 @@ def test_full_queue_raises_engine_busy(batched):
 
 
 def test_cache_is_sized_from_the_config_not_the_library_default(batched):
+    assert batched.model.config._attn_implementation == "sdpa"
+    if batched._batch is None:  # dynamic: a batch fits serve_max_batch_tokens and the memory budget
+        dynamic = batched._dynamic
+        context = batched.context_length
+        assert dynamic.fits(1, context - 8, 8)  # one request always runs
+        assert dynamic.fits(2, 100, 8) and not dynamic.fits(3, 1000, 8)  # serve_max_batch_tokens=2048
+        assert not dynamic.fits(2, 10, context)  # padded past the model's positions
+        rows = dynamic.cache_budget // (dynamic.token_bytes * 20)
+        generating = batched.generating
+        generating.serve_max_batch_tokens = 10**9  # only the memory budget limits now
+        try:
+            assert dynamic.fits(rows, 10, 10) and not dynamic.fits(rows + 1, 10, 10)
+        finally:
+            generating.serve_max_batch_tokens = 2048
+        return
     sizes = batched._batch.sizes
     blocks_per_request = -(-batched.context_length // sizes["page_size"])
     assert sizes["num_blocks"] <= 4 * blocks_per_request  # serve_max_queue=4 full-context requests at most
-    assert sizes["cache_bytes"] < 64 * 2**20 and sizes["max_batch_tokens"] == 256
-    assert batched.model.config._attn_implementation == "sdpa"
+    assert sizes["cache_bytes"] < 64 * 2**20 and sizes["max_batch_tokens"] == 2048
 
 
 def test_logprobs_and_echo_match_a_forward_pass(engine):

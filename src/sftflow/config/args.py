@@ -413,11 +413,16 @@ class GeneratingArguments:
     serve_max_queue: int = 64
     """`sftflow api`: requests held at once (running + waiting); more are answered 429 with Retry-After."""
 
-    serve_max_batch_tokens: int = 256
-    """`sftflow api`: tokens one batched forward pass may hold (prompt chunks + one per answering request)."""
+    serve_batching: Literal["dynamic", "continuous"] = "dynamic"
+    """`sftflow api`: dynamic (waiting requests run together in one generate; fastest on CPU) or continuous
+    (transformers' continuous batching: requests join and leave the batch at every step)."""
+
+    serve_max_batch_tokens: int = 2048
+    """`sftflow api`: tokens one batched forward pass may hold (dynamic: rows x longest prompt; continuous:
+    prompt chunks + one per answering request)."""
 
     serve_memory_fraction: float = 0.1
-    """`sftflow api`: share of free memory (RAM on CPU, GPU memory on CUDA) the batched KV cache may take."""
+    """`sftflow api`: share of free memory (RAM on CPU, GPU memory on CUDA) the batch's KV cache may take."""
 
     def __post_init__(self) -> None:
         if min(self.serve_max_queue, self.serve_max_batch_tokens) < 1:

@@ -1,10 +1,12 @@
-"""The chat engine: a tuned model (base + adapter) and its tokenizer behind two generation paths.
+"""The chat engine: a tuned model (base + adapter) and its tokenizer behind its generation paths.
 
-- The **batch path** (servers, infer/batch.py): transformers' continuous batching. Concurrent requests share every forward
-  pass; a paged KV cache sized from `serve_memory_fraction` of the machine's memory (never the library's
-  default, which reserves most of the RAM) holds them. It carries greedy or sampled decoding with a
-  per-request temperature / top_p, stop strings, and n (as n requests).
-- The **exact path** (infer/exact.py): one `model.generate` at a time on a worker thread, with logits processors. It carries
+- The **batch path** (servers): concurrent requests share forward passes. By default (`serve_batching:
+  dynamic`, infer/dynamic.py) the requests waiting when the model is free run together in one left-padded
+  `model.generate`, each row streamed and resolved on its own; `serve_batching: continuous`
+  (infer/batch.py) uses transformers' continuous batching instead (requests join and leave at every
+  step; a paged KV cache sized from `serve_memory_fraction`, never the library's default). Either carries
+  greedy or sampled decoding with a per-request temperature / top_p, stop strings, and n (as n requests).
+- The **exact path** (infer/exact.py): one `model.generate` per request, with logits processors. It carries
   what the batch path cannot: grammar-constrained decoding (response_format, forced tool calls),
   logprobs / top_logprobs, echo (prompt logprobs), per-request seed, beam search.
 
@@ -19,11 +21,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Literal
 
 from sftflow.errors import SftflowError
 from sftflow.infer.batch import SERVING_ATTENTION, BatchPath, cache_sizes
+from sftflow.infer.dynamic import DynamicPath
 from sftflow.infer.exact import run_exact
 from sftflow.infer.requests import (
     ChatResult,
@@ -65,8 +69,8 @@ __all__ = [
 class ChatEngine:
     """Generate chat answers from one loaded model; safe to call from many threads at once.
 
-    With `batched=True` the batch path (continuous batching) serves every request it can carry; otherwise
-    (chat in a terminal, the board) every request runs on the exact path.
+    With `batched=True` the batch path (`serve_batching`: dynamic or continuous) serves every request it
+    can carry; otherwise (chat in a terminal, the board) every request runs on the exact path.
     """
 
     def __init__(
@@ -89,10 +93,15 @@ class ChatEngine:
         self.max_queue = generating.serve_max_queue
         self._held = 0
         self._held_lock = threading.Lock()
-        self._exact: queue.Queue[Job | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._serve_exact, name="sftflow-generate", daemon=True)
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._batch: BatchPath | None = None  # continuous batching, on its own thread
+        self._dynamic: DynamicPath | None = None  # dynamic batching, on the worker below
+        if batched and generating.serve_batching == "continuous":
+            self._batch = BatchPath(self)
+        elif batched:
+            self._dynamic = DynamicPath(self)
+        self._worker = threading.Thread(target=self._serve, name="sftflow-generate", daemon=True)
         self._worker.start()
-        self._batch: BatchPath | None = BatchPath(self) if batched else None
 
     # -- prompts and settings -------------------------------------------------------------------
 
@@ -186,7 +195,8 @@ class ChatEngine:
 
     def path(self, params: SamplingParams) -> Literal["batch", "exact"]:
         """Which path a request takes: the batch path unless it needs what only `generate` carries."""
-        if self._batch is None or not self._batch.can_carry(params):
+        batch = self._batch or self._dynamic
+        if batch is None or not batch.can_carry(params):
             return "exact"
         return "batch"
 
@@ -320,13 +330,12 @@ class ChatEngine:
             job.future.add_done_callback(self._release)
             jobs.append(job)
         try:
-            if self.path(params) == "batch":
-                assert self._batch is not None
+            if self.path(params) == "batch" and self._batch is not None:
                 for job in jobs:
                     self._batch.add(job)
             else:
                 for job in jobs:
-                    self._exact.put(job)
+                    self._queue.put(job)
         except BaseException as exc:
             for job in jobs:
                 job.fail(exc)
@@ -337,19 +346,68 @@ class ChatEngine:
         """Finish the queued jobs and stop the workers."""
         if self._batch is not None:
             self._batch.close()
-        self._exact.put(None)
+        self._queue.put(None)
         self._worker.join()
 
-    def _serve_exact(self) -> None:
-        """The exact path's worker: one job at a time (a job cancelled while waiting is skipped)."""
-        while (job := self._exact.get()) is not None:
+    def _serve(self) -> None:
+        """The worker: takes the queued jobs in arrival order; with dynamic batching, a job and the waiting
+        jobs that can share its batch run together, else one job at a time (a cancelled job is skipped)."""
+        waiting: deque[Job] = deque()
+        closing = False
+        while waiting or not closing:
+            if not waiting:
+                job = self._queue.get()
+                if job is None:
+                    break
+                waiting.append(job)
+            while not closing:  # every job already queued joins the choice
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    closing = True
+                else:
+                    waiting.append(job)
+            if self._dynamic is not None and not closing:
+                closing = self._gather(waiting)
+            job = waiting.popleft()
             if job.done:
                 continue
+            group = [job]
             try:
-                run_exact(self, job)
+                if self._dynamic is not None and self._dynamic.can_carry(job.params):
+                    group = self._dynamic.take(job, waiting)
+                    self._dynamic.run(group)
+                else:
+                    run_exact(self, job)
             except BaseException as exc:
                 logger.exception("generation failed")
-                job.fail(exc)
+                for failed in group:
+                    failed.fail(exc)
+
+
+    def _gather(self, waiting: deque[Job]) -> bool:
+        """Before a dynamic batch starts, let requests sent at the same moment arrive: wait while new jobs
+        keep coming less than GATHER_GAP_S apart, at most GATHER_MAX_S. Returns True if close() was called."""
+        import time
+
+        deadline = time.monotonic() + GATHER_MAX_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                job = self._queue.get(timeout=min(GATHER_GAP_S, left))
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            waiting.append(job)
+        return False
+
+
+# Requests sent together reach the worker a few ms apart (HTTP parsing, chat template): a batch that
+# started on the first alone would leave the rest waiting for its end. Costs a single request <= 10 ms.
+GATHER_GAP_S = 0.01
+GATHER_MAX_S = 0.05
 
 
 def context_length(model: Any, tokenizer: Any) -> int:
@@ -367,7 +425,7 @@ def context_length(model: Any, tokenizer: Any) -> int:
 
 def load_engine(args: RunArgs, batched: bool = False) -> ChatEngine:
     """Load the model and tokenizer `args` describe and start a ChatEngine on them (`batched`: with the
-    continuous-batching path, for servers)."""
+    batch path, for servers)."""
     from sftflow.model.inference import load_for_inference
 
     model, tokenizer = load_for_inference(args)
