@@ -11,6 +11,10 @@ Every request field is either acted on or refused: unknown fields and values thi
 get 400. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 invalid
 request, 401 missing/wrong API key, 404 unknown model, 429 (with Retry-After) when `serve_max_queue`
 requests are already held, 500 generation failure. A client that disconnects cancels its request.
+
+Several runs can be served at once (`create_app({"a": engine_a, "b": engine_b})`): a request's `model`
+picks the engine (400 when it is missing), /v1/models lists every name and /health reports each. With one
+run, `model` may also be omitted, be `sftflow`, or the run dir's last part.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,13 +62,21 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`; with `api_key`, every /v1 route needs `Authorization: Bearer <key>`."""
+def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving one engine (under its model_name) or several by name; with `api_key`, every
+    /v1 route needs `Authorization: Bearer <key>`."""
     from sftflow.errors import SftflowError
     from sftflow.infer.engine import EngineBusy, RequestError
 
-    app = FastAPI(title="sftflow", description="OpenAI-compatible completions for a tuned model")
-    names = {engine.model_name, "sftflow", Path(engine.model_name).name}
+    served = dict(engines) if isinstance(engines, Mapping) else {engines.model_name: engines}
+    if not served:
+        raise SftflowError("create_app needs at least one engine to serve.")
+    aliases = {name: name for name in served}  # what a request's `model` may say -> the served name
+    if len(served) == 1:
+        (only,) = served
+        aliases.update({"sftflow": only, Path(only).name: only})
+    listed = ", ".join(repr(name) for name in served)
+    app = FastAPI(title="sftflow", description="OpenAI-compatible completions for tuned models")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Any:
@@ -92,12 +104,23 @@ def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
             raise HTTPException(401, "invalid API key: send Authorization: Bearer <API_KEY>")
 
-    def check_model(name: str | None) -> JSONResponse | None:
-        if name is None or name in names:
-            return None
+    def pick(name: str | None) -> tuple[str, ChatEngine] | JSONResponse:
+        """The served name and engine a request's `model` asks for, or the error to answer."""
+        if name is None and len(served) == 1:
+            name = next(iter(served))
+        if name is None:
+            return _error(
+                400,
+                f"model is required: this server serves several runs ({listed}).",
+                "invalid_request_error",
+                "model",
+            )
+        if name in aliases:
+            return aliases[name], served[aliases[name]]
+        also = " (also 'sftflow')" if len(served) == 1 else ""
         return _error(
             404,
-            f"model {name!r} is not served here; this server serves {engine.model_name!r} (also 'sftflow').",
+            f"model {name!r} is not served here; this server serves {listed}{also}.",
             "invalid_request_error",
             "model",
             "model_not_found",
@@ -121,27 +144,22 @@ def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": engine.model_name,
-            "held": engine.held,
-            "max_queue": engine.max_queue,
-        }
+        each = [{"model": n, "held": e.held, "max_queue": e.max_queue} for n, e in served.items()]
+        # one run keeps its fields at the top level too, as before several runs could be served
+        return {"status": "ok", **(each[0] if len(each) == 1 else {}), "models": each}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
-        card = {
-            "id": engine.model_name,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "sftflow",
-        }
-        return {"object": "list", "data": [card]}
+        created = int(time.time())
+        cards = [{"id": n, "object": "model", "created": created, "owned_by": "sftflow"} for n in served]
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        if (wrong := check_model(body.model)) is not None:
-            return wrong
+        picked = pick(body.model)
+        if isinstance(picked, JSONResponse):
+            return picked
+        model, engine = picked
         try:
             plan = chat_plan(engine, body)
         except Exception as exc:  # a request the template or the schema compiler refuses
@@ -152,7 +170,7 @@ def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
                 # the first stream is queued now, so bad requests get their 4xx before any event is sent
                 first = engine.stream_ids(plan.prompt_ids, plan.params, index=0)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = chat_events(engine, plan, first, completion_id, created, include_usage)
+                events = chat_events(engine, model, plan, first, completion_id, created, include_usage)
                 return StreamingResponse(events, media_type="text/event-stream")
             future = engine.submit_ids(plan.prompt_ids, plan.params)
             result = await until_done(future, request)
@@ -165,15 +183,17 @@ def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": engine.model_name,
+            "model": model,
             "choices": choices,
             "usage": usage(result.prompt_tokens, sum(c.completion_tokens for c in result.choices)),
         }
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        if (wrong := check_model(body.model)) is not None:
-            return wrong
+        picked = pick(body.model)
+        if isinstance(picked, JSONResponse):
+            return picked
+        model, engine = picked
         from sftflow.infer.engine import SamplingParams
 
         try:
@@ -196,7 +216,7 @@ def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
                 first = engine.stream_ids(prompts[0], params, index=0)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = completion_events(
-                    engine, prompts[0], params, first, completion_id, created, include_usage
+                    engine, model, prompts[0], params, first, completion_id, created, include_usage
                 )
                 return StreamingResponse(events, media_type="text/event-stream")
             futures = [engine.submit_ids(ids, params) for ids in prompts]
@@ -215,7 +235,7 @@ def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
             "id": completion_id,
             "object": "text_completion",
             "created": created,
-            "model": engine.model_name,
+            "model": model,
             "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens),
         }
@@ -255,6 +275,7 @@ def _error_event(exc: Exception) -> str:
 
 async def chat_events(
     engine: ChatEngine,
+    model: str,
     plan: ChatPlan,
     first: tuple[Any, int],
     completion_id: str,
@@ -262,13 +283,14 @@ async def chat_events(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events of a streamed chat completion: the n answers one after another (each chunk names
-    its choice index). Content streams as it is generated; once a tool call may have begun, the rest is
-    held and sent as tool_calls deltas (name, then arguments) when the answer ends. Then usage (if asked)
-    and `data: [DONE]`. A failure mid-stream is sent as an `error` event, which the openai client raises."""
-    from sftflow.infer.tools import may_start_call
+    its choice index). Content streams as it is generated; with tools, a call is sent as tool_calls deltas
+    as it is generated (a head with index, id and name, then the arguments piece by piece; see
+    `ToolCallStream`). Then usage (if asked) and `data: [DONE]`. A failure mid-stream is sent as an
+    `error` event, which the openai client raises."""
+    from sftflow.infer.tools import ToolCallStream
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return _chunk("chat.completion.chunk", completion_id, created, engine.model_name, choices, **extra)
+        return _chunk("chat.completion.chunk", completion_id, created, model, choices, **extra)
 
     stream, prompt_tokens = first
     completion_tokens = 0
@@ -279,34 +301,22 @@ async def chat_events(
             yield event(
                 [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             )
-            text, sent = "", 0
+            calls = None
+            if plan.tool_format is not None:
+                calls = ToolCallStream(plan.tool_format, plan.parallel)  # type: ignore[arg-type]
             async for piece in stream:
-                text += piece
-                safe = may_start_call(text, plan.tool_format) if plan.tool_format else len(text)
-                if safe > sent:
-                    yield event(
-                        [{"index": index, "delta": {"content": text[sent:safe]}, "finish_reason": None}]
-                    )
-                    sent = safe
+                if calls is not None:
+                    for delta in calls.feed(piece):
+                        yield event([{"index": index, "delta": delta, "finish_reason": None}])
+                elif piece:
+                    yield event([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
             completion_tokens += stream.completion_tokens
-            content, calls = plan.split(text)
-            if calls:
-                for k, call in enumerate(calls):
-                    head = {
-                        "index": k,
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": ""},
-                    }
-                    yield event([{"index": index, "delta": {"tool_calls": [head]}, "finish_reason": None}])
-                    args = {"index": k, "function": {"arguments": call.arguments}}
-                    yield event([{"index": index, "delta": {"tool_calls": [args]}, "finish_reason": None}])
-            elif len(text) > sent:
-                yield event([{"index": index, "delta": {"content": text[sent:]}, "finish_reason": None}])
+            for delta in calls.finish() if calls else []:
+                yield event([{"index": index, "delta": delta, "finish_reason": None}])
             logprobs = None
             if plan.params.logprobs and stream.completion is not None:
                 logprobs = chat_logprobs(stream.completion.logprobs, plan.top_logprobs)
-            finish = "tool_calls" if calls else stream.finish_reason
+            finish = calls.finish_reason(stream.finish_reason) if calls else stream.finish_reason
             yield event([{"index": index, "delta": {}, "finish_reason": finish, "logprobs": logprobs}])
         if include_usage:
             yield event([], usage=usage(prompt_tokens, completion_tokens))
@@ -319,6 +329,7 @@ async def chat_events(
 
 async def completion_events(
     engine: ChatEngine,
+    model: str,
     prompt_ids: list[int],
     params: SamplingParams,
     first: tuple[Any, int],
@@ -329,7 +340,7 @@ async def completion_events(
     """Server-sent events of a streamed completion (text deltas; logprobs, if asked, with the last chunk)."""
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return _chunk("text_completion", completion_id, created, engine.model_name, choices, **extra)
+        return _chunk("text_completion", completion_id, created, model, choices, **extra)
 
     stream, prompt_tokens = first
     completion_tokens = 0
