@@ -1,6 +1,7 @@
-"""The batch path: transformers' continuous batching behind a ChatEngine. One ContinuousBatchingManager
-(paged KV cache sized by `cache_sizes`, never the library default) runs every request it can carry; a
-dispatcher thread routes each request's tokens to its Job and drops a cancelled request's late tokens.
+"""The continuous path (`serve_batching: continuous`): transformers' continuous batching behind a
+ChatEngine. One ContinuousBatchingManager (paged KV cache sized by `cache_sizes`, never the library
+default) runs every request it can carry; a dispatcher thread routes each request's tokens to its Job and
+drops a cancelled request's late tokens.
 """
 
 from __future__ import annotations

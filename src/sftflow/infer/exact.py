@@ -1,4 +1,4 @@
-"""The exact path: one `model.generate` at a time, with logits processors, for what continuous batching
+"""The exact path: one `model.generate` per request, with logits processors, for what the batch paths
 cannot carry: grammar-constrained decoding (response_format, forced tool calls), logprobs /
 top_logprobs, echo (the prompt's logprobs), a per-request seed, beam search.
 """
