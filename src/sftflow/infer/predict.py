@@ -93,10 +93,23 @@ def generate_predictions(
     from sftflow.data.encode import IGNORE_INDEX
     from sftflow.train.metrics import text_metrics
 
-    output = trainer.predict(dataset, metric_key_prefix=prefix)
-    tokens = output.predictions
-    tokens[tokens == IGNORE_INDEX] = tokenizer.pad_token_id
-    answers = [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    drop_last = trainer.args.dataloader_drop_last
+    if drop_last:
+        logger.warning(
+            "predict answers every prompt, the smaller last batch too: dataloader_drop_last is not applied."
+        )
+    trainer.args.dataloader_drop_last = False  # the Trainer drops a smaller last batch at predict time too
+    try:
+        output = trainer.predict(dataset, metric_key_prefix=prefix)
+    finally:
+        trainer.args.dataloader_drop_last = drop_last
+    # one array (batches padded to the longest answer with IGNORE_INDEX), or one per batch when
+    # eval_do_concat_batches is false; pad is special, so decoding drops it with the stop token
+    batches = output.predictions if isinstance(output.predictions, list) else [output.predictions]
+    answers = []
+    for tokens in batches:
+        tokens[tokens == IGNORE_INDEX] = tokenizer.pad_token_id
+        answers += [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
     metrics = {f"{prefix}_{k}": v for k, v in text_metrics(answers, [r["label"] for r in rows]).items()}
     metrics.update({k: v for k, v in output.metrics.items() if k.endswith(("runtime", "samples_per_second"))})
     ordered = sorted(zip(rows, answers, strict=True), key=lambda pair: pair[0]["index"])
