@@ -94,6 +94,7 @@ class ChatEngine:
         self._held = 0
         self._held_lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._closed = False
         self._batch: BatchPath | None = None  # continuous batching, on its own thread
         self._dynamic: DynamicPath | None = None  # dynamic batching, on the worker below
         if batched and generating.serve_batching == "continuous":
@@ -343,7 +344,10 @@ class ChatEngine:
         return jobs
 
     def close(self) -> None:
-        """Finish the queued jobs and stop the workers."""
+        """Finish the queued jobs and stop the workers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._batch is not None:
             self._batch.close()
         self._queue.put(None)
