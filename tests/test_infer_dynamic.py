@@ -26,11 +26,11 @@ def hold_worker(engine):
     started, release = threading.Event(), threading.Event()
     original = engine._dynamic.run
 
-    def run(jobs):
+    def run(jobs, *rest):
         engine._dynamic.run = original
         started.set()
         release.wait(timeout=60)
-        original(jobs)
+        return original(jobs, *rest)
 
     engine._dynamic.run = run
     blocker = engine.submit(QUESTION, SamplingParams(max_new_tokens=1))
@@ -43,9 +43,9 @@ def batches(engine):
     seen: list[list] = []
     original = engine._dynamic.run
 
-    def run(jobs):
+    def run(jobs, *rest):
         seen.append(list(jobs))
-        original(jobs)
+        return original(jobs, *rest)
 
     engine._dynamic.run = run
     return seen, lambda: setattr(engine._dynamic, "run", original)
@@ -116,3 +116,21 @@ def test_only_requests_with_one_generation_config_share_a_batch(engine):
     # greedy rows together, sampled rows together; the logprobs request ran alone on the exact path
     keys = [sorted(job.params.temperature or 0 for job in rows) for rows in seen]
     assert keys == [[0, 0], [0.7, 0.7]]
+
+
+def test_a_request_sent_mid_batch_joins_it_and_the_running_answer_is_unchanged(engine):
+    long_params = SamplingParams(max_new_tokens=200)
+    exact = engine.submit(QUESTION, SamplingParams(max_new_tokens=200, seed=0))  # seed: the exact path
+    expected = exact.result(timeout=120).choices[0]
+    assert expected.completion_tokens == 200  # the tiny model never stops on its own
+    before = engine._dynamic.regroups
+    stream, _ = engine.stream(QUESTION, long_params)
+    pieces = iter(stream)
+    text = [next(pieces)]  # the long answer is under way
+    short = engine.submit([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=3))
+    assert short.result(timeout=60).choices[0].completion_tokens == 3
+    assert not stream._job.done  # the short request did not wait for the long one to end
+    text += list(pieces)
+    assert engine._dynamic.regroups > before  # the batch stopped to let it in, then went on
+    assert stream._job.answer == expected.token_ids  # greedy: the same tokens as without the interruption
+    assert "".join(text) == expected.text and stream.completion_tokens == 200

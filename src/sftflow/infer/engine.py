@@ -357,24 +357,28 @@ class ChatEngine:
         """The worker: takes the queued jobs in arrival order; with dynamic batching, a job and the waiting
         jobs that can share its batch run together, else one job at a time (a cancelled job is skipped)."""
         waiting: deque[Job] = deque()
-        closing = False
-        while waiting or not closing:
+        closing = [False]
+
+        def drain() -> None:  # every job already queued joins the choice
+            while not closing[0]:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if job is None:
+                    closing[0] = True
+                else:
+                    waiting.append(job)
+
+        while waiting or not closing[0]:
             if not waiting:
                 job = self._queue.get()
                 if job is None:
                     break
                 waiting.append(job)
-            while not closing:  # every job already queued joins the choice
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    closing = True
-                else:
-                    waiting.append(job)
-            if self._dynamic is not None and not closing:
-                closing = self._gather(waiting)
+            drain()
+            if self._dynamic is not None and not closing[0]:
+                closing[0] = self._gather(waiting)
             job = waiting.popleft()
             if job.done:
                 continue
@@ -382,14 +386,14 @@ class ChatEngine:
             try:
                 if self._dynamic is not None and self._dynamic.can_carry(job.params):
                     group = self._dynamic.take(job, waiting)
-                    self._dynamic.run(group)
+                    unfinished = self._dynamic.run(group, waiting, drain)
+                    waiting.extendleft(reversed(unfinished))  # they go on first, with who joins them
                 else:
                     run_exact(self, job)
             except BaseException as exc:
                 logger.exception("generation failed")
                 for failed in group:
                     failed.fail(exc)
-
 
     def _gather(self, waiting: deque[Job]) -> bool:
         """Before a dynamic batch starts, let requests sent at the same moment arrive: wait while new jobs
