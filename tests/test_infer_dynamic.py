@@ -134,3 +134,20 @@ def test_a_request_sent_mid_batch_joins_it_and_the_running_answer_is_unchanged(e
     assert engine._dynamic.regroups > before  # the batch stopped to let it in, then went on
     assert stream._job.answer == expected.token_ids  # greedy: the same tokens as without the interruption
     assert "".join(text) == expected.text and stream.completion_tokens == 200
+
+
+def test_a_shared_system_prompt_is_read_once_and_answers_are_unchanged(engine):
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short line. " * 3}
+    questions = [[system, {"role": "user", "content": "Question " + "why " * i}] for i in range(4)]
+    params = SamplingParams(max_new_tokens=10)
+    expected = [engine.submit(q, SamplingParams(max_new_tokens=10, seed=0)).result(timeout=60) for q in questions]
+    engine._dynamic.prefixes.clear()
+    for _ in range(2):  # the second batch reuses the first one's prefix
+        release, blocker = hold_worker(engine)
+        futures = [engine.submit(q, params) for q in questions]
+        release.set()
+        blocker.result(timeout=60)
+        got = [f.result(timeout=60).choices[0] for f in futures]
+        assert [c.token_ids for c in got] == [e.choices[0].token_ids for e in expected]
+    (prefix,) = engine._dynamic.prefixes  # one shared prefix, cached once
+    assert len(prefix) >= 16 and all(engine.encode(q)[: len(prefix)] == list(prefix) for q in questions)

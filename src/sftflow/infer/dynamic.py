@@ -53,6 +53,8 @@ class DynamicPath:
         self.token_bytes = kv_bytes_per_token(model)
         self.largest_batch = 0  # rows of the largest batch run so far
         self.regroups = 0  # batches stopped early to let waiting jobs join
+        self.prefixes: dict[tuple[int, ...], Any] = {}  # shared prompt prefix -> its KV cache (1 row)
+        self.reuse_prefixes = True
         logger.info(
             "dynamic batching: up to %d prompt tokens per batch, KV cache up to %.0f MB",
             engine.generating.serve_max_batch_tokens,
@@ -149,23 +151,30 @@ class DynamicPath:
 
         outer = self
         prompts = [ids_so_far(job) for job in jobs]
-        longest = max(len(ids) for ids in prompts)
-        pad = engine.tokenizer.pad_token_id
-        pad = pad if pad is not None else engine.stop_ids[0]
-        device = engine.model.device
-        input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in prompts], device=device)
-        attention_mask = torch.tensor(
-            [[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts], device=device
-        )
         budget = max(tokens_left(job) for job in jobs)
         config = engine.generation_config(jobs[0].params, budget, streaming=True)
         if budget > 0 and any(live):
             with torch.inference_mode():
+                prefix, cache = self.prefix_cache(prompts, len(jobs))
+                # each row: the shared prefix (its KV computed once), padding, then the row's own tokens
+                rest = [ids[len(prefix) :] for ids in prompts]
+                longest = max(len(ids) for ids in rest)
+                pad = engine.tokenizer.pad_token_id
+                pad = pad if pad is not None else engine.stop_ids[0]
+                device = engine.model.device
+                input_ids = torch.tensor(
+                    [prefix + [pad] * (longest - len(ids)) + ids for ids in rest], device=device
+                )
+                attention_mask = torch.tensor(
+                    [[1] * len(prefix) + [0] * (longest - len(ids)) + [1] * len(ids) for ids in rest],
+                    device=device,
+                )
                 engine.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
                     stopping_criteria=StoppingCriteriaList([Rows()]),
+                    **({"cache": cache} if cache is not None else {}),
                 )
         if regroup[0]:
             self.regroups += 1
@@ -174,6 +183,57 @@ class DynamicPath:
             job.finish()
         return []
 
+    def prefix_cache(self, prompts: list[list[int]], rows: int) -> tuple[list[int], Any]:
+        """The longest cached prefix every prompt shares (else, for 2+ prompts, their common prefix,
+        computed and cached now) and a copy of its KV cache repeated for `rows` rows; ([], None) when the prompts share fewer
+        than PREFIX_MIN tokens or this model's cache cannot be reused. Chat prompts mostly share the
+        template's system prompt (SmolLM2: 24 of ~40 tokens), whose KV every batch would recompute."""
+        import copy
+
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if not self.reuse_prefixes:
+            return [], None
+        shortest = min(len(ids) for ids in prompts)  # every row keeps >= 1 token of its own to read
+        best: tuple[int, ...] = ()
+        for prefix in self.prefixes:
+            if len(best) < len(prefix) < shortest and all(
+                tuple(ids[: len(prefix)]) == prefix for ids in prompts
+            ):
+                best = prefix
+        if not best and len(prompts) < 2:
+            return [], None  # one prompt alone tells nothing about what others share
+        if not best:
+            common = 0
+            while common < shortest - 1 and all(ids[common] == prompts[0][common] for ids in prompts):
+                common += 1
+            if common < PREFIX_MIN:
+                return [], None
+            best = tuple(prompts[0][:common])
+            cache = DynamicCache(config=self.engine.model.config)
+            self.engine.model(input_ids=self._tensor([list(best)]), cache=cache, use_cache=True)
+            if not all(type(layer) is DynamicLayer for layer in cache.layers):
+                self.reuse_prefixes = False  # sliding windows, linear attention: no reuse
+                return [], None
+            self.prefixes[best] = cache
+            while len(self.prefixes) > PREFIX_CACHE_SIZE:
+                self.prefixes.pop(next(iter(self.prefixes)))  # the least recently used
+        self.prefixes[best] = self.prefixes.pop(best)  # most recently used last
+        cache = copy.deepcopy(self.prefixes[best])
+        cache.batch_repeat_interleave(rows)
+        return list(best), cache
+
+    def _tensor(self, rows: list[list[int]]) -> Any:
+        import torch
+
+        return torch.tensor(rows, device=self.engine.model.device)
+
+
+# A prefix shorter than this is recomputed with each batch; at most PREFIX_CACHE_SIZE prefixes are kept
+# (SmolLM2-135M: 46 KB of KV per token in fp32).
+PREFIX_MIN = 16
+PREFIX_CACHE_SIZE = 8
 
 # Stopping a batch to let waiting jobs in costs a forward pass over the live rows' prompts and answers so
 # far: on CPU a prompt token costs about what a decode step of 16 rows costs / 40 (SmolLM2-135M), so a
