@@ -151,3 +151,26 @@ def test_a_shared_system_prompt_is_read_once_and_answers_are_unchanged(engine):
         assert [c.token_ids for c in got] == [e.choices[0].token_ids for e in expected]
     (prefix,) = engine._dynamic.prefixes  # one shared prefix, cached once
     assert len(prefix) >= 16 and all(engine.encode(q)[: len(prefix)] == list(prefix) for q in questions)
+
+
+def test_a_waiting_request_that_cannot_join_is_not_passed_by_a_regroup(engine):
+    before = engine._dynamic.regroups
+    stream, _ = engine.stream(QUESTION, SamplingParams(max_new_tokens=200))
+    pieces = iter(stream)
+    next(pieces)
+    scored = engine.submit(QUESTION, SamplingParams(max_new_tokens=2, logprobs=True))  # the exact path
+    plain = engine.submit(QUESTION, SamplingParams(max_new_tokens=2))  # could join, but arrived later
+    list(pieces)
+    assert scored.result(timeout=60).choices[0].logprobs and plain.result(timeout=60)
+    assert engine._dynamic.regroups == before  # the batch ran to its end; then each in arrival order
+
+
+def test_a_closed_engine_refuses_new_requests(tiny_model_dir, tmp_path):
+    from sftflow.errors import SftflowError
+
+    closed = load_engine(infer_args(str(make_run_dir(tiny_model_dir, tmp_path)), []), batched=True)
+    closed.close()
+    closed.close()  # idempotent
+    with pytest.raises(SftflowError, match="closed"):
+        closed.submit(QUESTION, SamplingParams(max_new_tokens=2))
+    assert closed.held == 0

@@ -309,13 +309,17 @@ def test_cache_is_sized_from_the_config_not_the_library_default(batched):
         assert dynamic.fits(1, context - 8, 8)  # one request always runs
         assert dynamic.fits(2, 100, 8) and not dynamic.fits(3, 1000, 8)  # serve_max_batch_tokens=2048
         assert not dynamic.fits(2, 10, context)  # padded past the model's positions
+        dynamic.prefixes.clear()
         rows = dynamic.cache_budget // (dynamic.token_bytes * 20)
         generating = batched.generating
         generating.serve_max_batch_tokens = 10**9  # only the memory budget limits now
         try:
             assert dynamic.fits(rows, 10, 10) and not dynamic.fits(rows + 1, 10, 10)
+            dynamic.prefixes[tuple(range(40))] = None  # a kept prefix takes its share of the budget
+            assert not dynamic.fits(rows, 10, 10) and dynamic.fits(rows - 2, 10, 10)
         finally:
             generating.serve_max_batch_tokens = 2048
+            dynamic.prefixes.clear()
         return
     sizes = batched._batch.sizes
     blocks_per_request = -(-batched.context_length // sizes["page_size"])

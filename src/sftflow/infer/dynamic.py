@@ -85,7 +85,8 @@ class DynamicPath:
             return False
         if longest_prompt + longest_answer > self.engine.context_length:
             return False  # the padded batch would run past the model's positions
-        return rows * (longest_prompt + longest_answer) * self.token_bytes <= self.cache_budget
+        kept = sum(len(prefix) for prefix in self.prefixes) * self.token_bytes  # the cached prefixes
+        return rows * (longest_prompt + longest_answer) * self.token_bytes <= self.cache_budget - kept
 
     def take(self, first: Job, waiting: deque[Job]) -> list[Job]:
         """`first` and the waiting jobs (in arrival order) that can share its batch; they leave `waiting`."""
@@ -104,19 +105,22 @@ class DynamicPath:
         return group
 
     def should_regroup(self, jobs: list[Job], live: list[bool], waiting: deque[Job]) -> bool:
-        """Whether to stop this batch so that waiting jobs join the live rows in a new one: as many wait as
-        rows are live, the live rows still have REGROUP_MIN_LEFT tokens to go, and one more row fits. The
-        live rows then re-read their prompt + answer so far in the new batch's first pass."""
+        """Whether to stop this batch so that waiting jobs join the live rows in a new one: every waiting
+        job can join, they are at least as many as the live rows and that many fit, and the live rows
+        still have REGROUP_MIN_LEFT tokens to go. The live rows then re-read their prompt + answer so
+        far in the new batch's first pass."""
         rows = [job for job, alive in zip(jobs, live, strict=True) if alive]
         if not rows or max(tokens_left(job) for job in rows) < REGROUP_MIN_LEFT:
             return False
         key = self.key(rows[0])
-        joining = [j for j in waiting if not j.done and self.can_carry(j.params) and self.key(j) == key]
-        if len(joining) < len(rows):
-            return False
-        prompt = max(len(ids_so_far(job)) for job in [*rows, joining[0]])
-        answer = max(tokens_left(job) for job in [*rows, joining[0]])
-        return self.fits(len(rows) + 1, prompt, answer)
+        waiting_now = [j for j in waiting if not j.done]
+        joining = [j for j in waiting_now if self.can_carry(j.params) and self.key(j) == key]
+        if len(joining) < len(rows) or len(joining) < len(waiting_now):
+            return False  # too few to be worth it, or a job that cannot join would wait longer still
+        added = joining[: len(rows)]  # the regroup must at least double the batch
+        prompt = max(len(ids_so_far(job)) for job in [*rows, *added])
+        answer = max(tokens_left(job) for job in [*rows, *added])
+        return self.fits(len(rows) + len(added), prompt, answer)
 
     def run(self, jobs: list[Job], waiting: deque[Job] | None = None, drain: Any = None) -> list[Job]:
         """Generate the batch; each job resolves as soon as its own row ends. With `waiting` (and `drain`,
@@ -132,6 +136,8 @@ class DynamicPath:
 
         class Rows(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                if regroup[0]:  # a step generate ran after the stop (deferred checks): not fed
+                    return torch.ones(len(jobs), dtype=torch.bool, device=input_ids.device)
                 newest = input_ids[:, -1].tolist()
                 for i, job in enumerate(jobs):
                     if not live[i]:
@@ -193,8 +199,10 @@ class DynamicPath:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
-        if not self.reuse_prefixes:
-            return [], None
+        if not self.reuse_prefixes or getattr(
+            self.engine.model.generation_config, "cache_implementation", None
+        ):
+            return [], None  # a model that asks for its own cache type gets it
         shortest = min(len(ids) for ids in prompts)  # every row keeps >= 1 token of its own to read
         best: tuple[int, ...] = ()
         for prefix in self.prefixes:
@@ -208,11 +216,14 @@ class DynamicPath:
             common = 0
             while common < shortest - 1 and all(ids[common] == prompts[0][common] for ids in prompts):
                 common += 1
+            common = min(common, PREFIX_MAX)  # identical prompts (sampled n) share all but one token
             if common < PREFIX_MIN:
                 return [], None
             best = tuple(prompts[0][:common])
             cache = DynamicCache(config=self.engine.model.config)
-            self.engine.model(input_ids=self._tensor([list(best)]), cache=cache, use_cache=True)
+            self.engine.model(
+                input_ids=self._tensor([list(best)]), cache=cache, use_cache=True, logits_to_keep=1
+            )
             if not all(type(layer) is DynamicLayer for layer in cache.layers):
                 self.reuse_prefixes = False  # sliding windows, linear attention: no reuse
                 return [], None
@@ -230,9 +241,10 @@ class DynamicPath:
         return torch.tensor(rows, device=self.engine.model.device)
 
 
-# A prefix shorter than this is recomputed with each batch; at most PREFIX_CACHE_SIZE prefixes are kept
-# (SmolLM2-135M: 46 KB of KV per token in fp32).
+# A prefix shorter than PREFIX_MIN is recomputed with each batch; at most PREFIX_CACHE_SIZE prefixes of at
+# most PREFIX_MAX tokens are kept, and their KV counts against serve_memory_fraction (`fits`).
 PREFIX_MIN = 16
+PREFIX_MAX = 1024
 PREFIX_CACHE_SIZE = 8
 
 # Stopping a batch to let waiting jobs in costs a forward pass over the live rows' prompts and answers so

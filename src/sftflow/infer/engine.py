@@ -323,6 +323,8 @@ class ChatEngine:
         streaming: bool,
         index: int = 0,
     ) -> list[Job]:
+        if self._closed:
+            raise SftflowError("the engine is closed: it takes no more requests.")
         self._hold(copies)
         jobs = []
         for i in range(copies):

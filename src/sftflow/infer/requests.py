@@ -6,6 +6,7 @@ and `Job`: one answer being generated, fed tokens by either path, streaming text
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -334,7 +335,9 @@ class _LoopQueue:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        # a closed loop (shutdown) has no reader left: the other rows of a batch must not fail with it
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def empty(self) -> bool:
         return self.queue.empty()
