@@ -306,6 +306,25 @@ def test_full_queue_answers_429_with_retry_after(server, engine):
             stream.close()
 
 
+def test_streamed_n_past_the_queue_is_a_429_before_any_event(server, engine):
+    body = {"messages": QUESTION, "max_tokens": 4, "temperature": 0.8, "n": 4, "stream": True}
+    request = urllib.request.Request(
+        f"{server}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:  # 4 answers, serve_max_queue=3
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 429
+    assert engine.held == 0  # the answers already queued were cancelled
+    body["n"] = 3  # fits: all three stream, each chunk naming its choice
+    request = urllib.request.Request(
+        f"{server}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [line for line in response.read().decode().splitlines() if line.startswith("data: {")]
+    finishes = [c["index"] for e in events for c in json.loads(e[6:])["choices"] if c["finish_reason"]]
+    assert finishes == [0, 1, 2]
+
+
 def test_disconnecting_client_cancels_its_request(server, engine):
     import http.client
 

@@ -167,10 +167,11 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         try:
             if body.stream:
-                # the first stream is queued now, so bad requests get their 4xx before any event is sent
-                first = engine.stream_ids(plan.prompt_ids, plan.params, index=0)
+                # the n streams are queued now (they share batches), so a bad request or a full queue gets
+                # its 4xx before any event is sent
+                streams = start_streams(engine, plan.prompt_ids, plan.params)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = chat_events(engine, model, plan, first, completion_id, created, include_usage)
+                events = chat_events(model, plan, streams, completion_id, created, include_usage)
                 return StreamingResponse(events, media_type="text/event-stream")
             future = engine.submit_ids(plan.prompt_ids, plan.params)
             result = await until_done(future, request)
@@ -213,10 +214,10 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
                 raise RequestError("stream takes a single prompt.", "prompt")
             completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             if body.stream:
-                first = engine.stream_ids(prompts[0], params, index=0)
+                streams = start_streams(engine, prompts[0], params)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = completion_events(
-                    engine, model, prompts[0], params, first, completion_id, created, include_usage
+                    engine, model, prompts[0], params, streams, completion_id, created, include_usage
                 )
                 return StreamingResponse(events, media_type="text/event-stream")
             futures = [engine.submit_ids(ids, params) for ids in prompts]
@@ -273,11 +274,27 @@ def _error_event(exc: Exception) -> str:
     return f"data: {json.dumps({'error': error})}\n\n"
 
 
+def start_streams(engine: ChatEngine, prompt_ids: list[int], params: SamplingParams) -> list[Any]:
+    """Queue the n streamed answers of one request (all or none: a refusal closes those started).
+
+    Raises:
+        RequestError, EngineBusy: as ChatEngine.stream_ids.
+    """
+    streams: list[Any] = []
+    try:
+        for index in range(params.n):
+            streams.append(engine.stream_ids(prompt_ids, params, index=index)[0])
+    except Exception:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
 async def chat_events(
-    engine: ChatEngine,
     model: str,
     plan: ChatPlan,
-    first: tuple[Any, int],
+    streams: list[Any],
     completion_id: str,
     created: int,
     include_usage: bool,
@@ -292,12 +309,9 @@ async def chat_events(
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         return _chunk("chat.completion.chunk", completion_id, created, model, choices, **extra)
 
-    stream, prompt_tokens = first
-    completion_tokens = 0
+    prompt_tokens, completion_tokens = len(plan.prompt_ids), 0
     try:
-        for index in range(plan.params.n):
-            if index > 0:
-                stream, _ = engine.stream_ids(plan.prompt_ids, plan.params, index=index)
+        for index, stream in enumerate(streams):
             yield event(
                 [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             )
@@ -323,7 +337,8 @@ async def chat_events(
     except Exception as exc:
         yield _error_event(exc)
     finally:
-        stream.close()  # the client went away or the stream ended: stop generating for it
+        for stream in streams:
+            stream.close()  # the client went away or the stream ended: stop generating for it
     yield "data: [DONE]\n\n"
 
 
@@ -332,7 +347,7 @@ async def completion_events(
     model: str,
     prompt_ids: list[int],
     params: SamplingParams,
-    first: tuple[Any, int],
+    streams: list[Any],
     completion_id: str,
     created: int,
     include_usage: bool,
@@ -342,12 +357,9 @@ async def completion_events(
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         return _chunk("text_completion", completion_id, created, model, choices, **extra)
 
-    stream, prompt_tokens = first
-    completion_tokens = 0
+    prompt_tokens, completion_tokens = len(prompt_ids), 0
     try:
-        for index in range(params.n):
-            if index > 0:
-                stream, _ = engine.stream_ids(prompt_ids, params, index=index)
+        for index, stream in enumerate(streams):
             if params.echo:
                 text = engine.tokenizer.decode(prompt_ids)
                 yield event([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])
@@ -368,5 +380,6 @@ async def completion_events(
     except Exception as exc:
         yield _error_event(exc)
     finally:
-        stream.close()
+        for stream in streams:
+            stream.close()
     yield "data: [DONE]\n\n"
