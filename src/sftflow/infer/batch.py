@@ -176,21 +176,9 @@ def cache_sizes(model: Any, generating: GeneratingArguments, context: int) -> di
     Returns:
         page_size, num_blocks, max_batch_tokens, max_requests_per_batch and cache_bytes.
     """
-    import psutil
-    import torch
-
-    config = model.config.get_text_config()
-    layers = config.num_hidden_layers
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     page_size = 64
-    itemsize = torch.tensor([], dtype=model.dtype).element_size()
-    block_bytes = 2 * layers * heads * head_dim * page_size * itemsize  # keys and values, every layer
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0]
-    else:
-        free = psutil.virtual_memory().available
-    budget = int(free * generating.serve_memory_fraction)
+    block_bytes = kv_bytes_per_token(model) * page_size
+    budget = memory_budget(model, generating.serve_memory_fraction)
     blocks_per_request = math.ceil(context / page_size)
     wanted = generating.serve_max_queue * blocks_per_request
     num_blocks = max(min(budget // block_bytes, wanted), blocks_per_request)
@@ -201,3 +189,26 @@ def cache_sizes(model: Any, generating: GeneratingArguments, context: int) -> di
         "max_requests_per_batch": min(generating.serve_max_queue, generating.serve_max_batch_tokens),
         "cache_bytes": int(num_blocks * block_bytes),
     }
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of KV cache one token takes across every layer (keys and values)."""
+    import torch
+
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.tensor([], dtype=model.dtype).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * itemsize
+
+
+def memory_budget(model: Any, fraction: float) -> int:
+    """`fraction` of the free memory where the model lives: GPU memory on CUDA, available RAM on CPU."""
+    import psutil
+    import torch
+
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    return int(free * fraction)

@@ -18,21 +18,12 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from sftflow.infer.batch import kv_bytes_per_token, memory_budget
+
 if TYPE_CHECKING:
     from sftflow.infer.requests import Job, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes of KV cache one token takes across every layer (keys and values)."""
-    import torch
-
-    config = model.config.get_text_config()
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.tensor([], dtype=model.dtype).element_size()
-    return 2 * config.num_hidden_layers * heads * head_dim * itemsize
 
 
 class DynamicPath:
@@ -40,17 +31,9 @@ class DynamicPath:
     forward pass) and `serve_memory_fraction` of the free memory (the batch's KV cache), and runs them."""
 
     def __init__(self, engine: Any) -> None:  # the ChatEngine
-        import psutil
-        import torch
-
         self.engine = engine
-        model = engine.model
-        if model.device.type == "cuda":
-            free = torch.cuda.mem_get_info(model.device)[0]
-        else:
-            free = psutil.virtual_memory().available
-        self.cache_budget = int(free * engine.generating.serve_memory_fraction)
-        self.token_bytes = kv_bytes_per_token(model)
+        self.cache_budget = memory_budget(engine.model, engine.generating.serve_memory_fraction)
+        self.token_bytes = kv_bytes_per_token(engine.model)
         self.largest_batch = 0  # rows of the largest batch run so far
         self.regroups = 0  # batches stopped early to let waiting jobs join
         self.prefixes: dict[tuple[int, ...], Any] = {}  # shared prompt prefix -> its KV cache (1 row)
@@ -129,7 +112,7 @@ class DynamicPath:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        engine = self.engine
+        engine, outer = self.engine, self
         live = [not job.done for job in jobs]
         self.largest_batch = max(self.largest_batch, len(jobs))
         regroup = [False]
@@ -155,7 +138,6 @@ class DynamicPath:
                     return torch.ones(len(jobs), dtype=torch.bool, device=input_ids.device)
                 return torch.tensor([not alive for alive in live], device=input_ids.device)
 
-        outer = self
         prompts = [ids_so_far(job) for job in jobs]
         budget = max(tokens_left(job) for job in jobs)
         config = engine.generation_config(jobs[0].params, budget, streaming=True)
@@ -191,11 +173,13 @@ class DynamicPath:
 
     def prefix_cache(self, prompts: list[list[int]], rows: int) -> tuple[list[int], Any]:
         """The longest cached prefix every prompt shares (else, for 2+ prompts, their common prefix,
-        computed and cached now) and a copy of its KV cache repeated for `rows` rows; ([], None) when the prompts share fewer
-        than PREFIX_MIN tokens or this model's cache cannot be reused. Chat prompts mostly share the
-        template's system prompt (SmolLM2: 24 of ~40 tokens), whose KV every batch would recompute."""
+        computed and cached now) and a copy of its KV cache repeated for `rows` rows; ([], None) when
+        the prompts share fewer than PREFIX_MIN tokens or this model's cache cannot be reused. Chat
+        prompts mostly share the template's system prompt (SmolLM2: 24 of ~40 tokens), whose KV every
+        batch would recompute."""
         import copy
 
+        import torch
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
@@ -221,9 +205,8 @@ class DynamicPath:
                 return [], None
             best = tuple(prompts[0][:common])
             cache = DynamicCache(config=self.engine.model.config)
-            self.engine.model(
-                input_ids=self._tensor([list(best)]), cache=cache, use_cache=True, logits_to_keep=1
-            )
+            ids = torch.tensor([list(best)], device=self.engine.model.device)
+            self.engine.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             if not all(type(layer) is DynamicLayer for layer in cache.layers):
                 self.reuse_prefixes = False  # sliding windows, linear attention: no reuse
                 return [], None
@@ -234,11 +217,6 @@ class DynamicPath:
         cache = copy.deepcopy(self.prefixes[best])
         cache.batch_repeat_interleave(rows)
         return list(best), cache
-
-    def _tensor(self, rows: list[list[int]]) -> Any:
-        import torch
-
-        return torch.tensor(rows, device=self.engine.model.device)
 
 
 # A prefix shorter than PREFIX_MIN is recomputed with each batch; at most PREFIX_CACHE_SIZE prefixes of at

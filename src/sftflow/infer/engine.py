@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Literal
@@ -400,8 +401,6 @@ class ChatEngine:
     def _gather(self, waiting: deque[Job]) -> bool:
         """Before a dynamic batch starts, let requests sent at the same moment arrive: wait while new jobs
         keep coming less than GATHER_GAP_S apart, at most GATHER_MAX_S. Returns True if close() was called."""
-        import time
-
         deadline = time.monotonic() + GATHER_MAX_S
         while (left := deadline - time.monotonic()) > 0:
             try:
