@@ -1,5 +1,5 @@
-"""The dynamic-batching path (infer/dynamic.py): rows of one batch end, stream and cancel on their own,
-and only requests one GenerationConfig can serve share a batch."""
+"""The dynamic-batching path (infer/dynamic.py): requests join a running batch and leave it at every step,
+end, stream and cancel on their own, and keep their greedy answers."""
 
 from __future__ import annotations
 
@@ -24,36 +24,36 @@ def engine(tiny_model_dir, tmp_path_factory):
 def hold_worker(engine):
     """Keep the worker busy until the returned event is set, so that the next jobs queue up together."""
     started, release = threading.Event(), threading.Event()
-    original = engine._dynamic.run
+    original = engine._dynamic.read
 
-    def run(jobs, *rest):
-        engine._dynamic.run = original
+    def read(jobs):  # the blocker's prompt is read (whether the worker was idle or not) after release
+        engine._dynamic.read = original
         started.set()
         release.wait(timeout=60)
-        return original(jobs, *rest)
+        return original(jobs)
 
-    engine._dynamic.run = run
+    engine._dynamic.read = read
     blocker = engine.submit(QUESTION, SamplingParams(max_new_tokens=1))
-    assert started.wait(timeout=60)  # the worker runs the blocker: what comes next queues up
+    assert started.wait(timeout=60)  # the worker holds the blocker: what comes next queues up
     return release, blocker
 
 
-def batches(engine):
-    """Record the rows of every batch the path runs."""
-    seen: list[list] = []
-    original = engine._dynamic.run
+def steps(engine):
+    """Record the rows of every decode step the path runs."""
+    seen: list[int] = []
+    original = engine._dynamic.step
 
-    def run(jobs, *rest):
-        seen.append(list(jobs))
-        return original(jobs, *rest)
+    def step(rows):
+        seen.append(len(rows.jobs))
+        return original(rows)
 
-    engine._dynamic.run = run
-    return seen, lambda: setattr(engine._dynamic, "run", original)
+    engine._dynamic.step = step
+    return seen, lambda: setattr(engine._dynamic, "step", original)
 
 
 def test_a_short_answer_resolves_before_its_batch_ends(engine):
     release, blocker = hold_worker(engine)
-    seen, restore = batches(engine)
+    seen, restore = steps(engine)
     try:
         long = engine.submit(QUESTION, SamplingParams(max_new_tokens=300))
         short = engine.submit(QUESTION, SamplingParams(max_new_tokens=2))
@@ -64,7 +64,8 @@ def test_a_short_answer_resolves_before_its_batch_ends(engine):
         assert long.result(timeout=120).choices[0].completion_tokens == 300
     finally:
         restore()
-    assert [len(rows) for rows in seen] == [2]
+    # the blocker's 1 token needs no step; then 2 rows until the short one leaves, then the long one alone
+    assert seen == [2] + [1] * (300 - 2)
 
 
 def test_one_cancelled_row_leaves_the_others_running(engine):
@@ -86,7 +87,7 @@ def test_streamed_rows_of_one_batch_equal_their_plain_answers(engine):
     params = SamplingParams(max_new_tokens=12)
     expected = [engine.generate(q, params).choices[0].text for q in questions]  # one at a time
     release, blocker = hold_worker(engine)
-    seen, restore = batches(engine)
+    seen, restore = steps(engine)
     try:
         streams = [engine.stream(q, params)[0] for q in questions]
         release.set()
@@ -94,28 +95,32 @@ def test_streamed_rows_of_one_batch_equal_their_plain_answers(engine):
         assert ["".join(s) for s in streams] == expected
     finally:
         restore()
-    assert [len(rows) for rows in seen] == [3]
+    assert seen == [3] * (12 - 1)  # the first token comes from reading the prompts
 
 
-def test_only_requests_with_one_generation_config_share_a_batch(engine):
+def test_greedy_and_sampled_rows_share_a_batch_up_to_a_request_that_cannot_join(engine):
+    greedy = [[{"role": "user", "content": "Count" + " up" * i}] for i in range(2)]
+    expected = [engine.submit(q, SamplingParams(max_new_tokens=3, seed=0)).result(timeout=60) for q in greedy]
     release, blocker = hold_worker(engine)
-    seen, restore = batches(engine)
+    seen, restore = steps(engine)
     try:
         futures = [
-            engine.submit(QUESTION, SamplingParams(max_new_tokens=3)),
+            engine.submit(greedy[0], SamplingParams(max_new_tokens=3)),
             engine.submit(QUESTION, SamplingParams(max_new_tokens=3, temperature=0.7)),
-            engine.submit(QUESTION, SamplingParams(max_new_tokens=3)),
+            engine.submit(greedy[1], SamplingParams(max_new_tokens=3)),
             engine.submit(QUESTION, SamplingParams(max_new_tokens=3, logprobs=True)),  # exact path
             engine.submit(QUESTION, SamplingParams(max_new_tokens=3, temperature=0.7)),
         ]
         release.set()
         blocker.result(timeout=60)
-        assert all(f.result(timeout=60).choices[0].completion_tokens == 3 for f in futures)
+        got = [f.result(timeout=60).choices[0] for f in futures]
     finally:
         restore()
-    # greedy rows together, sampled rows together; the logprobs request ran alone on the exact path
-    keys = [sorted(job.params.temperature or 0 for job in rows) for rows in seen]
-    assert keys == [[0, 0], [0.7, 0.7]]
+    assert all(c.completion_tokens == 3 for c in got) and got[3].logprobs
+    assert [got[0].token_ids, got[2].token_ids] == [e.choices[0].token_ids for e in expected]
+    # three rows (greedy and sampled) decode together; the logprobs request runs alone after them and
+    # the last one, which arrived after it, waits for it: arrival order is kept
+    assert seen == [3, 3, 1, 1]
 
 
 def test_a_request_sent_mid_batch_joins_it_and_the_running_answer_is_unchanged(engine):
@@ -123,24 +128,30 @@ def test_a_request_sent_mid_batch_joins_it_and_the_running_answer_is_unchanged(e
     exact = engine.submit(QUESTION, SamplingParams(max_new_tokens=200, seed=0))  # seed: the exact path
     expected = exact.result(timeout=120).choices[0]
     assert expected.completion_tokens == 200  # the tiny model never stops on its own
-    before = engine._dynamic.regroups
-    stream, _ = engine.stream(QUESTION, long_params)
-    pieces = iter(stream)
-    text = [next(pieces)]  # the long answer is under way
-    short = engine.submit([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=3))
-    assert short.result(timeout=60).choices[0].completion_tokens == 3
-    assert not stream._job.done  # the short request did not wait for the long one to end
-    text += list(pieces)
-    assert engine._dynamic.regroups > before  # the batch stopped to let it in, then went on
-    assert stream._job.answer == expected.token_ids  # greedy: the same tokens as without the interruption
-    assert "".join(text) == expected.text and stream.completion_tokens == 200
+    # one joiner shorter than the running row (its KV is padded), one longer (the batch's KV is padded)
+    joiners = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Tell me " * 10}]]
+    alone = [engine.submit(q, SamplingParams(max_new_tokens=3, seed=0)).result(timeout=60) for q in joiners]
+    for joiner, answer in zip(joiners, alone, strict=True):
+        before = engine._dynamic.joined
+        stream, _ = engine.stream(QUESTION, long_params)
+        pieces = iter(stream)
+        text = [next(pieces)]  # the long answer is under way
+        short = engine.submit(joiner, SamplingParams(max_new_tokens=3)).result(timeout=60).choices[0]
+        assert not stream._job.done  # the short request did not wait for the long one to end
+        text += list(pieces)
+        assert engine._dynamic.joined == before + 1  # it joined the running batch
+        assert short.token_ids == answer.choices[0].token_ids
+        assert stream._job.answer == expected.token_ids  # greedy: the same tokens as without the joiner
+        assert "".join(text) == expected.text and stream.completion_tokens == 200
 
 
 def test_a_shared_system_prompt_is_read_once_and_answers_are_unchanged(engine):
     system = {"role": "system", "content": "You are a careful assistant who answers in one short line. " * 3}
     questions = [[system, {"role": "user", "content": "Question " + "why " * i}] for i in range(4)]
     params = SamplingParams(max_new_tokens=10)
-    expected = [engine.submit(q, SamplingParams(max_new_tokens=10, seed=0)).result(timeout=60) for q in questions]
+    expected = [
+        engine.submit(q, SamplingParams(max_new_tokens=10, seed=0)).result(timeout=60) for q in questions
+    ]
     engine._dynamic.prefixes.clear()
     for _ in range(2):  # the second batch reuses the first one's prefix
         release, blocker = hold_worker(engine)
@@ -153,8 +164,8 @@ def test_a_shared_system_prompt_is_read_once_and_answers_are_unchanged(engine):
     assert len(prefix) >= 16 and all(engine.encode(q)[: len(prefix)] == list(prefix) for q in questions)
 
 
-def test_a_waiting_request_that_cannot_join_is_not_passed_by_a_regroup(engine):
-    before = engine._dynamic.regroups
+def test_a_waiting_request_that_cannot_join_is_not_passed(engine):
+    before = engine._dynamic.joined
     stream, _ = engine.stream(QUESTION, SamplingParams(max_new_tokens=200))
     pieces = iter(stream)
     next(pieces)
@@ -162,7 +173,7 @@ def test_a_waiting_request_that_cannot_join_is_not_passed_by_a_regroup(engine):
     plain = engine.submit(QUESTION, SamplingParams(max_new_tokens=2))  # could join, but arrived later
     list(pieces)
     assert scored.result(timeout=60).choices[0].logprobs and plain.result(timeout=60)
-    assert engine._dynamic.regroups == before  # the batch ran to its end; then each in arrival order
+    assert engine._dynamic.joined == before  # plain waited behind scored: each in arrival order
 
 
 def test_a_closed_engine_refuses_new_requests(tiny_model_dir, tmp_path):

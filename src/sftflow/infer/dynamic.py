@@ -1,15 +1,20 @@
-"""The dynamic-batching path: the requests waiting when the model is free run together through one
-left-padded `model.generate`, each row streamed, stopped and resolved on its own.
+"""The dynamic-batching path: requests join and leave a running batch at every decode step.
+
+The batch is one left-padded KV cache (transformers' DynamicCache) decoded by plain forward passes. A
+request that arrives mid-batch is read alone (its prompt only: the KV of a prompt prefix rows share is
+reused) and its KV is padded on the left and stacked onto the running rows, which go on without
+re-reading anything; a row that ends at a stop token, a stop string, its token budget or a cancel leaves
+the batch at once and its Job resolves then. Padding columns are masked, so a row's tokens do not depend
+on the rows it shares a batch with (greedy: equal to `generate`, tests/test_infer_engine.py).
 
 Why not transformers' continuous batching by default: on CPU its paged-attention step costs about twice a
-`generate` step at the same batch (SmolLM2-135M, 16 rows: ~0.24 s vs ~0.11 s; benchmarks/api_load.py),
-so batches of whole requests answer faster even though a request that arrives mid-batch waits for the
-batch to end. `serve_batching: continuous` selects the other path (infer/batch.py).
+plain decode step at the same batch (SmolLM2-135M, 16 rows: ~0.24 s vs ~0.11 s; benchmarks/NOTES.md), so
+this path keeps the plain step and does the joining itself. `serve_batching: continuous` selects the
+other path (infer/batch.py).
 
-A row ends at a stop token, a stop string, its own token budget or a cancel: a StoppingCriteria feeds each
-row's newest token to its Job and marks the row done (generate then pads it), and the Job resolves at once,
-not when the batch ends. Rows are only grouped when one GenerationConfig serves them all (same greedy or
-sampling settings, no repetition penalty, which would also count the left padding).
+Each row picks its token with its own settings: greedy, or sampled with its temperature / top_p and the
+config's top_k (transformers' logits warpers). What needs more (grammars, logprobs, seeds, beams, a
+repetition penalty) takes the exact path (infer/exact.py).
 """
 
 from __future__ import annotations
@@ -21,32 +26,94 @@ from typing import TYPE_CHECKING, Any
 from sftflow.infer.batch import kv_bytes_per_token, memory_budget
 
 if TYPE_CHECKING:
+    import torch
+
     from sftflow.infer.requests import Job, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
+class Rows:
+    """The running batch: its jobs, their KV cache and 2D attention mask (left padding is 0), each row's
+    next position and the token it feeds next."""
+
+    def __init__(
+        self, jobs: list[Job], cache: Any, mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
+    ):
+        from transformers.cache_utils import DynamicLayer
+
+        self.jobs, self.cache, self.mask, self.positions, self.tokens = jobs, cache, mask, positions, tokens
+        # plain layers can be padded, stacked and trimmed; sliding windows and linear attention cannot
+        self.plain = all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def keep(self, kept: list[int]) -> None:
+        """Keep only the rows `kept` (indices), then drop the padding columns no kept row needs."""
+        import torch
+
+        if not kept:
+            self.jobs = []
+            return
+        if len(kept) < len(self.jobs):
+            index = torch.tensor(kept, dtype=torch.long, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.jobs = [self.jobs[i] for i in kept]
+            self.mask, self.positions, self.tokens = (
+                self.mask[index],
+                self.positions[index],
+                self.tokens[index],
+            )
+        first = int(self.mask.any(0).int().argmax())  # the first column a row reads
+        if first and self.plain:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+    def add(self, other: Rows) -> None:
+        """Stack `other`'s rows under these, padding the shorter side's KV and mask on the left."""
+        import torch
+        from torch.nn.functional import pad
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                a = pad(a, (0, 0, width - a.shape[2], 0))
+                b = pad(b, (0, 0, width - b.shape[2], 0))
+                setattr(mine, name, torch.cat([a, b]))
+        self.mask = torch.cat(
+            [
+                pad(self.mask, (width - self.mask.shape[1], 0)),
+                pad(other.mask, (width - other.mask.shape[1], 0)),
+            ]
+        )
+        self.positions = torch.cat([self.positions, other.positions])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.jobs += other.jobs
+
+
 class DynamicPath:
-    """Groups waiting jobs into batches that fit `serve_max_batch_tokens` (prompt tokens of the first
-    forward pass) and `serve_memory_fraction` of the free memory (the batch's KV cache), and runs them."""
+    """Admits waiting jobs into the running batch while they fit `serve_max_batch_tokens` (tokens one
+    join reads) and `serve_memory_fraction` of the free memory (the batch's KV cache), and decodes it."""
 
     def __init__(self, engine: Any) -> None:  # the ChatEngine
         self.engine = engine
         self.cache_budget = memory_budget(engine.model, engine.generating.serve_memory_fraction)
         self.token_bytes = kv_bytes_per_token(engine.model)
-        self.largest_batch = 0  # rows of the largest batch run so far
-        self.regroups = 0  # batches stopped early to let waiting jobs join
+        self.largest_batch = 0  # most rows decoded together so far
+        self.joined = 0  # jobs that joined a batch already running
         self.prefixes: dict[tuple[int, ...], Any] = {}  # shared prompt prefix -> its KV cache (1 row)
         self.reuse_prefixes = True
+        self.joinable = True  # False for caches that cannot be padded and stacked (sliding windows, ...)
+        self.warpers: dict[tuple[float, float], Any] = {}
         logger.info(
-            "dynamic batching: up to %d prompt tokens per batch, KV cache up to %.0f MB",
+            "dynamic batching: up to %d prompt tokens per join, KV cache up to %.0f MB",
             engine.generating.serve_max_batch_tokens,
             self.cache_budget / 2**20,
         )
 
     def can_carry(self, params: SamplingParams) -> bool:
         """False for what needs a request of its own (the exact path): grammars, logprobs, echo, a seed,
-        beam search, or a repetition penalty (it would count the padding of other rows)."""
+        beam search, or a repetition penalty."""
         g = self.engine.generating
         if params.logprobs or params.top_logprobs or params.grammar or params.echo or params.seed is not None:
             return False
@@ -54,129 +121,189 @@ class DynamicPath:
             return False
         return g.num_beams == 1 or self.engine.sampling(params)[0]
 
-    def key(self, job: Job) -> tuple[bool, float, float] | tuple[bool]:
-        """Jobs with equal keys share one GenerationConfig."""
-        do_sample, temperature, top_p = self.engine.sampling(job.params)
-        return (do_sample, temperature, top_p) if do_sample else (False,)
-
-    def fits(self, rows: int, longest_prompt: int, longest_answer: int) -> bool:
-        """Whether `rows` requests padded to these lengths may share a batch (one request always may)."""
+    def fits(self, rows: int, longest_prompt: int, longest_answer: int, reading: int | None = None) -> bool:
+        """Whether `rows` requests padded to these lengths may share a batch whose joining pass reads
+        `reading` tokens (default: rows x longest_prompt); one request alone always may."""
         g = self.engine.generating
         if rows == 1:
             return True
-        if rows * longest_prompt > g.serve_max_batch_tokens:
+        if (reading if reading is not None else rows * longest_prompt) > g.serve_max_batch_tokens:
             return False
         if longest_prompt + longest_answer > self.engine.context_length:
             return False  # the padded batch would run past the model's positions
         kept = sum(len(prefix) for prefix in self.prefixes) * self.token_bytes  # the cached prefixes
         return rows * (longest_prompt + longest_answer) * self.token_bytes <= self.cache_budget - kept
 
-    def take(self, first: Job, waiting: deque[Job]) -> list[Job]:
-        """`first` and the waiting jobs (in arrival order) that can share its batch; they leave `waiting`."""
-        key = self.key(first)
-        group = [first]
-        prompt, answer = len(ids_so_far(first)), tokens_left(first)
-        for job in list(waiting):
-            if job.done or not self.can_carry(job.params) or self.key(job) != key:
+    def admit(self, rows: Rows | None, waiting: deque[Job]) -> list[Job]:
+        """The waiting jobs that join now, from the front, in arrival order: up to the first one that
+        cannot join (the exact path's, or one that does not fit), which the later ones wait behind."""
+        if rows is not None and not self.joinable:
+            return []
+        live = rows.jobs if rows is not None else []
+        width = rows.mask.shape[1] if rows is not None else 0
+        answer = max((tokens_left(job) for job in live), default=0)
+        group: list[Job] = []
+        prompt = 0
+        while waiting:
+            job = waiting[0]
+            if job.done or tokens_left(job) < 1:
+                waiting.popleft().finish()  # (max_tokens 0: answered empty)
                 continue
-            p, a = max(prompt, len(ids_so_far(job))), max(answer, tokens_left(job))
-            if not self.fits(len(group) + 1, p, a):
-                break  # later jobs wait for the next batch: arrival order is kept
-            group.append(job)
-            waiting.remove(job)
+            if not self.can_carry(job.params):
+                break
+            p, a = max(prompt, len(job.prompt_ids)), max(answer, tokens_left(job))
+            if (live or group) and not self.fits(
+                len(live) + len(group) + 1, max(width, p), a, (len(group) + 1) * p
+            ):
+                break
+            group.append(waiting.popleft())
             prompt, answer = p, a
         return group
 
-    def should_regroup(self, jobs: list[Job], live: list[bool], waiting: deque[Job]) -> bool:
-        """Whether to stop this batch so that waiting jobs join the live rows in a new one: every waiting
-        job can join, they are at least as many as the live rows and that many fit, and the live rows
-        still have REGROUP_MIN_LEFT tokens to go. The live rows then re-read their prompt + answer so
-        far in the new batch's first pass."""
-        rows = [job for job, alive in zip(jobs, live, strict=True) if alive]
-        if not rows or max(tokens_left(job) for job in rows) < REGROUP_MIN_LEFT:
-            return False
-        key = self.key(rows[0])
-        waiting_now = [j for j in waiting if not j.done]
-        joining = [j for j in waiting_now if self.can_carry(j.params) and self.key(j) == key]
-        if len(joining) < len(rows) or len(joining) < len(waiting_now):
-            return False  # too few to be worth it, or a job that cannot join would wait longer still
-        added = joining[: len(rows)]  # the regroup must at least double the batch
-        prompt = max(len(ids_so_far(job)) for job in [*rows, *added])
-        answer = max(tokens_left(job) for job in [*rows, *added])
-        return self.fits(len(rows) + len(added), prompt, answer)
-
-    def run(self, jobs: list[Job], waiting: deque[Job] | None = None, drain: Any = None) -> list[Job]:
-        """Generate the batch; each job resolves as soon as its own row ends. With `waiting` (and `drain`,
-        which moves newly queued jobs into it), the batch may stop early to let waiting jobs join: the
-        jobs still unanswered then are returned, to run again in the next batch."""
+    def serve(self, waiting: deque[Job], drain: Any) -> None:
+        """Run batch jobs from the front of `waiting` until no row is left: before every step, `drain`
+        moves newly queued jobs into `waiting` and those that can join do. A failure fails every job in
+        the batch (and is raised)."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        engine, outer = self.engine, self
-        live = [not job.done for job in jobs]
-        self.largest_batch = max(self.largest_batch, len(jobs))
-        regroup = [False]
-
-        class Rows(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                if regroup[0]:  # a step generate ran after the stop (deferred checks): not fed
-                    return torch.ones(len(jobs), dtype=torch.bool, device=input_ids.device)
-                newest = input_ids[:, -1].tolist()
-                for i, job in enumerate(jobs):
-                    if not live[i]:
-                        continue
-                    if job.cancelled.is_set() or job.done:
-                        live[i] = False
-                    elif job.feed([newest[i]]) or job.count >= job.max_new_tokens:
-                        live[i] = False
-                        job.finish()  # answered now, while the other rows go on
-                if waiting is not None and any(live):
-                    if drain is not None:
-                        drain()
-                    regroup[0] = outer.should_regroup(jobs, live, waiting)
-                if regroup[0]:
-                    return torch.ones(len(jobs), dtype=torch.bool, device=input_ids.device)
-                return torch.tensor([not alive for alive in live], device=input_ids.device)
-
-        prompts = [ids_so_far(job) for job in jobs]
-        budget = max(tokens_left(job) for job in jobs)
-        config = engine.generation_config(jobs[0].params, budget, streaming=True)
-        if budget > 0 and any(live):
+        rows: Rows | None = None
+        group: list[Job] = []
+        try:
             with torch.inference_mode():
-                prefix, cache = self.prefix_cache(prompts, len(jobs))
-                # each row: the shared prefix (its KV computed once), padding, then the row's own tokens
-                rest = [ids[len(prefix) :] for ids in prompts]
-                longest = max(len(ids) for ids in rest)
-                pad = engine.tokenizer.pad_token_id
-                pad = pad if pad is not None else engine.stop_ids[0]
-                device = engine.model.device
-                input_ids = torch.tensor(
-                    [prefix + [pad] * (longest - len(ids)) + ids for ids in rest], device=device
-                )
-                attention_mask = torch.tensor(
-                    [[1] * len(prefix) + [0] * (longest - len(ids)) + [1] * len(ids) for ids in rest],
-                    device=device,
-                )
-                engine.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=config,
-                    stopping_criteria=StoppingCriteriaList([Rows()]),
-                    **({"cache": cache} if cache is not None else {}),
-                )
-        if regroup[0]:
-            self.regroups += 1
-            return [job for job, alive in zip(jobs, live, strict=True) if alive and not job.done]
-        for job in jobs:
-            job.finish()
-        return []
+                while True:
+                    drain()
+                    if rows is not None and not rows.jobs:
+                        rows = None  # every row ended: the next join starts a new batch
+                    group = self.admit(rows, waiting)
+                    if group:
+                        joined = self.read(group)
+                        if rows is not None and joined is not None:
+                            self.joined += len(group)
+                            rows.add(joined)
+                        elif joined is not None:
+                            rows = joined
+                    group = []
+                    if rows is None or not rows.jobs:
+                        return
+                    self.largest_batch = max(self.largest_batch, len(rows.jobs))
+                    self.step(rows)
+        except BaseException as exc:
+            for job in [*group, *(rows.jobs if rows is not None else [])]:
+                job.fail(exc)
+            raise
+
+    def read(self, jobs: list[Job]) -> Rows | None:
+        """One pass over the prompts of `jobs` (left-padded; a cached shared prefix is not re-read): their
+        first tokens, and their rows ready to decode (None if every one ended at its first token)."""
+        import torch
+        from transformers import DynamicCache
+
+        engine = self.engine
+        device = engine.model.device
+        prompts = [job.prompt_ids for job in jobs]
+        prefix, cache = self.prefix_cache(prompts, len(jobs))
+        if cache is None:
+            cache = DynamicCache(config=engine.model.config)
+        rest = [ids[len(prefix) :] for ids in prompts]
+        longest = max(len(ids) for ids in rest)
+        pad = engine.tokenizer.pad_token_id
+        pad = pad if pad is not None else engine.stop_ids[0]
+        input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in rest], device=device)
+        mask = torch.tensor(
+            [[1] * len(prefix) + [0] * (longest - len(ids)) + [1] * len(ids) for ids in rest], device=device
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]
+        out = engine.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        tokens = self.choose(out.logits[:, -1], jobs)
+        rows = Rows(jobs, cache, mask, mask.sum(-1), tokens)
+        self.joinable = self.joinable and rows.plain  # else a batch runs as it started
+        rows.keep(self.fed(rows.jobs, tokens.tolist()))
+        return rows if rows.jobs else None
+
+    def step(self, rows: Rows) -> None:
+        """One decode pass over the batch: every row reads its newest token and picks the next one;
+        rows that end leave."""
+        import torch
+
+        keep = [i for i, job in enumerate(rows.jobs) if not (job.done or job.cancelled.is_set())]
+        rows.keep(keep)
+        if not rows.jobs:
+            return
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.jobs), 1)], dim=1)
+        out = self.engine.model(
+            input_ids=rows.tokens[:, None],
+            attention_mask=rows.mask,
+            position_ids=rows.positions[:, None],
+            cache=rows.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        rows.positions = rows.positions + 1
+        rows.tokens = self.choose(out.logits[:, -1], rows.jobs)
+        rows.keep(self.fed(rows.jobs, rows.tokens.tolist()))
+
+    def fed(self, jobs: list[Job], tokens: list[int]) -> list[int]:
+        """Give each job its new token; the indices of the jobs that go on (the others are answered)."""
+        going = []
+        for i, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
+            if job.cancelled.is_set() or job.done:
+                continue
+            if job.feed([token]) or job.count >= job.max_new_tokens:
+                job.finish()  # answered now, while the other rows go on
+            else:
+                going.append(i)
+        return going
+
+    def choose(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+        """Each row's next token: the argmax, or a sample under its own temperature / top_p."""
+        import torch
+
+        tokens = logits.argmax(-1)
+        settings: dict[tuple[float, float], list[int]] = {}
+        for i, job in enumerate(jobs):
+            do_sample, temperature, top_p = self.engine.sampling(job.params)
+            if do_sample:
+                settings.setdefault((temperature, top_p), []).append(i)
+        for (temperature, top_p), index in settings.items():
+            at = torch.tensor(index, device=logits.device)
+            scores = self.warper(temperature, top_p)(None, logits[at].float())
+            tokens[at] = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        return tokens
+
+    def warper(self, temperature: float, top_p: float) -> Any:
+        """transformers' warpers for these settings (and the config's top_k), in generate's order."""
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        key = (temperature, top_p)
+        if key not in self.warpers:
+            warpers: list[Any] = []
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if self.engine.generating.top_k:
+                warpers.append(TopKLogitsWarper(self.engine.generating.top_k))
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+            self.warpers[key] = LogitsProcessorList(warpers)
+        return self.warpers[key]
 
     def prefix_cache(self, prompts: list[list[int]], rows: int) -> tuple[list[int], Any]:
         """The longest cached prefix every prompt shares (else, for 2+ prompts, their common prefix,
         computed and cached now) and a copy of its KV cache repeated for `rows` rows; ([], None) when
         the prompts share fewer than PREFIX_MIN tokens or this model's cache cannot be reused. Chat
         prompts mostly share the template's system prompt (SmolLM2: 24 of ~40 tokens), whose KV every
-        batch would recompute."""
+        join would recompute."""
         import copy
 
         import torch
@@ -219,22 +346,11 @@ class DynamicPath:
         return list(best), cache
 
 
-# A prefix shorter than PREFIX_MIN is recomputed with each batch; at most PREFIX_CACHE_SIZE prefixes of at
+# A prefix shorter than PREFIX_MIN is recomputed with each join; at most PREFIX_CACHE_SIZE prefixes of at
 # most PREFIX_MAX tokens are kept, and their KV counts against serve_memory_fraction (`fits`).
 PREFIX_MIN = 16
 PREFIX_MAX = 1024
 PREFIX_CACHE_SIZE = 8
-
-# Stopping a batch to let waiting jobs in costs a forward pass over the live rows' prompts and answers so
-# far: on CPU a prompt token costs about what a decode step of 16 rows costs / 40 (SmolLM2-135M), so a
-# regroup on every early finish cut requests/s by ~20% (benchmarks/api_load.py, concurrency 4 and 16,
-# 32-token answers). It is kept for long answers, where a newcomer would otherwise wait for minutes.
-REGROUP_MIN_LEFT = 64
-
-
-def ids_so_far(job: Job) -> list[int]:
-    """The prompt and the tokens generated so far: what a job's row starts from (again) in a batch."""
-    return job.prompt_ids + job.answer
 
 
 def tokens_left(job: Job) -> int:

@@ -357,8 +357,9 @@ class ChatEngine:
         self._worker.join()
 
     def _serve(self) -> None:
-        """The worker: takes the queued jobs in arrival order; with dynamic batching, a job and the waiting
-        jobs that can share its batch run together, else one job at a time (a cancelled job is skipped)."""
+        """The worker: takes the queued jobs in arrival order; with dynamic batching, a job that can be
+        batched starts a batch that later jobs join until one that cannot comes first, else one job at a
+        time (a cancelled job is skipped)."""
         waiting: deque[Job] = deque()
         closing = [False]
 
@@ -382,21 +383,21 @@ class ChatEngine:
             drain()
             if self._dynamic is not None and not closing[0]:
                 closing[0] = self._gather(waiting)
-            job = waiting.popleft()
+            job = waiting[0]
+            if self._dynamic is not None and self._dynamic.can_carry(job.params):
+                try:  # it and the jobs after it that can share its batch run together
+                    self._dynamic.serve(waiting, drain)
+                except BaseException:
+                    logger.exception("generation failed")
+                continue
+            waiting.popleft()
             if job.done:
                 continue
-            group = [job]
             try:
-                if self._dynamic is not None and self._dynamic.can_carry(job.params):
-                    group = self._dynamic.take(job, waiting)
-                    unfinished = self._dynamic.run(group, waiting, drain)
-                    waiting.extendleft(reversed(unfinished))  # they go on first, with who joins them
-                else:
-                    run_exact(self, job)
+                run_exact(self, job)
             except BaseException as exc:
                 logger.exception("generation failed")
-                for failed in group:
-                    failed.fail(exc)
+                job.fail(exc)
 
     def _gather(self, waiting: deque[Job]) -> bool:
         """Before a dynamic batch starts, let requests sent at the same moment arrive: wait while new jobs
