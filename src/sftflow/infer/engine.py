@@ -81,6 +81,7 @@ class ChatEngine:
         generating: GeneratingArguments,
         model_name: str = "sftflow",
         batched: bool = False,
+        onednn: bool = False,
     ) -> None:
         from sftflow.data.encode import stop_token_ids
 
@@ -102,8 +103,14 @@ class ChatEngine:
             self._batch = BatchPath(self)
         elif batched:
             self._dynamic = DynamicPath(self)
+        # oneDNN layers run ~2x slower on a thread other than the one that built them (measured on this
+        # project's CPU), so the worker that generates builds them; the continuous path generates on
+        # transformers' own thread and keeps plain layers
+        self._onednn = onednn and self._batch is None
+        self._ready = threading.Event()
         self._worker = threading.Thread(target=self._serve, name="sftflow-generate", daemon=True)
         self._worker.start()
+        self._ready.wait()
 
     # -- prompts and settings -------------------------------------------------------------------
 
@@ -360,6 +367,13 @@ class ChatEngine:
         """The worker: takes the queued jobs in arrival order; with dynamic batching, a job that can be
         batched starts a batch that later jobs join until one that cannot comes first, else one job at a
         time (a cancelled job is skipped)."""
+        try:
+            if self._onednn:
+                from sftflow.model.inference import onednn_linear
+
+                logger.info("oneDNN Linear layers: %d", onednn_linear(self.model))
+        finally:
+            self._ready.set()
         waiting: deque[Job] = deque()
         closing = [False]
 
@@ -442,4 +456,5 @@ def load_engine(args: RunArgs, batched: bool = False) -> ChatEngine:
     if model.config._attn_implementation != SERVING_ATTENTION:
         model.set_attn_implementation(SERVING_ATTENTION)
     name = args.model.adapter_name_or_path or args.model.model_name_or_path
-    return ChatEngine(model, tokenizer, args.generating, model_name=str(name), batched=batched)
+    onednn = args.generating.onednn_linear
+    return ChatEngine(model, tokenizer, args.generating, model_name=str(name), batched=batched, onednn=onednn)
