@@ -12,6 +12,7 @@ import yaml
 
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
+from sftflow.infer.chat import fit_history
 from sftflow.infer.engine import (
     EngineBusy,
     RequestError,
@@ -190,7 +191,7 @@ def test_fit_history_drops_the_oldest_turns_first(engine):
     old = [{"role": "user", "content": "fox " * 100}, {"role": "assistant", "content": "dog " * 100}]
     recent = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     question = {"role": "user", "content": "Who are you?"}
-    messages, dropped = engine.fit_history([system, *old, *old, *recent, question], reserve=100)
+    messages, dropped = fit_history(engine, [system, *old, *old, *recent, question], reserve=100)
     assert messages[0] == system and messages[-3:] == [*recent, question]
     assert dropped >= 2 and len(engine.encode(messages)) + 100 <= 512
 

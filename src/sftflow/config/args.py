@@ -387,7 +387,7 @@ class FinetuningArguments:
 
 @dataclass
 class GeneratingArguments:
-    """Decoding settings for predict (and chat)."""
+    """Decoding settings for predict, chat and the API."""
 
     do_sample: bool = False
     """Sample instead of greedy decoding."""
@@ -411,23 +411,19 @@ class GeneratingArguments:
     """Penalty > 1 discourages repeating tokens."""
 
     onednn_linear: bool = True
-    """chat / api: on a CPU, run float32 Linear layers through oneDNN (torch.utils.mkldnn): same tokens,
-    ~1.6x faster decoding measured on a 2-core CPU (not with serve_batching: continuous, which generates
-    on transformers' own thread); false keeps plain nn.Linear."""
+    """chat / api on a CPU: float32 Linear layers through oneDNN (same tokens, faster; not continuous)."""
 
     serve_max_queue: int = 64
     """`sftflow api`: requests held at once (running + waiting); more are answered 429 with Retry-After."""
 
     serve_batching: Literal["dynamic", "continuous"] = "dynamic"
-    """`sftflow api`: dynamic (waiting requests run together in one generate; fastest on CPU) or continuous
-    (transformers' continuous batching: requests join and leave the batch at every step)."""
+    """`sftflow api`: dynamic (requests join/leave one batch at every step) or continuous (transformers')."""
 
     serve_max_batch_tokens: int = 2048
-    """`sftflow api`: tokens one batched forward pass may hold (dynamic: rows x longest prompt; continuous:
-    prompt chunks + one per answering request)."""
+    """`sftflow api`: tokens one batched pass may read (dynamic: prompts of joiners; continuous: prompt chunks + rows)."""
 
     serve_memory_fraction: float = 0.1
-    """`sftflow api`: share of free memory (RAM on CPU, GPU memory on CUDA) the batch's KV cache may take."""
+    """`sftflow api`: share of free memory (RAM on CPU, GPU memory on CUDA) the batch's KV cache may use."""
 
     def __post_init__(self) -> None:
         if min(self.serve_max_queue, self.serve_max_batch_tokens) < 1:

@@ -53,7 +53,7 @@ def run_chat(
             continue
         messages = [*prefix, *history, {"role": "user", "content": query}]
         try:
-            messages, dropped = engine.fit_history(messages, engine.generating.max_new_tokens)
+            messages, dropped = fit_history(engine, messages, engine.generating.max_new_tokens)
             stream, _ = engine.stream(messages, SamplingParams())
         except RequestError as exc:
             say(f"sftflow: {exc}\n")
@@ -71,3 +71,18 @@ def run_chat(
             say(" [stopped]")
         say("\n")
         history = [*messages[len(prefix) :], {"role": "assistant", "content": "".join(answer)}]
+
+
+def fit_history(
+    engine: ChatEngine, messages: list[dict[str, str]], reserve: int
+) -> tuple[list[dict[str, str]], int]:
+    """Drop the oldest user/assistant pairs (never the system message or the last question) until
+    the prompt leaves `reserve` tokens of context; returns the messages and how many were dropped."""
+    dropped = 0
+    while len(engine.encode(messages)) + reserve > engine.context_length:
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first < 3:
+            break  # only the question is left; max_new_tokens reports what does not fit
+        messages = messages[:first] + messages[first + 2 :]
+        dropped += 2
+    return messages, dropped

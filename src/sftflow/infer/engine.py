@@ -1,11 +1,12 @@
 """The chat engine: a tuned model (base + adapter) and its tokenizer behind its generation paths.
 
 - The **batch path** (servers): concurrent requests share forward passes. By default (`serve_batching:
-  dynamic`, infer/dynamic.py) the requests waiting when the model is free run together in one left-padded
-  `model.generate`, each row streamed and resolved on its own; `serve_batching: continuous`
-  (infer/batch.py) uses transformers' continuous batching instead (requests join and leave at every
-  step; a paged KV cache sized from `serve_memory_fraction`, never the library's default). Either carries
-  greedy or sampled decoding with a per-request temperature / top_p, stop strings, and n (as n requests).
+  dynamic`, infer/dynamic.py) requests join the running batch and leave it at every decode step (one
+  left-padded KV cache; a joiner's prompt is read alone, nobody re-reads), each row streamed and
+  resolved on its own; `serve_batching: continuous` (infer/batch.py) uses transformers' continuous
+  batching instead (a paged KV cache sized from `serve_memory_fraction`, never the library's default).
+  Either carries greedy or sampled decoding with a per-request temperature / top_p, stop strings, and
+  n (as n requests).
 - The **exact path** (infer/exact.py): one `model.generate` per request, with logits processors. It carries
   what the batch path cannot: grammar-constrained decoding (response_format, forced tool calls),
   logprobs / top_logprobs, echo (prompt logprobs), per-request seed, beam search.
@@ -208,18 +209,6 @@ class ChatEngine:
         if batch is None or not batch.can_carry(params):
             return "exact"
         return "batch"
-
-    def fit_history(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], int]:
-        """Drop the oldest user/assistant pairs (never the system message or the last question) until
-        the prompt leaves `reserve` tokens of context; returns the messages and how many were dropped."""
-        dropped = 0
-        while len(self.encode(messages)) + reserve > self.context_length:
-            first = 1 if messages[0]["role"] == "system" else 0
-            if len(messages) - first < 3:
-                break  # only the question is left; max_new_tokens reports what does not fit
-            messages = messages[:first] + messages[first + 2 :]
-            dropped += 2
-        return messages, dropped
 
     # -- admission ------------------------------------------------------------------------------
 
