@@ -7,6 +7,7 @@ the levels, and stops it (run by hand; it is not a test):
 
     python benchmarks/api_load.py ~/.cache/sftflow/models/smollm2-135m-instruct
     python benchmarks/api_load.py MODEL_DIR --concurrency 1,4,16 --requests 32 --max-tokens 32
+    python benchmarks/api_load.py MODEL_DIR --servers sftflow --sftflow-set onednn_linear=false
 
 Every request is a chat completion with greedy decoding (temperature 0) and `max_tokens`; both servers
 load the model in float32 on the CPU. The client is the standard library (urllib + threads), so it adds
@@ -136,11 +137,12 @@ class RssSampler:
         return self.peak
 
 
-def server_command(name: str, model_dir: str, port: int) -> tuple[list[str], str]:
+def server_command(name: str, model_dir: str, port: int, overrides: list[str]) -> tuple[list[str], str]:
     """The command that starts `name` on `port`, and the model name its requests use."""
     if name == "sftflow":
         sftflow = shutil.which("sftflow") or str(Path(sys.executable).with_name("sftflow"))
-        return [sftflow, "api", "--model", model_dir, "--port", str(port), "dtype=float32"], "sftflow"
+        command = [sftflow, "api", "--model", model_dir, "--port", str(port), "dtype=float32"]
+        return [*command, *overrides], "sftflow"
     cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
     command = [cli, "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32"]
     return [*command, "--port", str(port), "--host", "127.0.0.1"], model_dir
@@ -161,7 +163,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 def run_server(name: str, ns: argparse.Namespace, levels: list[int]) -> tuple[list[Level], int, float]:
     port = free_port()
-    command, model = server_command(name, ns.model_dir, port)
+    command, model = server_command(name, ns.model_dir, port, ns.sftflow_set)
     url = f"http://127.0.0.1:{port}/v1"
     log = open(Path(ns.log_dir) / f"{name}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "API_KEY": ""})
@@ -209,6 +211,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--servers", default="sftflow,transformers", help="which servers, in order")
     parser.add_argument("--log-dir", default=".", help="where the servers' logs go (NAME.log)")
+    parser.add_argument(
+        "--sftflow-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for sftflow api (repeatable), e.g. onednn_linear=false",
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     ns = parser.parse_args()
     levels = [int(c) for c in ns.concurrency.split(",")]

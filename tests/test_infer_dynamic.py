@@ -4,6 +4,7 @@ end, stream and cancel on their own, and keep their greedy answers."""
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import pytest
 
@@ -174,6 +175,26 @@ def test_a_waiting_request_that_cannot_join_is_not_passed(engine):
     list(pieces)
     assert scored.result(timeout=60).choices[0].logprobs and plain.result(timeout=60)
     assert engine._dynamic.joined == before  # plain waited behind scored: each in arrival order
+
+
+def test_cached_prefixes_make_way_for_rows_when_memory_is_short(engine):
+    from sftflow.infer.requests import Job
+
+    dynamic = engine._dynamic
+    budget, prefixes = dynamic.cache_budget, dict(dynamic.prefixes)
+    jobs = [Job(engine, engine.encode(QUESTION), SamplingParams(), 4, False, None) for _ in range(4)]
+    width = len(jobs[0].prompt_ids) + 4
+    dynamic.cache_budget = 4 * width * dynamic.token_bytes  # room for the 4 rows, not for prefixes too
+    dynamic.prefixes = {tuple(range(i, i + 50)): None for i in range(3)}
+    try:
+        group = dynamic.admit(None, deque(jobs))
+        assert group == jobs  # all four joined: the batch did not shrink for the cache
+        assert len(dynamic.prefixes) < 3  # the least recently used prefixes gave way
+        assert all(prefix[0] != 0 for prefix in dynamic.prefixes)
+    finally:
+        dynamic.cache_budget, dynamic.prefixes = budget, prefixes
+        for job in jobs:
+            job.finish()
 
 
 def test_a_closed_engine_refuses_new_requests(tiny_model_dir, tmp_path):

@@ -75,3 +75,36 @@ def test_only_float32_cpu_models_are_swapped(tiny_model_dir):
         after = model(inputs).logits
     assert linear_types(model) == {"MkldnnLinear"}
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_a_model_that_reads_a_linear_weight_itself_keeps_plain_layers():
+    # Mamba's CPU path multiplies by dt_proj.weight directly, which a oneDNN weight cannot do
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(
+        MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
+    ).eval()
+    inputs = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        before = model(inputs).logits
+        assert onednn_linear(model) == 0  # the probe failed: every layer was put back
+        assert torch.equal(model(inputs).logits, before)
+    assert linear_types(model) == {"Linear"}
+
+
+def test_a_swap_that_fails_midway_puts_every_layer_back(tiny_model_dir, monkeypatch):
+    import torch.utils.mkldnn
+    from transformers import AutoModelForCausalLM
+
+    real, made = torch.utils.mkldnn.MkldnnLinear, []
+
+    def flaky(dense, dtype):
+        if len(made) == 3:
+            raise MemoryError("no room for the converted weight")
+        made.append(dense)
+        return real(dense, dtype)
+
+    monkeypatch.setattr(torch.utils.mkldnn, "MkldnnLinear", flaky)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert onednn_linear(model) == 0 and linear_types(model) == {"Linear"}

@@ -5,7 +5,7 @@ request that arrives mid-batch is read alone (its prompt only: the KV of a promp
 reused) and its KV is padded on the left and stacked onto the running rows, which go on without
 re-reading anything; a row that ends at a stop token, a stop string, its token budget or a cancel leaves
 the batch at once and its Job resolves then. Padding columns are masked, so a row's tokens do not depend
-on the rows it shares a batch with (greedy: equal to `generate`, tests/test_infer_engine.py).
+on the rows it shares a batch with (greedy: equal to `generate`, tests/test_infer_dynamic.py).
 
 Why not transformers' continuous batching by default: on CPU its paged-attention step costs about twice a
 plain decode step at the same batch (SmolLM2-135M, 16 rows: ~0.24 s vs ~0.11 s; benchmarks/NOTES.md), so
@@ -121,9 +121,17 @@ class DynamicPath:
             return False
         return g.num_beams == 1 or self.engine.sampling(params)[0]
 
-    def fits(self, rows: int, longest_prompt: int, longest_answer: int, reading: int | None = None) -> bool:
+    def fits(
+        self,
+        rows: int,
+        longest_prompt: int,
+        longest_answer: int,
+        reading: int | None = None,
+        kept: bool = True,
+    ) -> bool:
         """Whether `rows` requests padded to these lengths may share a batch whose joining pass reads
-        `reading` tokens (default: rows x longest_prompt); one request alone always may."""
+        `reading` tokens (default: rows x longest_prompt), next to the cached prefixes' KV (`kept`);
+        one request alone always may."""
         g = self.engine.generating
         if rows == 1:
             return True
@@ -131,8 +139,8 @@ class DynamicPath:
             return False
         if longest_prompt + longest_answer > self.engine.context_length:
             return False  # the padded batch would run past the model's positions
-        kept = sum(len(prefix) for prefix in self.prefixes) * self.token_bytes  # the cached prefixes
-        return rows * (longest_prompt + longest_answer) * self.token_bytes <= self.cache_budget - kept
+        prefixes = sum(len(prefix) for prefix in self.prefixes) * self.token_bytes if kept else 0
+        return rows * (longest_prompt + longest_answer) * self.token_bytes <= self.cache_budget - prefixes
 
     def admit(self, rows: Rows | None, waiting: deque[Job]) -> list[Job]:
         """The waiting jobs that join now, from the front, in arrival order: up to the first one that
@@ -152,9 +160,11 @@ class DynamicPath:
             if not self.can_carry(job.params):
                 break
             p, a = max(prompt, len(job.prompt_ids)), max(answer, tokens_left(job))
-            if (live or group) and not self.fits(
-                len(live) + len(group) + 1, max(width, p), a, (len(group) + 1) * p
-            ):
+            size = (len(live) + len(group) + 1, max(width, p), a, (len(group) + 1) * p)
+            if (live or group) and not self.fits(*size):
+                if self.prefixes and self.fits(*size, kept=False):
+                    self.prefixes.pop(next(iter(self.prefixes)))  # cached prefixes make way for rows
+                    continue
                 break
             group.append(waiting.popleft())
             prompt, answer = p, a
@@ -313,7 +323,7 @@ class DynamicPath:
         if not self.reuse_prefixes or getattr(
             self.engine.model.generation_config, "cache_implementation", None
         ):
-            return [], None  # a model that asks for its own cache type gets it
+            return [], None  # a model that asks for its own cache type: no prefix reuse
         shortest = min(len(ids) for ids in prompts)  # every row keeps >= 1 token of its own to read
         best: tuple[int, ...] = ()
         for prefix in self.prefixes:

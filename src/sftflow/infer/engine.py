@@ -98,20 +98,18 @@ class ChatEngine:
         self._held_lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._closed = False
-        self._batch: BatchPath | None = None  # continuous batching, on its own thread
         self._dynamic: DynamicPath | None = None  # dynamic batching, on the worker below
-        if batched and generating.serve_batching == "continuous":
-            self._batch = BatchPath(self)
-        elif batched:
-            self._dynamic = DynamicPath(self)
-        # oneDNN layers run ~2x slower on a thread other than the one that built them (measured on this
-        # project's CPU), so the worker that generates builds them; the continuous path generates on
-        # transformers' own thread and keeps plain layers
-        self._onednn = onednn and self._batch is None
+        continuous = batched and generating.serve_batching == "continuous"
+        self._batch = BatchPath(self) if continuous else None  # continuous batching, on its own thread
+        # oneDNN layers built on one thread ran ~2x slower on another (benchmarks/NOTES.md), so the
+        # worker that generates builds them; the continuous path (transformers' thread) keeps nn.Linear
+        self._onednn = onednn and not continuous
         self._ready = threading.Event()
         self._worker = threading.Thread(target=self._serve, name="sftflow-generate", daemon=True)
         self._worker.start()
         self._ready.wait()
+        if batched and not continuous:  # sized after the swap, which changes the free memory
+            self._dynamic = DynamicPath(self)
 
     # -- prompts and settings -------------------------------------------------------------------
 
@@ -360,7 +358,9 @@ class ChatEngine:
             if self._onednn:
                 from sftflow.model.inference import onednn_linear
 
-                logger.info("oneDNN Linear layers: %d", onednn_linear(self.model))
+                logger.info("oneDNN Linear layers: %d", onednn_linear(self.model))  # all or none
+        except Exception:
+            logger.exception("oneDNN Linear layers not used")  # (a bug: onednn_linear reverts itself)
         finally:
             self._ready.set()
         waiting: deque[Job] = deque()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ from sftflow.model.loader import is_quantized, load_chat_tokenizer, load_model
 
 if TYPE_CHECKING:
     from sftflow.config import RunArgs
+
+logger = logging.getLogger(__name__)
 
 
 def load_for_inference(args: RunArgs) -> tuple[Any, Any]:
@@ -50,10 +53,13 @@ def load_for_inference(args: RunArgs) -> tuple[Any, Any]:
 
 def onednn_linear(model: Any) -> int:
     """Run a CPU model's float32 `nn.Linear` layers through oneDNN (torch.utils.mkldnn.MkldnnLinear,
-    weights converted once) for generation; returns how many were swapped (0: not a float32 CPU model,
-    a quantized one, or no oneDNN). Same math as `nn.Linear` up to float rounding (greedy tokens equal:
-    tests/test_infer_onednn.py); on this project's 2-core CPU a 16-row decode step ran ~1.6x faster,
-    as BLAS matmuls with few rows are slow there. The model can no longer be trained or saved after it.
+    weights converted once) for generation; returns how many were swapped. All or nothing: 0 for a model
+    that is not float32 on a CPU, a quantized one, no oneDNN, or a model whose logits on a probe input
+    change by more than 1e-3 after the swap (code that reads a layer's `.weight` itself, as Mamba's does,
+    fails on a oneDNN weight): its layers are put back. The math is nn.Linear's up to float rounding
+    (greedy tokens equal, logprobs within 1e-4: tests/test_infer_onednn.py); on this project's 2-core
+    CPU a 16-row decode step ran ~1.6x faster (benchmarks/NOTES.md). A tied output layer gets a weight of
+    its own (vocab x hidden x 4 bytes more). The model cannot be trained or saved after the swap.
     MkldnnLinear is a TorchScript module (deprecated by torch, still shipped): without it, nothing changes.
     """
     import warnings
@@ -66,20 +72,34 @@ def onednn_linear(model: Any) -> int:
         from torch.utils.mkldnn import MkldnnLinear
     except ImportError:
         return 0
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            # exactly nn.Linear: subclasses (quantized, LoRA) compute something else
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
-                # no_grad: else the converted weight's autograd node keeps the original alive
-                with warnings.catch_warnings(), torch.no_grad():
-                    warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's notice
-                    setattr(parent, name, MkldnnLinear(child, torch.float32))
-                swapped += 1
-    if swapped:
-        # the weights may be views of the memory-mapped checkpoint, which stays mapped (and its pages
-        # resident, ~500 MB for SmolLM2) while any tensor uses it: copy the rest out so that it goes
-        with torch.no_grad():
-            for param in model.parameters():
-                param.data = param.data.clone()
-    return swapped
+    # exactly nn.Linear: subclasses (quantized, LoRA) compute something else
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
+    ]
+    if not targets:
+        return 0
+    probe = torch.tensor([[1, 2, 3]], device=model.device)  # ids every vocabulary has
+    try:
+        # no_grad: else a converted weight's autograd node keeps its original alive
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's notice
+            before = model(input_ids=probe).logits
+            for parent, name, child in targets:
+                setattr(parent, name, MkldnnLinear(child, torch.float32))
+            after = model(input_ids=probe).logits
+        if not torch.allclose(before, after, atol=1e-3, rtol=0):
+            raise ValueError(f"logits moved by {float((before - after).abs().max()):.3g}")
+    except Exception as exc:  # out of memory, meta weights, a model that reads .weight: plain layers
+        for parent, name, child in targets:
+            setattr(parent, name, child)
+        logger.warning("oneDNN Linear layers not used for this model (%s: %s)", type(exc).__name__, exc)
+        return 0
+    # the weights may be views of the memory-mapped checkpoint, which stays mapped (and its pages
+    # resident, ~500 MB for SmolLM2) while any tensor uses it: copy the rest out so that it goes
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return len(targets)
