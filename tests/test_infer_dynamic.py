@@ -206,3 +206,33 @@ def test_a_closed_engine_refuses_new_requests(tiny_model_dir, tmp_path):
     with pytest.raises(SftflowError, match="closed"):
         closed.submit(QUESTION, SamplingParams(max_new_tokens=2))
     assert closed.held == 0
+
+
+def test_a_request_queued_while_the_engine_closes_is_still_answered(tiny_model_dir, tmp_path):
+    engine = load_engine(infer_args(str(make_run_dir(tiny_model_dir, tmp_path)), []), batched=True)
+    inside, go = threading.Event(), threading.Event()
+    hold = engine._hold
+
+    def slow_hold(count):  # the request has passed the closed check and is about to be queued
+        inside.set()
+        go.wait(timeout=60)
+        hold(count)
+
+    engine._hold = slow_hold
+    futures = []
+    sender = threading.Thread(
+        target=lambda: futures.append(engine.submit(QUESTION, SamplingParams(max_new_tokens=2)))
+    )
+    sender.start()
+    assert inside.wait(timeout=60)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(timeout=0.5)
+    assert closer.is_alive()  # close() waits for the request being queued
+    go.set()
+    sender.join(timeout=60)
+    closer.join(timeout=60)
+    assert (
+        futures[0].result(timeout=1).choices[0].completion_tokens == 2
+    )  # answered before the worker stopped
+    assert engine.held == 0

@@ -98,6 +98,7 @@ class ChatEngine:
         self._held_lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._closed = False
+        self._admitting = threading.Lock()
         self._dynamic: DynamicPath | None = None  # dynamic batching, on the worker below
         continuous = batched and generating.serve_batching == "continuous"
         self._batch = BatchPath(self) if continuous else None  # continuous batching, on its own thread
@@ -318,36 +319,38 @@ class ChatEngine:
         streaming: bool,
         index: int = 0,
     ) -> list[Job]:
-        if self._closed:
-            raise SftflowError("the engine is closed: it takes no more requests.")
-        self._hold(copies)
-        jobs = []
-        for i in range(copies):
-            seed = None if params.seed is None else params.seed + index + i
-            job = Job(self, prompt_ids, params, budget, streaming, seed)
-            job.future.add_done_callback(self._release)
-            jobs.append(job)
-        try:
-            if self.path(params) == "batch" and self._batch is not None:
+        with self._admitting:  # close() cannot slip its sentinel in between the check and the queueing
+            if self._closed:
+                raise SftflowError("the engine is closed: it takes no more requests.")
+            self._hold(copies)
+            jobs = []
+            for i in range(copies):
+                seed = None if params.seed is None else params.seed + index + i
+                job = Job(self, prompt_ids, params, budget, streaming, seed)
+                job.future.add_done_callback(self._release)
+                jobs.append(job)
+            try:
+                if self.path(params) == "batch" and self._batch is not None:
+                    for job in jobs:
+                        self._batch.add(job)
+                else:
+                    for job in jobs:
+                        self._queue.put(job)
+            except BaseException as exc:
                 for job in jobs:
-                    self._batch.add(job)
-            else:
-                for job in jobs:
-                    self._queue.put(job)
-        except BaseException as exc:
-            for job in jobs:
-                job.fail(exc)
-            raise
+                    job.fail(exc)
+                raise
         return jobs
 
     def close(self) -> None:
         """Finish the queued jobs and stop the workers (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._batch is not None:
-            self._batch.close()
-        self._queue.put(None)
+        with self._admitting:
+            if self._closed:
+                return
+            self._closed = True
+            if self._batch is not None:
+                self._batch.close()
+            self._queue.put(None)  # after every job queued: the worker answers them all first
         self._worker.join()
 
     def _serve(self) -> None:
@@ -431,9 +434,6 @@ def context_length(model: Any, tokenizer: Any) -> int:
     if not value or value > 10**7:  # tokenizers without a limit report a huge sentinel
         raise SftflowError("cannot tell this model's context length (no max_position_embeddings in config).")
     return int(value)
-
-
-# -- loading ------------------------------------------------------------------------------------
 
 
 def load_engine(args: RunArgs, batched: bool = False) -> ChatEngine:
