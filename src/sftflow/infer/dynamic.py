@@ -104,7 +104,6 @@ class DynamicPath:
         self.prefixes: dict[tuple[int, ...], Any] = {}  # shared prompt prefix -> its KV cache (1 row)
         self.reuse_prefixes = True
         self.joinable = True  # False for caches that cannot be padded and stacked (sliding windows, ...)
-        self.warpers: dict[tuple[float, float], Any] = {}
         logger.info(
             "dynamic batching: up to %d prompt tokens per join, KV cache up to %.0f MB",
             engine.generating.serve_max_batch_tokens,
@@ -223,15 +222,7 @@ class DynamicPath:
             [[1] * len(prefix) + [0] * (longest - len(ids)) + [1] * len(ids) for ids in rest], device=device
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]
-        out = engine.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        tokens = self.choose(out.logits[:, -1], jobs)
+        tokens = self.choose(self.forward(input_ids, mask, positions, cache), jobs)
         rows = Rows(jobs, cache, mask, mask.sum(-1), tokens)
         self.joinable = self.joinable and rows.plain  # else a batch runs as it started
         rows.keep(self.fed(rows.jobs, tokens.tolist()))
@@ -247,17 +238,24 @@ class DynamicPath:
         if not rows.jobs:
             return
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.jobs), 1)], dim=1)
+        logits = self.forward(rows.tokens[:, None], rows.mask, rows.positions[:, None], rows.cache)
+        rows.positions = rows.positions + 1
+        rows.tokens = self.choose(logits, rows.jobs)
+        rows.keep(self.fed(rows.jobs, rows.tokens.tolist()))
+
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> Any:
+        """One pass that appends `input_ids` to `cache`; the logits of each row's last position."""
         out = self.engine.model(
-            input_ids=rows.tokens[:, None],
-            attention_mask=rows.mask,
-            position_ids=rows.positions[:, None],
-            cache=rows.cache,
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        rows.positions = rows.positions + 1
-        rows.tokens = self.choose(out.logits[:, -1], rows.jobs)
-        rows.keep(self.fed(rows.jobs, rows.tokens.tolist()))
+        return out.logits[:, -1]
 
     def fed(self, jobs: list[Job], tokens: list[int]) -> list[int]:
         """Give each job its new token; the indices of the jobs that go on (the others are answered)."""
@@ -296,17 +294,14 @@ class DynamicPath:
             TopPLogitsWarper,
         )
 
-        key = (temperature, top_p)
-        if key not in self.warpers:
-            warpers: list[Any] = []
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if self.engine.generating.top_k:
-                warpers.append(TopKLogitsWarper(self.engine.generating.top_k))
-            if top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
-            self.warpers[key] = LogitsProcessorList(warpers)
-        return self.warpers[key]
+        warpers: list[Any] = []
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if self.engine.generating.top_k:
+            warpers.append(TopKLogitsWarper(self.engine.generating.top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        return LogitsProcessorList(warpers)
 
     def prefix_cache(self, prompts: list[list[int]], rows: int) -> tuple[list[int], Any]:
         """The longest cached prefix every prompt shares (else, for 2+ prompts, their common prefix,
