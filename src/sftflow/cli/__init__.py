@@ -19,7 +19,8 @@ from sftflow.errors import SftflowError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": (
         "sftflow.cli.train",
-        "CONFIG [key=value ...]  train (stage: pt|sft|rm|dpo): data -> model -> train/eval/predict -> report",
+        "CONFIG [key=value ...]  train (stage: pt|sft|rm|dpo|kto): "
+        "data -> model -> train/eval/predict -> report",
     ),
     "chat": ("sftflow.cli.chat", "RUN_DIR|CONFIG  chat with the tuned model in the terminal"),
     "api": ("sftflow.cli.api", "RUN_DIR|CONFIG  serve it over an OpenAI-compatible HTTP API"),
