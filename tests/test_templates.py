@@ -67,7 +67,8 @@ def check_conversation(tok, conversation):
     assert [t for t in encoded.labels if t != IGNORE_INDEX] == expected_trained
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+# qwen3 is a reasoning template that drops earlier thoughts (not prefix-stable): tests/test_thinking.py
+@pytest.mark.parametrize("name", sorted(set(BUILTIN_TEMPLATES) - {"qwen3"}))
 def test_builtin_template_ids_prefixes_and_labels(family_tokenizer, name):
     tok = copy.deepcopy(family_tokenizer)
     apply_template(tok, name)

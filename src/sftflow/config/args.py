@@ -94,7 +94,7 @@ class DataArguments:
     """Folder holding dataset_info.json and the data files it names (relative to the working dir)."""
 
     template: str | None = None
-    """Chat template: unset uses the tokenizer's own; or a built-in (alpaca, default, plain, vicuna, chatml, qwen, llama2, mistral, llama3, gemma, phi), or a name from template_file."""
+    """Chat template: unset uses the tokenizer's own; or a built-in (alpaca, default, plain, vicuna, chatml, qwen, qwen3, llama2, mistral, llama3, gemma, phi), or a name from template_file."""
 
     template_file: str | None = None
     """A YAML file of your own templates (name -> format_user/format_assistant/... or chat_template); pick one with template."""
@@ -110,6 +110,12 @@ class DataArguments:
 
     mask_history: bool = False
     """Train only the last assistant answer of each conversation (earlier answers become context)."""
+
+    enable_thinking: bool | None = True
+    """Reasoning templates (e.g. template: qwen3): true trains thoughts, and answers without one get an empty <think> block inside the loss; false removes every thought and puts the empty block at the end of the prompt, untrained; null trains thoughts where present and puts the empty block in the prompt of answers without one. Thoughts come inline (<think>...</think> at the start of an answer) or from reasoning_content / a reasoning column."""
+
+    preserve_thinking: bool = False
+    """With mask_history: keep the thoughts of the earlier answers (default: they are dropped, as the model sees its history at inference)."""
 
     packing: bool = False
     """Pack several examples into each cutoff_len row (no padding; position_ids restart per example and examples never attend to each other)."""

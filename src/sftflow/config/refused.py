@@ -151,11 +151,6 @@ REFUSED: dict[str, Refused] = {
     "default_system": Refused(
         "not supported yet; give the system prompt in the data's system column or a template_file template"
     ),
-    "enable_thinking": Refused(
-        "enable_thinking: false is not supported yet; the template decides (true, LLaMA-Factory's default)",
-        (True,),
-    ),
-    "preserve_thinking": Refused("not supported yet", (False,)),
     "data_shared_file_system": Refused(
         "the main process tokenizes first and the others read tokenized_cache_dir", (False,)
     ),

@@ -371,6 +371,10 @@ def no_effect(key: str, model: Any, data: Any, finetuning: Any, generating: Any,
         return "template_file needs template: the name of one of its templates"
     if key in ("mask_history", "train_on_prompt") and stage != "sft":
         return f"{key} applies to stage: sft only (this run is stage: {stage})"
+    if key == "preserve_thinking" and stage == "sft" and not data.mask_history:
+        return "preserve_thinking applies with mask_history: true (without it every answer keeps its thought)"
+    if key in ("enable_thinking", "preserve_thinking") and stage == "pt":
+        return f"{key} applies to conversations (stage: pt trains plain text)"
     if key in ("save_total_limit", "save_only_model", "save_on_each_node") and training.save_strategy == "no":
         return f"{key} applies only when checkpoints are saved; set save_steps or save_strategy"
     if key == "eval_steps" and training.eval_strategy != "steps":

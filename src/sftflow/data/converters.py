@@ -8,6 +8,10 @@ The common form depends on the stage (what the tokenizers in `encode.py` read):
   assistant turn. A sharegpt ``function_call`` turn is an ``assistant`` turn whose content is the call
   text exactly as written in the data (e.g. ``{"name": ..., "arguments": ...}``); an ``observation`` turn
   is a ``tool`` turn. ``tools`` is the tool schema as a JSON string (``""`` when the row has none).
+  An assistant answer's thought is written inline at the start of its content
+  (``<think>\n...\n</think>\n\n``): as it comes in the data, or from a turn's ``reasoning_content``
+  (OpenAI/sharegpt turn objects) or a ``reasoning`` column (the last answer's thought, any format, mapped
+  in dataset_info.json ``columns``). ``data/thinking.py`` splits it off again for the chat template.
 * ``pt``: ``{"text": str}``: the raw text to continue-pretrain on (no template, no eos: the pt tokenizer
   adds it).
 * ``rm`` (``ranking: true`` in dataset_info.json): ``{"messages": [...], "chosen": str, "rejected": str,
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import json
 from typing import Any, Literal
+
+from sftflow.data.thinking import inline_thought, split_thought
 
 Message = dict[str, str]
 Stage = Literal["pt", "sft", "rm", "kto"]
@@ -137,7 +143,37 @@ def _turn(turn: Any, i: int, tags: dict[str, str], field: str) -> tuple[Message,
         )
     if not isinstance(content, str) or not content.strip():
         raise RowError(f"{field}[{i}] ({raw_role}) has empty or non-string {content_key!r}")
+    if role_map[raw_role] == "assistant" and turn.get("reasoning_content") not in (None, ""):
+        content = with_reasoning(content, turn["reasoning_content"], f"{field}[{i}].reasoning_content")
     return {"role": role_map[raw_role], "content": content}, raw_role
+
+
+def with_reasoning(content: str, reasoning: Any, where: str) -> str:
+    """`content` with the thought `reasoning` written inline before it (see the module docstring).
+
+    >>> with_reasoning("4", "2+2", "reasoning")
+    '<think>\\n2+2\\n</think>\\n\\n4'
+    """
+    if not isinstance(reasoning, str):
+        raise RowError(f"{where} should be a string, got {type(reasoning).__name__} {_short(reasoning)}")
+    if split_thought(content)[0] is not None:
+        raise RowError(
+            f"{where} is set but the answer already starts with an inline <think> thought; give the thought "
+            "once, inline or as reasoning"
+        )
+    return inline_thought(reasoning, content)
+
+
+def _last_reasoning(row: dict[str, Any], columns: dict[str, str], messages: list[Message]) -> None:
+    """Put the `reasoning` column's thought inline into the last assistant answer (in place)."""
+    column = columns.get("reasoning")
+    value = row.get(column) if column else None
+    if value is None or value == "":
+        return
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise RowError(f"column {column!r} (reasoning) is set but the row has no answer for it")
+    last["content"] = with_reasoning(last["content"], value, f"column {column!r}")
 
 
 def sharegpt_to_messages(
@@ -230,6 +266,7 @@ def convert_row(
         messages = alpaca_to_messages(row, columns)
     else:
         messages = sharegpt_to_messages(row, columns, tags)
+    _last_reasoning(row, columns, messages)
     if stage == "kto":
         return {
             "messages": messages,

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sftflow.data.template import render, turn_spans
+from sftflow.data.thinking import Thinking, thinking_prompt, thinking_spans
 from sftflow.errors import SftflowError
 
 IGNORE_INDEX = -100
@@ -103,6 +104,7 @@ def tokenize_conversation(
     stop_ids: set[int],
     train_on_prompt: bool = False,
     mask_history: bool = False,
+    thinking: Thinking | None = None,
 ) -> tuple[list[int], list[int], int]:
     """Ids and labels of a whole conversation (no cutoff), and the length of the last answer's prompt.
 
@@ -110,11 +112,18 @@ def tokenize_conversation(
     [answer 1, answer 2), ..., [last answer, end). Each piece after the first is an answer, its
     end-of-turn token, then template glue and the next prompt.
 
+    With `thinking` (a reasoning template, see `thinking.py`) the text and its cut points come from
+    `thinking_spans` in that mode instead of one rendering.
+
     Raises:
         SftflowError: an answer has no end-of-turn token (the model would never learn to stop), or the
             template does not render incrementally (see `turn_spans`).
     """
-    full, spans = turn_spans(tokenizer, messages)
+    if thinking is None:
+        full, spans = turn_spans(tokenizer, messages)
+    else:
+        stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
+        full, spans = thinking_spans(tokenizer, messages, thinking, stops, mask_history)
     input_ids = _ids(tokenizer, full[: spans[0][0]])
     labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
     last_prompt_len = len(input_ids)
@@ -214,6 +223,7 @@ def encode_sft(
     *,
     mask_history: bool = False,
     cutoff_policy: CutoffPolicy = "truncate",
+    thinking: Thinking | None = None,
 ) -> Encoded:
     """Tokenize one conversation with the tokenizer's chat template and build its label mask.
 
@@ -225,6 +235,7 @@ def encode_sft(
         stop_ids: end-of-turn ids (default: `stop_token_ids(tokenizer)`; pass them to save the probe).
         mask_history: train the last answer only.
         cutoff_policy: `truncate` (shorten, prompt side first) or `drop` over-long examples.
+        thinking: how thoughts are rendered and trained (`thinking.resolve_thinking`; None: no thinking).
 
     Returns:
         The ids and labels; `truncated` when shortened; `dropped` (a reason) with empty ids when dropped.
@@ -235,7 +246,7 @@ def encode_sft(
     stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
 
     def encode(msgs: list[Message]) -> tuple[list[int], list[int], int]:
-        return tokenize_conversation(tokenizer, msgs, stop_ids, train_on_prompt, mask_history)
+        return tokenize_conversation(tokenizer, msgs, stop_ids, train_on_prompt, mask_history, thinking)
 
     ids, labels, _ = encoded = encode(messages)
     full = len(ids)
@@ -251,10 +262,16 @@ def encode_sft(
     return Encoded(ids[:cutoff_len], labels[:cutoff_len], truncated=True, full_length=full)
 
 
-def encode_prompt(tokenizer: Any, messages: list[Message], cutoff_len: int) -> list[int] | None:
+def encode_prompt(
+    tokenizer: Any, messages: list[Message], cutoff_len: int, thinking: Thinking | None = None
+) -> list[int] | None:
     """Ids of everything before the last assistant answer, with the generation prompt: what `generate`
-    sees at predict time. None when longer than cutoff_len."""
-    ids = _ids(tokenizer, render(tokenizer, messages[:-1], add_generation_prompt=True))
+    sees at predict time (with `thinking`, in its mode). None when longer than cutoff_len."""
+    if thinking is None:
+        text = render(tokenizer, messages[:-1], add_generation_prompt=True)
+    else:
+        text = thinking_prompt(tokenizer, messages, thinking)
+    ids = _ids(tokenizer, text)
     return ids if len(ids) <= cutoff_len else None
 
 
@@ -266,6 +283,7 @@ def encode_pairwise(
     cutoff_len: int,
     stop_ids: set[int] | None = None,
     cutoff_policy: CutoffPolicy = "truncate",
+    thinking: Thinking | None = None,
 ) -> PairEncoded:
     """Tokenize a preference pair (rm stage): `prompt` + chosen answer and `prompt` + rejected answer.
 
@@ -281,6 +299,12 @@ def encode_pairwise(
         cutoff_len: the most tokens per sequence.
         stop_ids: end-of-turn ids (default: `stop_token_ids(tokenizer)`).
         cutoff_policy: `truncate` or `drop`.
+        thinking: how thoughts are rendered (`thinking.py`; earlier answers in the prompt lose theirs
+            unless preserve_thinking). With enable_thinking null, a pair where one answer has a thought
+            and the other not would not share its prompt (the empty block goes into one) and is refused.
+
+    Raises:
+        SftflowError: as `encode_sft`, or the two answers' prompts differ (see `thinking`).
     """
     stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
 
@@ -289,10 +313,17 @@ def encode_pairwise(
         return {"role": "assistant", "content": content}
 
     def encode(msgs: list[Message]) -> tuple[list[int], list[int], int]:
-        return tokenize_conversation(tokenizer, msgs, stop_ids, mask_history=True)
+        return tokenize_conversation(tokenizer, msgs, stop_ids, mask_history=True, thinking=thinking)
 
     pair = [[*prompt, answer(chosen)], [*prompt, answer(rejected)]]
     encoded = [encode(m) for m in pair]
+    if thinking is not None and encoded[0][0][: encoded[0][2]] != encoded[1][0][: encoded[1][2]]:
+        raise SftflowError(
+            "with enable_thinking: null, the chosen and rejected answers of a pair must both have a thought "
+            "or both have none (the empty thought block goes into the prompt of an answer without one, so "
+            "the two would not share their prompt). Give both answers thoughts, or set enable_thinking to "
+            "true or false."
+        )
     longest = max(len(e[0]) for e in encoded)
     if longest > cutoff_len:
         if cutoff_policy == "drop":

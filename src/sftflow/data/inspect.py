@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from typing import IO, Any
 
@@ -46,6 +47,30 @@ def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color
     return "".join(out)
 
 
+THOUGHT = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def thought_note(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+    """One line on the `<think>` blocks of a sequence: how many are trained or untrained, how many are
+    empty (the block of an answer without a thought), "" when there is none.
+
+    A block counts as trained when its closing tag is.
+    """
+    text, trained_until = "", []  # trained_until: (end offset, trained?) per run
+    for trained, ids in trained_spans(input_ids, labels):
+        text += tokenizer.decode(ids, skip_special_tokens=False)
+        trained_until.append((len(text), trained))
+    counts: dict[str, int] = {}
+    for match in THOUGHT.finditer(text):
+        end = match.end() - 1
+        trained = next(t for stop, t in trained_until if end < stop)
+        kind = ("empty block " if not match.group(1).strip() else "thought ") + (
+            "trained" if trained else "in the prompt (untrained)"
+        )
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
 def render_example(tokenizer: Any, row: dict[str, Any], index: int, color: bool) -> str:
     """One tokenized example with a header line: sft/pt rows with their trained tokens marked, pairs as
     the shared prompt with each answer marked."""
@@ -60,7 +85,9 @@ def render_example(tokenizer: Any, row: dict[str, Any], index: int, color: bool)
         return "\n".join(parts)
     labels = row.get("labels", row["input_ids"])
     trained = sum(1 for t in labels if t != IGNORE_INDEX)
-    header = f"--- example {index}: {len(row['input_ids'])} tokens, {trained} trained ---"
+    note = thought_note(tokenizer, row["input_ids"], labels)
+    note = f"; <think>: {note}" if note else ""
+    header = f"--- example {index}: {len(row['input_ids'])} tokens, {trained} trained{note} ---"
     return header + "\n" + render_marked(tokenizer, row["input_ids"], labels, color)
 
 
@@ -81,6 +108,10 @@ def format_report(meta: dict[str, Any]) -> str:
             f"p50={length.get('p50', 0)} p90={length.get('p90', 0)} p99={length.get('p99', 0)} "
             f"max={length.get('max', 0)}; trained tokens {stats['trained_share']:.1%}"
         )
+        if "thoughts" in stats:
+            lines.append(
+                f"  thoughts: {stats['thoughts']['with']} examples with one, {stats['thoughts']['without']} without"
+            )
         if "duplicates" in stats:
             lines.append(
                 f"  {stats['duplicates']} exact duplicates, {stats['conflicting']} prompts with differing answers, "

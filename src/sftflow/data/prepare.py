@@ -28,6 +28,7 @@ from sftflow.data.audit import summarize
 from sftflow.data.encode import IGNORE_INDEX, encode_pairwise, encode_pretrain, encode_prompt, encode_sft
 from sftflow.data.loader import LoadReport, load_conversations, split_train_eval
 from sftflow.data.template import render
+from sftflow.data.thinking import Thinking, has_thought, resolve_thinking, split_thought, thinking_prompt
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -241,6 +242,8 @@ def tokenize_sft(
     """
     from datasets import IterableDataset
 
+    thinking = resolve_thinking(tokenizer, data.enable_thinking, data.preserve_thinking)
+
     def encode(row: dict) -> dict:
         messages = row["messages"]
         enc = encode_sft(
@@ -251,6 +254,7 @@ def tokenize_sft(
             stop_ids,
             mask_history=data.mask_history,
             cutoff_policy=data.cutoff_policy,
+            thinking=thinking,
         )
         out = {
             "input_ids": enc.input_ids,
@@ -265,6 +269,7 @@ def tokenize_sft(
         return {
             **out,
             **_trained_facts(enc.labels, stop_ids),
+            "thought": has_thought(messages, words),
             "length": len(enc.input_ids),
             "full_length": enc.full_length,
             "key": _digest(messages),
@@ -272,6 +277,7 @@ def tokenize_sft(
             "answer_key": _digest(messages[-1]["content"]),
         }
 
+    words = (thinking.open, thinking.close) if thinking else None
     streamed = isinstance(conversations, IterableDataset)
     if streamed:
         encoded = conversations.map(encode, remove_columns=conversations.column_names)
@@ -283,7 +289,11 @@ def tokenize_sft(
         num_proc=_num_proc(data, conversations),
         desc=f"Tokenizing {split}",
     )
-    encoded = _drop_and_count(encoded, split, data.cutoff_len, "examples", stats if stats is not None else {})
+    stats = stats if stats is not None else {}
+    thoughts = sum(encoded["thought"])  # rows read, before drops
+    encoded = _drop_and_count(encoded.remove_columns("thought"), split, data.cutoff_len, "examples", stats)
+    if thoughts or thinking is not None:
+        stats["thoughts"] = {"with": thoughts, "without": len(conversations) - thoughts}
     no_labels = sum(1 for labels in encoded["labels"] if all(t == IGNORE_INDEX for t in labels))
     if no_labels:
         raise SftflowError(
@@ -350,6 +360,8 @@ def tokenize_pairs(
         SftflowError: no pair fits cutoff_len.
     """
 
+    thinking = resolve_thinking(tokenizer, data.enable_thinking, data.preserve_thinking)
+
     def encode(row: dict, index: int) -> dict:
         enc = encode_pairwise(
             tokenizer,
@@ -359,6 +371,7 @@ def tokenize_pairs(
             data.cutoff_len,
             stop_ids,
             cutoff_policy=data.cutoff_policy,
+            thinking=thinking,
         )
         kept = not enc.dropped
         chosen_facts = _trained_facts(enc.chosen_labels, stop_ids)
@@ -400,9 +413,13 @@ def _last_trained(labels: list[int]) -> int:
     return max(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
 
 
-def tokenize_prompts(conversations: Any, tokenizer: Any, cutoff_len: int) -> tuple[Any, list[dict[str, Any]]]:
+def tokenize_prompts(
+    conversations: Any, tokenizer: Any, cutoff_len: int, thinking: Thinking | None = None
+) -> tuple[Any, list[dict[str, Any]]]:
     """Prompt-only inputs for generation, sorted longest first (less padding, early OOM), and the
-    matching rows (prompt text, reference answer, dataset index) in the same order.
+    matching rows (prompt text, reference answer, dataset index) in the same order. With `thinking`
+    (`resolve_thinking`) the prompts are in its mode (enable_thinking false: the empty thought block
+    ends the prompt, and the reference answer loses its thought).
 
     Raises:
         SftflowError: every prompt exceeds cutoff_len.
@@ -411,14 +428,19 @@ def tokenize_prompts(conversations: Any, tokenizer: Any, cutoff_len: int) -> tup
 
     rows, ids = [], []
     for messages in conversations["messages"]:
-        prompt_ids = encode_prompt(tokenizer, messages, cutoff_len)
+        prompt_ids = encode_prompt(tokenizer, messages, cutoff_len, thinking)
         if prompt_ids is None:
             continue
         ids.append(prompt_ids)
+        label = messages[-1]["content"]
+        if thinking is not None and thinking.enable is False:
+            label = split_thought(label, (thinking.open, thinking.close))[1]
         rows.append(
             {
-                "prompt": render(tokenizer, messages[:-1], add_generation_prompt=True),
-                "label": messages[-1]["content"],
+                "prompt": render(tokenizer, messages[:-1], add_generation_prompt=True)
+                if thinking is None
+                else thinking_prompt(tokenizer, messages, thinking),
+                "label": label,
                 "index": len(rows),
             }
         )

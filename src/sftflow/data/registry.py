@@ -44,6 +44,7 @@ KNOWN_COLUMNS = {
     "chosen",
     "rejected",
     "kto_tag",
+    "reasoning",  # sftflow's: the last answer's thought (see converters.py)
 }
 UNSUPPORTED_COLUMNS = {"images", "videos", "audios"}
 KNOWN_ENTRY_KEYS = {

@@ -140,6 +140,39 @@ CHATML_SPEC = TemplateSpec(
     special_tokens=("<|im_start|>", "<|im_end|>"),
 )
 
+# A Qwen3-style reasoning template (written for sftflow, ChatML tokens): the answers after the last user
+# message get their thought as `<think>\n...\n</think>\n\n` (from `reasoning_content` or split off an
+# inline thought; the last answer always gets the block, empty when it has none), earlier answers lose
+# theirs, and `enable_thinking=false` appends the empty block to the generation prompt.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '<|im_start|>user\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] %}{%- set reasoning = '' %}"
+    "{%- if message['reasoning_content'] is string %}{%- set reasoning = message['reasoning_content'] %}"
+    "{%- elif '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{- raise_exception('unsupported role ' + message['role']) }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
 BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
     "alpaca": TemplateSpec(
         default_system="Below is an instruction that describes a task. "
@@ -172,6 +205,7 @@ BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
             "format_tool": "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n",
         }
     ),
+    "qwen3": TemplateSpec(chat_template=QWEN3_CHAT_TEMPLATE, special_tokens=("<|im_start|>", "<|im_end|>")),
     "llama2": TemplateSpec(
         system_style="first_user",
         format_system="<<SYS>>\n{content}\n<</SYS>>\n\n",
@@ -351,6 +385,13 @@ def apply_template(tokenizer: Any, name: str | None, template_file: str | Path |
                 "in a YAML template_file."
             )
         return
+    if name in OWN_FIRST and available.get(name) is BUILTIN_TEMPLATES[name]:
+        own = getattr(tokenizer, "chat_template", None)
+        if own and template_family(name) in tokenizer_family(tokenizer):
+            logger.info(
+                "template: %s keeps this %s tokenizer's own chat template.", name, template_family(name)
+            )
+            return
     if name not in available and name in LLAMAFACTORY_TEMPLATES:
         family = template_family(name)
         if getattr(tokenizer, "chat_template", None) and family in tokenizer_family(tokenizer):
@@ -389,6 +430,10 @@ def apply_template(tokenizer: Any, name: str | None, template_file: str | Path |
             "vicuna, llama2, mistral), or add them with new_special_tokens."
         )
     tokenizer.chat_template = compile_template(spec)
+
+
+# built-ins for a model family whose own tokenizers carry a fuller template (tools): those keep theirs
+OWN_FIRST = {"qwen3"}
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

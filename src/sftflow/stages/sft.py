@@ -12,6 +12,7 @@ from sftflow.data.collator import PackedCollator, SftCollator
 from sftflow.data.encode import stop_token_ids
 from sftflow.data.packing import pack_dataset
 from sftflow.data.prepare import tokenize_prompts
+from sftflow.data.thinking import resolve_thinking
 from sftflow.infer.predict import generate_predictions, sample_answers
 from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer
@@ -50,7 +51,10 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     prepared = prepare_data(args, tokenizer)
     train_set, eval_set = prepared.train, prepared.eval
     if training.do_predict:
-        predict_set, predict_rows = tokenize_prompts(prepared.held_out, tokenizer, args.data.cutoff_len)
+        thinking = resolve_thinking(tokenizer, args.data.enable_thinking, args.data.preserve_thinking)
+        predict_set, predict_rows = tokenize_prompts(
+            prepared.held_out, tokenizer, args.data.cutoff_len, thinking
+        )
     if args.data.packing:  # after the logged preview, which shows the examples one by one
         train_set, eval_set = (
             pack_dataset(d, args.data.cutoff_len) if d is not None else None for d in (train_set, eval_set)
