@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from sftflow.errors import SftflowError
 from sftflow.infer.answers import (
     ChatPlan,
     chat_logprobs,
@@ -43,9 +44,11 @@ from sftflow.infer.answers import (
     usage,
 )
 from sftflow.infer.protocol import ChatCompletionRequest, CompletionRequest, field_path
+from sftflow.infer.requests import EngineBusy, RequestError, SamplingParams
+from sftflow.infer.toolcalls import ToolCallStream
 
-if TYPE_CHECKING:
-    from sftflow.infer.engine import ChatEngine, SamplingParams
+if TYPE_CHECKING:  # (the engine imports torch and transformers; this module is imported without them)
+    from sftflow.infer.engine import ChatEngine
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +68,6 @@ def _error(
 def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving one engine (under its model_name) or several by name; with `api_key`, every
     /v1 route needs `Authorization: Bearer <key>`."""
-    from sftflow.errors import SftflowError
-    from sftflow.infer.engine import EngineBusy, RequestError
-
     served = dict(engines) if isinstance(engines, Mapping) else {engines.model_name: engines}
     if not served:
         raise SftflowError("create_app needs at least one engine to serve.")
@@ -195,8 +195,6 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
         if isinstance(picked, JSONResponse):
             return picked
         model, engine = picked
-        from sftflow.infer.engine import SamplingParams
-
         try:
             prompts = completion_prompts(engine, body.prompt)
             params = SamplingParams(
@@ -304,7 +302,6 @@ async def chat_events(
     as it is generated (a head with index, id and name, then the arguments piece by piece; see
     `ToolCallStream`). Then usage (if asked) and `data: [DONE]`. A failure mid-stream is sent as an
     `error` event, which the openai client raises."""
-    from sftflow.infer.tools import ToolCallStream
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         return _chunk("chat.completion.chunk", completion_id, created, model, choices, **extra)

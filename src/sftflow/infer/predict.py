@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
