@@ -145,7 +145,9 @@ def chat_logprobs(items: list[TokenLogprob] | None, top: int) -> dict[str, Any]:
 # -- completions --------------------------------------------------------------------------------
 
 
-def completion_prompts(engine: ChatEngine, prompt: Any) -> list[list[int]]:
+def completion_prompts(
+    engine: ChatEngine, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[list[int]]:
     """The prompts of a completions request as token ids (text is tokenized as is, no chat template).
 
     Raises:

@@ -26,6 +26,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ from sftflow.infer.answers import (
     usage,
 )
 from sftflow.infer.protocol import ChatCompletionRequest, CompletionRequest, field_path
-from sftflow.infer.requests import EngineBusy, RequestError, SamplingParams
+from sftflow.infer.requests import ChatResult, EngineBusy, RequestError, SamplingParams
 from sftflow.infer.toolcalls import ToolCallStream
 
 if TYPE_CHECKING:  # (the engine imports torch and transformers; this module is imported without them)
@@ -242,7 +243,7 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
     return app
 
 
-async def until_done(future: Any, request: Request) -> Any:
+async def until_done(future: Future[ChatResult], request: Request) -> ChatResult | None:
     """The future's result, or None (the generation cancelled) when the client disconnects first."""
     wrapped = asyncio.wrap_future(future)
     while True:
@@ -250,7 +251,7 @@ async def until_done(future: Any, request: Request) -> Any:
         if done:
             return wrapped.result()
         if await request.is_disconnected():
-            future.cancel_generation()
+            future.cancel_generation()  # type: ignore[attr-defined]
             return None
 
 

@@ -336,7 +336,7 @@ class _LoopQueue:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def put(self, item: Any) -> None:
+    def put(self, item: object) -> None:
         # a closed loop (shutdown) has no reader left: the other rows of a batch must not fail with it
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
