@@ -100,9 +100,8 @@ class DynamicPath:
         self.token_bytes = kv.kv_bytes_per_token(generator.model)
         self.largest_batch = 0  # most rows decoded together so far
         self.joined = 0  # jobs that joined a batch already running
-        self.prefixes: dict[
-            tuple[int, ...], DynamicCache
-        ] = {}  # shared prompt prefix -> its KV cache (1 row)
+        # shared prompt prefix -> its KV cache (1 row)
+        self.prefixes: dict[tuple[int, ...], DynamicCache] = {}
         self.reuse_prefixes = True
         self.joinable = True  # False for caches that cannot be padded and stacked (sliding windows, ...)
         logger.info(

@@ -1,8 +1,9 @@
 """The chat engine: a tuned model (base + adapter) and its tokenizer behind its generation paths.
 
 How infer/ is put together, from the request down:
-- `ChatEngine` (here) admits requests (`serve_max_queue`, EngineBusy past it), queues them and runs one
-  worker thread that hands each to a path. It is the only module that sees the queue and the threads.
+- `ChatEngine` (here) admits requests (at most `serve_max_queue` held; past that EngineBusy, HTTP 429 in
+  the API), queues them and runs one worker thread that hands each to a path. It is the only module that
+  sees the queue and the threads.
 - `Generator` (infer/core.py) is what the paths get instead of the engine: the model, tokenizer,
   generating args, stop ids and context length; `sampling` and `generation_config` there turn a
   request's SamplingParams into decoding settings.
