@@ -17,7 +17,8 @@ from sftflow.cli import parse
 from sftflow.cli.api import build_parser, served_runs
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
-from sftflow.infer.engine import SamplingParams, load_engine
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import SamplingParams
 from test_infer_api import free_port, post, serve, wait_ready
 from test_infer_engine import make_run_dir
 

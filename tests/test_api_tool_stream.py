@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sftflow.infer.requests import ChatResult, Completion
-from sftflow.infer.tools import ToolCallStream, parse_tool_calls
+from sftflow.infer.toolcalls import ToolCallStream, parse_tool_calls
 from test_infer_api import serve
 from test_infer_api_openai import TOOL_TEMPLATE
 from test_infer_engine import make_run_dir

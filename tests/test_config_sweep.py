@@ -223,10 +223,12 @@ VALUES: dict[str, Any] = {
     "save_steps": 7,
     "tf32": False,
     "quantization_method": "bnb",  # the only method that works (hqq is refused with the reason)
+    "serve_batching": "dynamic",  # the one batched path (continuous was removed, issue #23)
 }
 # keys set to a value equal to HF's default but not sftflow's, or whose landing transformers rewrites
 NOT_COMPARED = {
     "quantization_method",
+    "serve_batching",
     "report_to",
     "include_num_input_tokens_seen",
     "ddp_backend",

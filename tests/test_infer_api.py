@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from sftflow.config.run_dir import infer_args
-from sftflow.infer.engine import SamplingParams, load_engine
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import SamplingParams
 from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from sftflow.config.run_dir import infer_args
-from sftflow.infer.engine import SamplingParams, load_engine
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import SamplingParams
 from test_infer_api import post, serve
 from test_infer_engine import make_run_dir
 
@@ -339,5 +340,4 @@ def test_disconnecting_client_cancels_its_request(server, engine):
     deadline = time.monotonic() + 20
     while engine.held and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert engine.held == 0  # the slot is free (and, on the continuous path, its handler gone)
-    assert engine._batch is None or engine._batch.pending == 0
+    assert engine.held == 0  # the slot is free

@@ -9,7 +9,8 @@ from collections import deque
 import pytest
 
 from sftflow.config.run_dir import infer_args
-from sftflow.infer.engine import SamplingParams, load_engine
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import SamplingParams
 from test_infer_engine import QUESTION, make_run_dir
 
 
@@ -182,7 +183,11 @@ def test_cached_prefixes_make_way_for_rows_when_memory_is_short(engine):
 
     dynamic = engine._dynamic
     budget, prefixes = dynamic.cache_budget, dict(dynamic.prefixes)
-    jobs = [Job(engine, engine.encode(QUESTION), SamplingParams(), 4, False, None) for _ in range(4)]
+    stops = engine.generator.stop_id_set
+    jobs = [
+        Job(engine.tokenizer, stops, engine.encode(QUESTION), SamplingParams(), 4, False, None)
+        for _ in range(4)
+    ]
     width = len(jobs[0].prompt_ids) + 4
     dynamic.cache_budget = 4 * width * dynamic.token_bytes  # room for the 4 rows, not for prefixes too
     dynamic.prefixes = {tuple(range(i, i + 50)): None for i in range(3)}

@@ -13,13 +13,13 @@ import yaml
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.chat import fit_history
-from sftflow.infer.engine import (
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import (
     EngineBusy,
     RequestError,
     SamplingParams,
     StopBuffer,
     cut_at_stop,
-    load_engine,
     validate_messages,
 )
 
@@ -223,12 +223,12 @@ def test_stop_helpers():
     assert buffer.flush() == "EN"
 
 
-# -- the batch path (dynamic or continuous batching) and the exact path's extras -------------------
+# -- the batch path (dynamic batching) and the exact path's extras ---------------------------------
 
 
-@pytest.fixture(scope="module", params=["dynamic", "continuous"])
-def batched(run_dir, request):
-    overrides = ["serve_max_queue=4", f"serve_batching={request.param}"]
+@pytest.fixture(scope="module")
+def batched(run_dir):
+    overrides = ["serve_max_queue=4"]
     engine = load_engine(infer_args(str(run_dir), overrides), batched=True)
     yield engine
     engine.close()
@@ -242,8 +242,7 @@ def test_batch_path_greedy_equals_generate_token_for_token(batched, engine):
     expected = [engine.generate(p, params).choices[0] for p in prompts]
     futures = [batched.submit(p, params) for p in prompts[:4]]  # four at once share forward passes
     got = [f.result(timeout=120).choices[0] for f in futures]
-    if batched._dynamic is not None:
-        assert batched._dynamic.largest_batch > 1
+    assert batched._dynamic.largest_batch > 1
     got += [batched.generate(p, params).choices[0] for p in prompts[4:]]
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == [
@@ -263,7 +262,7 @@ def test_batch_path_routes_what_it_cannot_carry_to_the_exact_path(batched):
         SamplingParams(grammar="{}"),
     ]:
         assert batched.path(params) == "exact"
-    batched.generating.repetition_penalty = 1.2  # the manager would drop it: such a config goes exact
+    batched.generating.repetition_penalty = 1.2  # the batch path does not apply it: such a config goes exact
     try:
         assert batched.path(SamplingParams()) == "exact"
     finally:
@@ -283,10 +282,9 @@ def test_closed_stream_cancels_its_request_and_frees_its_slot(batched):
     stream, _ = batched.stream(QUESTION, SamplingParams(max_new_tokens=400))
     pieces = iter(stream)
     next(pieces)
-    assert batched.held == 1 and (batched._batch is None or batched._batch.pending == 1)
+    assert batched.held == 1
     stream.close()
     assert batched.held == 0  # the slot is free at once
-    assert batched._batch is None or batched._batch.pending == 0  # and the manager's handler gone
     after = batched.generate(QUESTION, SamplingParams(max_new_tokens=3)).choices[0]
     assert after.completion_tokens == 3  # the engine goes on serving
 
@@ -304,28 +302,23 @@ def test_full_queue_raises_engine_busy(batched):
 
 def test_cache_is_sized_from_the_config_not_the_library_default(batched):
     assert batched.model.config._attn_implementation == "sdpa"
-    if batched._batch is None:  # dynamic: a batch fits serve_max_batch_tokens and the memory budget
-        dynamic = batched._dynamic
-        context = batched.context_length
-        assert dynamic.fits(1, context - 8, 8)  # one request always runs
-        assert dynamic.fits(2, 100, 8) and not dynamic.fits(3, 1000, 8)  # serve_max_batch_tokens=2048
-        assert not dynamic.fits(2, 10, context)  # padded past the model's positions
+    # a batch fits serve_max_batch_tokens and the memory budget
+    dynamic = batched._dynamic
+    context = batched.context_length
+    assert dynamic.fits(1, context - 8, 8)  # one request always runs
+    assert dynamic.fits(2, 100, 8) and not dynamic.fits(3, 1000, 8)  # serve_max_batch_tokens=2048
+    assert not dynamic.fits(2, 10, context)  # padded past the model's positions
+    dynamic.prefixes.clear()
+    rows = dynamic.cache_budget // (dynamic.token_bytes * 20)
+    generating = batched.generating
+    generating.serve_max_batch_tokens = 10**9  # only the memory budget limits now
+    try:
+        assert dynamic.fits(rows, 10, 10) and not dynamic.fits(rows + 1, 10, 10)
+        dynamic.prefixes[tuple(range(40))] = None  # a kept prefix takes its share of the budget
+        assert not dynamic.fits(rows, 10, 10) and dynamic.fits(rows - 2, 10, 10)
+    finally:
+        generating.serve_max_batch_tokens = 2048
         dynamic.prefixes.clear()
-        rows = dynamic.cache_budget // (dynamic.token_bytes * 20)
-        generating = batched.generating
-        generating.serve_max_batch_tokens = 10**9  # only the memory budget limits now
-        try:
-            assert dynamic.fits(rows, 10, 10) and not dynamic.fits(rows + 1, 10, 10)
-            dynamic.prefixes[tuple(range(40))] = None  # a kept prefix takes its share of the budget
-            assert not dynamic.fits(rows, 10, 10) and dynamic.fits(rows - 2, 10, 10)
-        finally:
-            generating.serve_max_batch_tokens = 2048
-            dynamic.prefixes.clear()
-        return
-    sizes = batched._batch.sizes
-    blocks_per_request = -(-batched.context_length // sizes["page_size"])
-    assert sizes["num_blocks"] <= 4 * blocks_per_request  # serve_max_queue=4 full-context requests at most
-    assert sizes["cache_bytes"] < 64 * 2**20 and sizes["max_batch_tokens"] == 2048
 
 
 def test_logprobs_and_echo_match_a_forward_pass(engine):
@@ -371,14 +364,12 @@ def test_grammar_constrains_the_answer_to_a_json_schema(engine):
 def test_job_text_equals_decode_also_when_cut_inside_a_character(tiny_tokenizer):
     """Streamed text holds back an incomplete multi-byte character; an answer cut there (max_new_tokens)
     ends as `decode` gives it, like the batch decode of predict."""
-    from types import SimpleNamespace
-
     from sftflow.infer.requests import Job
 
     ids = tiny_tokenizer.encode("€ü ñ", add_special_tokens=False)  # bytes: not merged by the tiny BPE
     cut = next(k for k in range(2, len(ids)) if tiny_tokenizer.decode(ids[:k]).endswith("\ufffd"))
-    engine = SimpleNamespace(tokenizer=tiny_tokenizer, stop_id_set={tiny_tokenizer.eos_token_id})
-    job = Job(engine, [1], SamplingParams(), max_new_tokens=cut, streaming=True, seed=None)
+    stop_ids = {tiny_tokenizer.eos_token_id}
+    job = Job(tiny_tokenizer, stop_ids, [1], SamplingParams(), max_new_tokens=cut, streaming=True, seed=None)
     for token in ids[:cut]:
         job.feed([token])
     job.finish()

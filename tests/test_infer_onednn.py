@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sftflow.config.run_dir import infer_args
-from sftflow.infer.engine import SamplingParams, load_engine
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import SamplingParams
 from sftflow.model.inference import onednn_linear
 from test_infer_engine import make_run_dir
 
@@ -34,15 +35,6 @@ def test_the_key_swaps_every_float32_linear_layer_and_false_keeps_them(engines):
     fast, plain = engines
     assert linear_types(fast.model) == {"MkldnnLinear"}  # the adapter was merged: every layer is plain
     assert linear_types(plain.model) == {"Linear"}
-
-
-def test_the_continuous_path_keeps_plain_layers(tiny_model_dir, tmp_path):
-    run_dir = str(make_run_dir(tiny_model_dir, tmp_path))
-    engine = load_engine(infer_args(run_dir, ["serve_batching=continuous"]), batched=True)
-    try:
-        assert linear_types(engine.model) == {"Linear"}  # it generates on transformers' own thread
-    finally:
-        engine.close()
 
 
 def test_greedy_answers_are_equal_on_both_paths_and_logprobs_within_1e_4(engines):

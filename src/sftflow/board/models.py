@@ -88,7 +88,7 @@ class ChatPair:
 
     def stream_both(self, messages: list[dict[str, str]], max_new_tokens: int):
         """Yield (tuned text, base text) as both answers stream in, side by side."""
-        from sftflow.infer.engine import SamplingParams
+        from sftflow.infer.requests import SamplingParams
 
         if self.tuned is None:
             raise SftflowError("pick a run and press Load first.")

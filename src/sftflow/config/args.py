@@ -422,11 +422,11 @@ class GeneratingArguments:
     serve_max_queue: int = 64
     """`sftflow api`: requests held at once (running + waiting); more are answered 429 with Retry-After."""
 
-    serve_batching: Literal["dynamic", "continuous"] = "dynamic"
-    """`sftflow api`: dynamic (requests join/leave one batch at every step) or continuous (transformers')."""
+    serve_batching: Literal["dynamic"] = "dynamic"
+    """`sftflow api`: dynamic, requests join/leave one batch at every step (continuous was removed: slower)."""
 
     serve_max_batch_tokens: int = 2048
-    """`sftflow api`: tokens one batched pass may read (dynamic: prompts of joiners; continuous: prompt chunks + rows)."""
+    """`sftflow api`: tokens one batched pass may read (the prompts of the requests joining the batch)."""
 
     serve_memory_fraction: float = 0.1
     """`sftflow api`: share of free memory (RAM on CPU, GPU memory on CUDA) the batch's KV cache may use."""

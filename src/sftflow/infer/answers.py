@@ -8,10 +8,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sftflow.errors import SftflowError
+from sftflow.infer.constrain import json_schema_grammar, lark_grammar
 from sftflow.infer.protocol import ChatCompletionRequest, NamedToolChoice
+from sftflow.infer.requests import Completion, RequestError, SamplingParams, TokenLogprob
+from sftflow.infer.toolcalls import ToolCall, call_format, forced_call_lark, parse_tool_calls, supports_tools
 
-if TYPE_CHECKING:
-    from sftflow.infer.engine import ChatEngine, Completion, SamplingParams, TokenLogprob
+if TYPE_CHECKING:  # (the engine imports torch and transformers; this module is imported without them)
+    from sftflow.infer.engine import ChatEngine
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +44,7 @@ class ChatPlan:
         self.parallel = parallel
         self.top_logprobs = params.top_logprobs
 
-    def split(self, text: str) -> tuple[str | None, list[Any]]:
-        from sftflow.infer.tools import parse_tool_calls
-
+    def split(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.tool_format is None:
             return text, []
         content, calls = parse_tool_calls(text, self.tool_format)  # type: ignore[arg-type]
@@ -71,11 +73,6 @@ def chat_plan(engine: ChatEngine, body: ChatCompletionRequest) -> ChatPlan:
         RequestError: tools for a template that cannot render them, an unknown named tool, a schema that
             cannot be enforced, or messages the template refuses.
     """
-    from sftflow.errors import SftflowError
-    from sftflow.infer.constrain import json_schema_grammar, lark_grammar
-    from sftflow.infer.engine import RequestError, SamplingParams
-    from sftflow.infer.tools import call_format, forced_call_lark, supports_tools
-
     grammar = None
     fmt = body.response_format
     try:
@@ -148,7 +145,9 @@ def chat_logprobs(items: list[TokenLogprob] | None, top: int) -> dict[str, Any]:
 # -- completions --------------------------------------------------------------------------------
 
 
-def completion_prompts(engine: ChatEngine, prompt: Any) -> list[list[int]]:
+def completion_prompts(
+    engine: ChatEngine, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[list[int]]:
     """The prompts of a completions request as token ids (text is tokenized as is, no chat template).
 
     Raises:
@@ -164,8 +163,6 @@ def completion_prompts(engine: ChatEngine, prompt: Any) -> list[list[int]]:
         ids = engine.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else list(item)
         out.append(engine.check_prompt_ids(ids, param))
     if not out:
-        from sftflow.infer.engine import RequestError
-
         raise RequestError("prompt is empty.", "prompt")
     return out
 

@@ -26,6 +26,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from sftflow.errors import SftflowError
 from sftflow.infer.answers import (
     ChatPlan,
     chat_logprobs,
@@ -43,9 +45,11 @@ from sftflow.infer.answers import (
     usage,
 )
 from sftflow.infer.protocol import ChatCompletionRequest, CompletionRequest, field_path
+from sftflow.infer.requests import ChatResult, EngineBusy, RequestError, SamplingParams
+from sftflow.infer.toolcalls import ToolCallStream
 
-if TYPE_CHECKING:
-    from sftflow.infer.engine import ChatEngine, SamplingParams
+if TYPE_CHECKING:  # (the engine imports torch and transformers; this module is imported without them)
+    from sftflow.infer.engine import ChatEngine
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +69,6 @@ def _error(
 def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving one engine (under its model_name) or several by name; with `api_key`, every
     /v1 route needs `Authorization: Bearer <key>`."""
-    from sftflow.errors import SftflowError
-    from sftflow.infer.engine import EngineBusy, RequestError
-
     served = dict(engines) if isinstance(engines, Mapping) else {engines.model_name: engines}
     if not served:
         raise SftflowError("create_app needs at least one engine to serve.")
@@ -195,8 +196,6 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
         if isinstance(picked, JSONResponse):
             return picked
         model, engine = picked
-        from sftflow.infer.engine import SamplingParams
-
         try:
             prompts = completion_prompts(engine, body.prompt)
             params = SamplingParams(
@@ -244,7 +243,7 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
     return app
 
 
-async def until_done(future: Any, request: Request) -> Any:
+async def until_done(future: Future[ChatResult], request: Request) -> ChatResult | None:
     """The future's result, or None (the generation cancelled) when the client disconnects first."""
     wrapped = asyncio.wrap_future(future)
     while True:
@@ -252,7 +251,7 @@ async def until_done(future: Any, request: Request) -> Any:
         if done:
             return wrapped.result()
         if await request.is_disconnected():
-            future.cancel_generation()
+            future.cancel_generation()  # type: ignore[attr-defined]
             return None
 
 
@@ -304,7 +303,6 @@ async def chat_events(
     as it is generated (a head with index, id and name, then the arguments piece by piece; see
     `ToolCallStream`). Then usage (if asked) and `data: [DONE]`. A failure mid-stream is sent as an
     `error` event, which the openai client raises."""
-    from sftflow.infer.tools import ToolCallStream
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         return _chunk("chat.completion.chunk", completion_id, created, model, choices, **extra)

@@ -6,7 +6,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
-if TYPE_CHECKING:
+from sftflow.infer.requests import RequestError, SamplingParams
+
+if TYPE_CHECKING:  # (the engine imports torch and transformers; `sftflow chat --help` does not need them)
     from sftflow.infer.engine import ChatEngine
 
 HELP = "Commands: /clear starts a new conversation, /exit quits (or Ctrl-D)."
@@ -25,8 +27,6 @@ def run_chat(
     `/clear` empties the history, `/exit` (or end of input) quits, Ctrl-C during an answer stops it.
     Old turns are dropped (and said so) when the conversation no longer fits the context.
     """
-    from sftflow.infer.engine import RequestError, SamplingParams
-
     read, out = read or input, out or sys.stdout
 
     def say(text: str) -> None:

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:  # (the API's light modules import this one)
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 _TOKENIZERS: dict[tuple[int, int], Any] = {}
 _LOCK = threading.Lock()
@@ -69,7 +73,7 @@ def check_grammar(grammar: str) -> None:
         raise SftflowError(f"the schema cannot be enforced: {error}")
 
 
-def _ll_tokenizer(tokenizer: Any, vocab: int, stop_ids: list[int]) -> Any:
+def _ll_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab: int, stop_ids: list[int]) -> Any:
     key = (id(tokenizer), vocab)
     with _LOCK:
         if key not in _TOKENIZERS:
@@ -80,14 +84,14 @@ def _ll_tokenizer(tokenizer: Any, vocab: int, stop_ids: list[int]) -> Any:
 class GrammarProcessor:
     """A `generate` logits processor (batch of one) that allows only tokens the grammar accepts next."""
 
-    def __init__(self, tokenizer: Any, grammar: str, stop_ids: list[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, grammar: str, stop_ids: list[int]) -> None:
         self.tokenizer = tokenizer
         self.grammar = grammar
         self.stop_ids = stop_ids
         self.matcher: Any = None
         self.mask: Any = None
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         ll = _llguidance()
         if self.matcher is None:
             lltok = _ll_tokenizer(self.tokenizer, scores.shape[-1], self.stop_ids)

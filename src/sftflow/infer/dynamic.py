@@ -7,10 +7,10 @@ re-reading anything; a row that ends at a stop token, a stop string, its token b
 the batch at once and its Job resolves then. Padding columns are masked, so a row's tokens do not depend
 on the rows it shares a batch with (greedy: equal to `generate`, tests/test_infer_dynamic.py).
 
-Why not transformers' continuous batching by default: on CPU its paged-attention step costs about twice a
-plain decode step at the same batch (SmolLM2-135M, 16 rows: ~0.24 s vs ~0.11 s; benchmarks/NOTES.md), so
-this path keeps the plain step and does the joining itself. `serve_batching: continuous` selects the
-other path (infer/batch.py).
+Why not transformers' continuous batching: on CPU its paged-attention step costs about twice a plain
+decode step at the same batch (SmolLM2-135M, 16 rows: ~0.24 s vs ~0.11 s; benchmarks/NOTES.md), so this
+path keeps the plain step and does the joining itself. The cache operations it needs (and the cache's
+size) are in infer/kv.py; the model, tokenizer and settings come from a `Generator` (infer/core.py).
 
 Each row picks its token with its own settings: greedy, or sampled with its temperature / top_p and the
 config's top_k (transformers' logits warpers). What needs more (grammars, logprobs, seeds, beams, a
@@ -21,14 +21,21 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
-from sftflow.infer.batch import kv_bytes_per_token, memory_budget
+import torch
+from torch.nn.functional import pad
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-if TYPE_CHECKING:
-    import torch
-
-    from sftflow.infer.requests import Job, SamplingParams
+from sftflow.infer import kv
+from sftflow.infer.core import Generator, sampling
+from sftflow.infer.requests import Job, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +45,25 @@ class Rows:
     next position and the token it feeds next."""
 
     def __init__(
-        self, jobs: list[Job], cache: Any, mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
+        self,
+        jobs: list[Job],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        tokens: torch.Tensor,
     ):
-        from transformers.cache_utils import DynamicLayer
-
         self.jobs, self.cache, self.mask, self.positions, self.tokens = jobs, cache, mask, positions, tokens
         # plain layers can be padded, stacked and trimmed; sliding windows and linear attention cannot
-        self.plain = all(type(layer) is DynamicLayer for layer in cache.layers)
+        self.plain = kv.is_plain(cache)
 
     def keep(self, kept: list[int]) -> None:
         """Keep only the rows `kept` (indices), then drop the padding columns no kept row needs."""
-        import torch
-
         if not kept:
             self.jobs = []
             return
         if len(kept) < len(self.jobs):
             index = torch.tensor(kept, dtype=torch.long, device=self.mask.device)
-            self.cache.batch_select_indices(index)
+            kv.select_rows(self.cache, index)
             self.jobs = [self.jobs[i] for i in kept]
             self.mask, self.positions, self.tokens = (
                 self.mask[index],
@@ -64,22 +72,13 @@ class Rows:
             )
         first = int(self.mask.any(0).int().argmax())  # the first column a row reads
         if first and self.plain:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            kv.trim_left(self.cache, first)
             self.mask = self.mask[:, first:]
 
     def add(self, other: Rows) -> None:
         """Stack `other`'s rows under these, padding the shorter side's KV and mask on the left."""
-        import torch
-        from torch.nn.functional import pad
-
         width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                a = pad(a, (0, 0, width - a.shape[2], 0))
-                b = pad(b, (0, 0, width - b.shape[2], 0))
-                setattr(mine, name, torch.cat([a, b]))
+        kv.stack(self.cache, other.cache, width)
         self.mask = torch.cat(
             [
                 pad(self.mask, (width - self.mask.shape[1], 0)),
@@ -95,30 +94,31 @@ class DynamicPath:
     """Admits waiting jobs into the running batch while they fit `serve_max_batch_tokens` (tokens one
     join reads) and `serve_memory_fraction` of the free memory (the batch's KV cache), and decodes it."""
 
-    def __init__(self, engine: Any) -> None:  # the ChatEngine
-        self.engine = engine
-        self.cache_budget = memory_budget(engine.model, engine.generating.serve_memory_fraction)
-        self.token_bytes = kv_bytes_per_token(engine.model)
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.cache_budget = kv.memory_budget(generator.model, generator.generating.serve_memory_fraction)
+        self.token_bytes = kv.kv_bytes_per_token(generator.model)
         self.largest_batch = 0  # most rows decoded together so far
         self.joined = 0  # jobs that joined a batch already running
-        self.prefixes: dict[tuple[int, ...], Any] = {}  # shared prompt prefix -> its KV cache (1 row)
+        # shared prompt prefix -> its KV cache (1 row)
+        self.prefixes: dict[tuple[int, ...], DynamicCache] = {}
         self.reuse_prefixes = True
         self.joinable = True  # False for caches that cannot be padded and stacked (sliding windows, ...)
         logger.info(
             "dynamic batching: up to %d prompt tokens per join, KV cache up to %.0f MB",
-            engine.generating.serve_max_batch_tokens,
+            generator.generating.serve_max_batch_tokens,
             self.cache_budget / 2**20,
         )
 
     def can_carry(self, params: SamplingParams) -> bool:
         """False for what needs a request of its own (the exact path): grammars, logprobs, echo, a seed,
         beam search, or a repetition penalty."""
-        g = self.engine.generating
+        g = self.generator.generating
         if params.logprobs or params.top_logprobs or params.grammar or params.echo or params.seed is not None:
             return False
         if g.repetition_penalty != 1.0:
             return False
-        return g.num_beams == 1 or self.engine.sampling(params)[0]
+        return g.num_beams == 1 or sampling(params, g)[0]
 
     def fits(
         self,
@@ -131,12 +131,12 @@ class DynamicPath:
         """Whether `rows` requests padded to these lengths may share a batch whose joining pass reads
         `reading` tokens (default: rows x longest_prompt), next to the cached prefixes' KV (`kept`);
         one request alone always may."""
-        g = self.engine.generating
+        g = self.generator.generating
         if rows == 1:
             return True
         if (reading if reading is not None else rows * longest_prompt) > g.serve_max_batch_tokens:
             return False
-        if longest_prompt + longest_answer > self.engine.context_length:
+        if longest_prompt + longest_answer > self.generator.context_length:
             return False  # the padded batch would run past the model's positions
         prefixes = sum(len(prefix) for prefix in self.prefixes) * self.token_bytes if kept else 0
         return rows * (longest_prompt + longest_answer) * self.token_bytes <= self.cache_budget - prefixes
@@ -169,12 +169,10 @@ class DynamicPath:
             prompt, answer = p, a
         return group
 
-    def serve(self, waiting: deque[Job], drain: Any) -> None:
+    def serve(self, waiting: deque[Job], drain: Callable[[], None]) -> None:
         """Run batch jobs from the front of `waiting` until no row is left: before every step, `drain`
         moves newly queued jobs into `waiting` and those that can join do. A failure fails every job in
         the batch (and is raised)."""
-        import torch
-
         rows: Rows | None = None
         group: list[Job] = []
         try:
@@ -204,20 +202,17 @@ class DynamicPath:
     def read(self, jobs: list[Job]) -> Rows | None:
         """One pass over the prompts of `jobs` (left-padded; a cached shared prefix is not re-read): their
         first tokens, and their rows ready to decode (None if every one ended at its first token)."""
-        import torch
-        from transformers import DynamicCache
-
-        engine = self.engine
-        device = engine.model.device
+        generator = self.generator
+        device = generator.model.device
         prompts = [job.prompt_ids for job in jobs]
         prefix, cache = self.prefix_cache(prompts, len(jobs))
         if cache is None:
-            cache = DynamicCache(config=engine.model.config)
+            cache = kv.new_cache(generator.model)
         rest = [ids[len(prefix) :] for ids in prompts]
         longest = max(len(ids) for ids in rest)
-        pad = engine.tokenizer.pad_token_id
-        pad = pad if pad is not None else engine.stop_ids[0]
-        input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in rest], device=device)
+        filler = generator.tokenizer.pad_token_id
+        filler = filler if filler is not None else generator.stop_ids[0]
+        input_ids = torch.tensor([[filler] * (longest - len(ids)) + ids for ids in rest], device=device)
         mask = torch.tensor(
             [[1] * len(prefix) + [0] * (longest - len(ids)) + [1] * len(ids) for ids in rest], device=device
         )
@@ -231,8 +226,6 @@ class DynamicPath:
     def step(self, rows: Rows) -> None:
         """One decode pass over the batch: every row reads its newest token and picks the next one;
         rows that end leave."""
-        import torch
-
         keep = [i for i, job in enumerate(rows.jobs) if not (job.done or job.cancelled.is_set())]
         rows.keep(keep)
         if not rows.jobs:
@@ -244,10 +237,10 @@ class DynamicPath:
         rows.keep(self.fed(rows.jobs, rows.tokens.tolist()))
 
     def forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
-    ) -> Any:
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
         """One pass that appends `input_ids` to `cache`; the logits of each row's last position."""
-        out = self.engine.model(
+        out = self.generator.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
@@ -271,12 +264,10 @@ class DynamicPath:
 
     def choose(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
         """Each row's next token: the argmax, or a sample under its own temperature / top_p."""
-        import torch
-
         tokens = logits.argmax(-1)
         settings: dict[tuple[float, float], list[int]] = {}
         for i, job in enumerate(jobs):
-            do_sample, temperature, top_p = self.engine.sampling(job.params)
+            do_sample, temperature, top_p = sampling(job.params, self.generator.generating)
             if do_sample:
                 settings.setdefault((temperature, top_p), []).append(i)
         for (temperature, top_p), index in settings.items():
@@ -285,39 +276,26 @@ class DynamicPath:
             tokens[at] = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
         return tokens
 
-    def warper(self, temperature: float, top_p: float) -> Any:
+    def warper(self, temperature: float, top_p: float) -> LogitsProcessorList:
         """transformers' warpers for these settings (and the config's top_k), in generate's order."""
-        from transformers import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        warpers: list[Any] = []
+        top_k = self.generator.generating.top_k
+        warpers: list[TemperatureLogitsWarper | TopKLogitsWarper | TopPLogitsWarper] = []
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
-        if self.engine.generating.top_k:
-            warpers.append(TopKLogitsWarper(self.engine.generating.top_k))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p))
         return LogitsProcessorList(warpers)
 
-    def prefix_cache(self, prompts: list[list[int]], rows: int) -> tuple[list[int], Any]:
+    def prefix_cache(self, prompts: list[list[int]], rows: int) -> tuple[list[int], DynamicCache | None]:
         """The longest cached prefix every prompt shares (else, for 2+ prompts, their common prefix,
         computed and cached now) and a copy of its KV cache repeated for `rows` rows; ([], None) when
         the prompts share fewer than PREFIX_MIN tokens or this model's cache cannot be reused. Chat
         prompts mostly share the template's system prompt (SmolLM2: 24 of ~40 tokens), whose KV every
         join would recompute."""
-        import copy
-
-        import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        if not self.reuse_prefixes or getattr(
-            self.engine.model.generation_config, "cache_implementation", None
-        ):
+        model = self.generator.model
+        if not self.reuse_prefixes or getattr(model.generation_config, "cache_implementation", None):
             return [], None  # a model that asks for its own cache type: no prefix reuse
         shortest = min(len(ids) for ids in prompts)  # every row keeps >= 1 token of its own to read
         best: tuple[int, ...] = ()
@@ -336,19 +314,17 @@ class DynamicPath:
             if common < PREFIX_MIN:
                 return [], None
             best = tuple(prompts[0][:common])
-            cache = DynamicCache(config=self.engine.model.config)
-            ids = torch.tensor([list(best)], device=self.engine.model.device)
-            self.engine.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache = kv.new_cache(model)
+            ids = torch.tensor([list(best)], device=model.device)
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            if not kv.is_plain(cache):
                 self.reuse_prefixes = False  # sliding windows, linear attention: no reuse
                 return [], None
             self.prefixes[best] = cache
             while len(self.prefixes) > PREFIX_CACHE_SIZE:
                 self.prefixes.pop(next(iter(self.prefixes)))  # the least recently used
         self.prefixes[best] = self.prefixes.pop(best)  # most recently used last
-        cache = copy.deepcopy(self.prefixes[best])
-        cache.batch_repeat_interleave(rows)
-        return list(best), cache
+        return list(best), kv.repeated(self.prefixes[best], rows)
 
 
 # A prefix shorter than PREFIX_MIN is recomputed with each join; at most PREFIX_CACHE_SIZE prefixes of at

@@ -1,20 +1,26 @@
 """The chat engine: a tuned model (base + adapter) and its tokenizer behind its generation paths.
 
-- The **batch path** (servers): concurrent requests share forward passes. By default (`serve_batching:
-  dynamic`, infer/dynamic.py) requests join the running batch and leave it at every decode step (one
-  left-padded KV cache; a joiner's prompt is read alone, nobody re-reads), each row streamed and
-  resolved on its own; `serve_batching: continuous` (infer/batch.py) uses transformers' continuous
-  batching instead (a paged KV cache sized from `serve_memory_fraction`, never the library's default).
-  Either carries greedy or sampled decoding with a per-request temperature / top_p, stop strings, and
-  n (as n requests).
+How infer/ is put together, from the request down:
+- `ChatEngine` (here) admits requests (at most `serve_max_queue` held; past that EngineBusy, HTTP 429 in
+  the API), queues them and runs one worker thread that hands each to a path. It is the only module that
+  sees the queue and the threads.
+- `Generator` (infer/core.py) is what the paths get instead of the engine: the model, tokenizer,
+  generating args, stop ids and context length; `sampling` and `generation_config` there turn a
+  request's SamplingParams into decoding settings.
+- The **batch path** (servers; infer/dynamic.py): concurrent requests share forward passes. Requests join
+  the running batch and leave it at every decode step (one left-padded KV cache; a joiner's prompt is
+  read alone, nobody re-reads), each row streamed and resolved on its own. It carries greedy or sampled
+  decoding with a per-request temperature / top_p, stop strings, and n (as n requests). Its KV-cache
+  work (sizes, and the row and column changes to transformers' DynamicCache) is in infer/kv.py.
 - The **exact path** (infer/exact.py): one `model.generate` per request, with logits processors. It carries
   what the batch path cannot: grammar-constrained decoding (response_format, forced tool calls),
   logprobs / top_logprobs, echo (prompt logprobs), per-request seed, beam search.
+- `Job` (infer/requests.py, with the request's types and errors) is what both paths feed: it decodes
+  tokens as they arrive, cuts at stop strings and streams text to a `TextStream`.
 
-`ChatEngine.path(params)` says which path a request takes. Both paths feed the same `Job`, which decodes
-tokens as they arrive, cuts at stop strings and streams text. At most `serve_max_queue` requests are
-held (running + waiting); past that `submit`/`stream` raise `EngineBusy` (HTTP 429 in the API).
-The prompt is rendered with the tokenizer saved by the run, i.e. the chat template used in training.
+`ChatEngine.path(params)` says which path a request takes. The prompt is rendered with the tokenizer
+saved by the run, i.e. the chat template used in training. Names are imported from the module that
+defines them: this one defines ChatEngine and load_engine.
 """
 
 from __future__ import annotations
@@ -27,72 +33,54 @@ from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Literal
 
+from jinja2 import TemplateError
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from sftflow.errors import SftflowError
-from sftflow.infer.batch import SERVING_ATTENTION, BatchPath, cache_sizes
+from sftflow.infer.core import make_generator, sampling
 from sftflow.infer.dynamic import DynamicPath
 from sftflow.infer.exact import run_exact
+from sftflow.infer.kv import use_serving_attention
 from sftflow.infer.requests import (
     ChatResult,
-    Completion,
     EngineBusy,
     Job,
     RequestError,
     SamplingParams,
-    StopBuffer,
     TextStream,
-    TokenLogprob,
-    cut_at_stop,
     validate_messages,
 )
+from sftflow.model.inference import load_for_inference, onednn_linear
 
 if TYPE_CHECKING:
-    from sftflow.config import GeneratingArguments, RunArgs
+    from sftflow.config.args import GeneratingArguments
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ChatEngine",
-    "ChatResult",
-    "Completion",
-    "EngineBusy",
-    "RequestError",
-    "SamplingParams",
-    "StopBuffer",
-    "TextStream",
-    "TokenLogprob",
-    "cache_sizes",
-    "context_length",
-    "cut_at_stop",
-    "load_engine",
-    "validate_messages",
-]
+__all__ = ["ChatEngine", "load_engine"]
 
 
 class ChatEngine:
     """Generate chat answers from one loaded model; safe to call from many threads at once.
 
-    With `batched=True` the batch path (`serve_batching`: dynamic or continuous) serves every request it
-    can carry; otherwise (chat in a terminal, the board) every request runs on the exact path.
+    With `batched=True` the batch path (dynamic batching) serves every request it can carry; otherwise
+    (chat in a terminal, the board) every request runs on the exact path.
     """
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         generating: GeneratingArguments,
         model_name: str = "sftflow",
         batched: bool = False,
         onednn: bool = False,
     ) -> None:
-        from sftflow.data.encode import stop_token_ids
-
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.generating = generating
+        self.generator = generator = make_generator(model, tokenizer, generating)
+        self.model, self.tokenizer, self.generating = generator.model, tokenizer, generating
+        self.context_length = generator.context_length
         self.model_name = model_name
-        self.stop_ids = sorted(stop_token_ids(tokenizer))
-        self.stop_id_set = set(self.stop_ids)
-        self.context_length = context_length(model, tokenizer)
         self.max_queue = generating.serve_max_queue
         self._held = 0
         self._held_lock = threading.Lock()
@@ -100,17 +88,15 @@ class ChatEngine:
         self._closed = False
         self._admitting = threading.Lock()
         self._dynamic: DynamicPath | None = None  # dynamic batching, on the worker below
-        continuous = batched and generating.serve_batching == "continuous"
-        self._batch = BatchPath(self) if continuous else None  # continuous batching, on its own thread
         # oneDNN layers built on one thread ran ~2x slower on another (benchmarks/NOTES.md), so the
-        # worker that generates builds them; the continuous path (transformers' thread) keeps nn.Linear
-        self._onednn = onednn and not continuous
+        # worker that generates builds them
+        self._onednn = onednn
         self._ready = threading.Event()
         self._worker = threading.Thread(target=self._serve, name="sftflow-generate", daemon=True)
         self._worker.start()
         self._ready.wait()
-        if batched and not continuous:  # sized after the swap, which changes the free memory
-            self._dynamic = DynamicPath(self)
+        if batched:  # sized after the swap, which changes the free memory
+            self._dynamic = DynamicPath(generator)
 
     # -- prompts and settings -------------------------------------------------------------------
 
@@ -121,8 +107,6 @@ class ChatEngine:
         Raises:
             RequestError: bad messages, or a conversation the chat template refuses.
         """
-        from jinja2 import TemplateError
-
         messages = validate_messages(messages)
         kwargs = {"tools": tools} if tools else {}
         try:
@@ -170,42 +154,9 @@ class ChatEngine:
             )
         return requested if requested is not None else min(self.generating.max_new_tokens, room)
 
-    def sampling(self, params: SamplingParams) -> tuple[bool, float, float]:
-        """(do_sample, temperature, top_p) of a request: the config's, overridden by the request."""
-        g = self.generating
-        do_sample = g.do_sample if params.temperature is None and params.top_p is None else True
-        if params.temperature == 0:
-            do_sample = False
-        return (
-            do_sample,
-            params.temperature or g.temperature,
-            params.top_p if params.top_p is not None else g.top_p,
-        )
-
-    def generation_config(self, params: SamplingParams, max_new_tokens: int, streaming: bool) -> Any:
-        """The GenerationConfig of one exact-path request: config defaults, overridden by the request."""
-        from transformers import GenerationConfig
-
-        g = self.generating
-        do_sample, temperature, top_p = self.sampling(params)
-        exact_only = params.logprobs or params.grammar or params.echo
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            # streams (and scored or constrained answers) follow a single sequence: no beam search
-            "num_beams": 1 if streaming or do_sample or exact_only else g.num_beams,
-            "repetition_penalty": g.repetition_penalty,
-            "eos_token_id": self.stop_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=g.top_k)
-        return GenerationConfig(**kwargs)
-
     def path(self, params: SamplingParams) -> Literal["batch", "exact"]:
         """Which path a request takes: the batch path unless it needs what only `generate` carries."""
-        batch = self._batch or self._dynamic
-        if batch is None or not batch.can_carry(params):
+        if self._dynamic is None or not self._dynamic.can_carry(params):
             return "exact"
         return "batch"
 
@@ -220,7 +171,7 @@ class ChatEngine:
                 )
             self._held += count
 
-    def _release(self, _: Any = None) -> None:
+    def _release(self, _: Future | None = None) -> None:
         with self._held_lock:
             self._held -= 1
 
@@ -259,7 +210,7 @@ class ChatEngine:
         """`submit` for a prompt given as token ids (the completions route)."""
         params = params or SamplingParams()
         budget = self.max_new_tokens(len(prompt_ids), params.max_new_tokens)
-        do_sample = self.sampling(params)[0]
+        do_sample = sampling(params, self.generating)[0]
         # greedy answers are deterministic: generate once and repeat it n times
         copies = params.n if do_sample else 1
         jobs = self._start(prompt_ids, params, budget, copies, streaming=False)
@@ -326,16 +277,14 @@ class ChatEngine:
             jobs = []
             for i in range(copies):
                 seed = None if params.seed is None else params.seed + index + i
-                job = Job(self, prompt_ids, params, budget, streaming, seed)
+                job = Job(
+                    self.tokenizer, self.generator.stop_id_set, prompt_ids, params, budget, streaming, seed
+                )
                 job.future.add_done_callback(self._release)
                 jobs.append(job)
             try:
-                if self.path(params) == "batch" and self._batch is not None:
-                    for job in jobs:
-                        self._batch.add(job)
-                else:
-                    for job in jobs:
-                        self._queue.put(job)
+                for job in jobs:
+                    self._queue.put(job)
             except BaseException as exc:
                 for job in jobs:
                     job.fail(exc)
@@ -348,8 +297,6 @@ class ChatEngine:
             if self._closed:
                 return
             self._closed = True
-            if self._batch is not None:
-                self._batch.close()
             self._queue.put(None)  # after every job queued: the worker answers them all first
         self._worker.join()
 
@@ -359,8 +306,6 @@ class ChatEngine:
         time (a cancelled job is skipped)."""
         try:
             if self._onednn:
-                from sftflow.model.inference import onednn_linear
-
                 logger.info("oneDNN Linear layers: %d", onednn_linear(self.model))  # all or none
         except Exception:
             logger.exception("oneDNN Linear layers not used")  # (a bug: onednn_linear reverts itself)
@@ -400,7 +345,7 @@ class ChatEngine:
             if job.done:
                 continue
             try:
-                run_exact(self, job)
+                run_exact(self.generator, job)
             except BaseException as exc:
                 logger.exception("generation failed")
                 job.fail(exc)
@@ -426,24 +371,11 @@ GATHER_GAP_S = 0.01
 GATHER_MAX_S = 0.05
 
 
-def context_length(model: Any, tokenizer: Any) -> int:
-    """The model's context window: max_position_embeddings, else the tokenizer's model_max_length."""
-    value = getattr(model.config, "max_position_embeddings", None)
-    if not value:
-        value = getattr(tokenizer, "model_max_length", None)
-    if not value or value > 10**7:  # tokenizers without a limit report a huge sentinel
-        raise SftflowError("cannot tell this model's context length (no max_position_embeddings in config).")
-    return int(value)
-
-
 def load_engine(args: RunArgs, batched: bool = False) -> ChatEngine:
     """Load the model and tokenizer `args` describe and start a ChatEngine on them (`batched`: with the
     batch path, for servers)."""
-    from sftflow.model.inference import load_for_inference
-
     model, tokenizer = load_for_inference(args)
-    if model.config._attn_implementation != SERVING_ATTENTION:
-        model.set_attn_implementation(SERVING_ATTENTION)
+    use_serving_attention(model)
     name = args.model.adapter_name_or_path or args.model.model_name_or_path
     onednn = args.generating.onednn_linear
     return ChatEngine(model, tokenizer, args.generating, model_name=str(name), batched=batched, onednn=onednn)

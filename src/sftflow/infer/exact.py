@@ -1,33 +1,33 @@
-"""The exact path: one `model.generate` per request, with logits processors, for what the batch paths
+"""The exact path: one `model.generate` per request, with logits processors, for what the batch path
 cannot carry: grammar-constrained decoding (response_format, forced tool calls), logprobs /
 top_logprobs, echo (the prompt's logprobs), a per-request seed, beam search.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sftflow.infer.requests import TokenLogprob
+import torch
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
-if TYPE_CHECKING:
-    from sftflow.infer.requests import Job
+from sftflow.infer.constrain import GrammarProcessor
+from sftflow.infer.core import Generator, generation_config
+from sftflow.infer.requests import Job, TokenLogprob
+
+# one step's log-softmax over the vocabulary, its top-k ids and their values
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def run_exact(engine: Any, job: Job) -> None:  # engine: the ChatEngine
+def run_exact(generator: Generator, job: Job) -> None:
     """Generate `job` with `generate`, feeding it token by token (and each token's logprob when asked)."""
-    import torch
-    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.streamers import BaseStreamer
-
     params = job.params
-    config = engine.generation_config(params, job.max_new_tokens, job.events is not None)
+    config = generation_config(generator, params, job.max_new_tokens, job.events is not None)
     top = max(params.top_logprobs, 1) if params.logprobs else 0
     recorder = Recorder(top)
-    processors: list[Any] = [recorder] if top else []
+    processors: list[Recorder | GrammarProcessor] = [recorder] if top else []
     if params.grammar is not None:
-        from sftflow.infer.constrain import GrammarProcessor
-
-        processors.append(GrammarProcessor(engine.tokenizer, params.grammar, engine.stop_ids))
+        processors.append(GrammarProcessor(generator.tokenizer, params.grammar, generator.stop_ids))
 
     class Cancelled(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -45,7 +45,7 @@ def run_exact(engine: Any, job: Job) -> None:  # engine: the ChatEngine
             for token in ids:
                 if top and recorder.steps:
                     step = recorder.steps[len(job.logprobs)]
-                    job.logprobs.append(token_logprob(engine.tokenizer, token, step))
+                    job.logprobs.append(token_logprob(generator.tokenizer, token, step))
             if job.feed(ids):
                 job.cancelled.set()
 
@@ -54,11 +54,11 @@ def run_exact(engine: Any, job: Job) -> None:  # engine: the ChatEngine
 
     if job.seed is not None:
         torch.manual_seed(job.seed)
-    input_ids = torch.tensor([job.prompt_ids], device=engine.model.device)
+    input_ids = torch.tensor([job.prompt_ids], device=generator.model.device)
     with torch.inference_mode():
-        echoed = prompt_logprobs(engine, input_ids, params.top_logprobs) if params.echo else None
+        echoed = prompt_logprobs(generator, input_ids, params.top_logprobs) if params.echo else None
         if job.max_new_tokens > 0:
-            engine.model.generate(
+            generator.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
@@ -69,23 +69,23 @@ def run_exact(engine: Any, job: Job) -> None:  # engine: the ChatEngine
     job.finish(echoed)
 
 
-def token_logprob(tokenizer: Any, token: int, step: tuple[Any, Any, Any]) -> TokenLogprob:
+def token_logprob(tokenizer: PreTrainedTokenizerBase, token: int, step: Step) -> TokenLogprob:
     """`token`'s logprob and the top alternatives from one step's (logprobs, top ids, top values)."""
     logprobs, top_ids, top_values = step
     top = [(i, tokenizer.decode([i]), v) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
     return TokenLogprob(token, tokenizer.decode([token]), float(logprobs[token]), top)
 
 
-def prompt_logprobs(engine: Any, input_ids: Any, top: int) -> list[TokenLogprob | None]:
+def prompt_logprobs(generator: Generator, input_ids: torch.Tensor, top: int) -> list[TokenLogprob | None]:
     """Each prompt token's log-probability given the tokens before it (None for the first)."""
-    import torch
-
-    logits = engine.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1]
+    logits = generator.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logprobs.topk(max(top, 1), dim=-1)
     out: list[TokenLogprob | None] = [None]
     for pos, token in enumerate(input_ids[0, 1:].tolist()):
-        out.append(token_logprob(engine.tokenizer, token, (logprobs[pos], ids[pos, :top], values[pos, :top])))
+        out.append(
+            token_logprob(generator.tokenizer, token, (logprobs[pos], ids[pos, :top], values[pos, :top]))
+        )
     return out
 
 
@@ -95,11 +95,9 @@ class Recorder:
 
     def __init__(self, top: int) -> None:
         self.top = top
-        self.steps: list[tuple[Any, Any, Any]] = []
+        self.steps: list[Step] = []
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logprobs = torch.log_softmax(scores[0].float(), dim=-1)
         values, ids = logprobs.topk(self.top)
         self.steps.append((logprobs, ids, values))

@@ -11,25 +11,35 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftflow.data.collator import SftCollator
+from sftflow.data.encode import IGNORE_INDEX, stop_token_ids
+from sftflow.data.loader import load_conversations, split_train_eval
+from sftflow.data.prepare import tokenize_prompts
+from sftflow.data.template import render
 from sftflow.errors import SftflowError
+from sftflow.model.inference import load_for_inference
+from sftflow.train.metrics import text_metrics
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from datasets import Dataset, IterableDataset
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.config.parser import RunArgs
+    from sftflow.train.trainer import SftflowTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def predict_conversations(args: RunArgs) -> Any:
+def predict_conversations(args: RunArgs) -> Dataset | IterableDataset:
     """The conversations to answer: eval_dataset, else the held-out val_size split, else dataset.
 
     Raises:
         SftflowError: no dataset is named.
     """
-    from sftflow.data.loader import load_conversations, split_train_eval
-
     data, seed = args.data, args.training.seed
     if data.eval_dataset:
         return load_conversations(data.eval_dataset, data, seed)
@@ -47,10 +57,7 @@ def run_predict(args: RunArgs) -> dict[str, float]:
     generated_predictions.jsonl (prompt, predict, label per line, dataset order) and predict_results.json."""
     from transformers import GenerationConfig
 
-    from sftflow.data.collator import SftCollator
-    from sftflow.data.encode import stop_token_ids
-    from sftflow.data.prepare import tokenize_prompts
-    from sftflow.model.inference import load_for_inference
+    # (the trainer imports torch and transformers; this module is imported by `sftflow report`)
     from sftflow.train.trainer import SftflowTrainer
 
     output_dir = Path(args.training.output_dir)
@@ -86,13 +93,15 @@ BASE_PREDICTIONS = "generated_predictions_base.jsonl"
 
 
 def generate_predictions(
-    trainer: Any, dataset: Any, rows: list[dict[str, Any]], tokenizer: Any, output_dir: Path, prefix: str
+    trainer: SftflowTrainer,
+    dataset: Dataset,
+    rows: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    prefix: str,
 ) -> dict[str, float]:
     """Generate for every prompt, write generated_predictions[_base].jsonl (in dataset order), return text
     metrics (`{prefix}_rouge-1`, ...). `prefix` is `predict` (the tuned model) or `predict_base`."""
-    from sftflow.data.encode import IGNORE_INDEX
-    from sftflow.train.metrics import text_metrics
-
     drop_last = trainer.args.dataloader_drop_last
     if drop_last:
         logger.warning(
@@ -123,13 +132,17 @@ def generate_predictions(
 
 
 def write_pair_scores(
-    output_dir: Path, pairs: Any, encoded: Any, tokenizer: Any, chosen: list[float], rejected: list[float]
+    output_dir: Path,
+    pairs: Dataset,
+    encoded: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    chosen: list[float],
+    rejected: list[float],
 ) -> None:
-    """rm: generated_predictions.jsonl with, per held-out pair, the prompt as the model saw it, both
-    answers and their scores."""
-    from sftflow.data.template import render
+    """rm: generated_predictions.jsonl with, per held-out pair (`pairs`, the rows `encoded["row"]` names),
+    the prompt as the model saw it, both answers and their scores."""
 
-    def entries() -> Any:
+    def entries() -> Iterator[dict[str, Any]]:
         for row, c, r in zip(encoded["row"], chosen, rejected, strict=True):
             pair = pairs[row]
             yield {
@@ -143,7 +156,7 @@ def write_pair_scores(
     write_jsonl(output_dir / PREDICTIONS, entries())
 
 
-def write_jsonl(path: Path, rows: Any) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,6 +1,7 @@
 """A generation request's parts: its settings (SamplingParams), its answers (Completion, TokenLogprob,
 ChatResult), the errors a request can meet (RequestError, EngineBusy), message checks and stop strings,
 and `Job`: one answer being generated, fed tokens by either path, streaming text to a `TextStream`.
+Every name here is imported from here (engine.py does not re-export them).
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:  # (transformers is heavy; this module is imported by the API's light modules)
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -170,18 +174,21 @@ _END = object()  # the last event of a streamed job
 
 class Job:
     """One answer being generated: tokens come in (from either path), text goes out (streamed and/or as a
-    Completion in `future`). It ends at a stop token, a stop string, the token budget, or a cancel."""
+    Completion in `future`). It ends at a stop token (one of `stop_ids`), a stop string, the token
+    budget, or a cancel; `tokenizer` decodes its tokens."""
 
     def __init__(
         self,
-        engine: Any,  # the ChatEngine (not imported: engine imports this module)
+        tokenizer: PreTrainedTokenizerBase,
+        stop_ids: Collection[int],
         prompt_ids: list[int],
         params: SamplingParams,
         max_new_tokens: int,
         streaming: bool,
         seed: int | None,
     ) -> None:
-        self.engine = engine
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
         self.prompt_ids = prompt_ids
         self.params = params
         self.max_new_tokens = max_new_tokens
@@ -189,10 +196,8 @@ class Job:
         self.events: queue.Queue | None = queue.Queue() if streaming else None
         self.future: Future[Completion] = Future()
         self.cancelled = threading.Event()
-        self.on_cancel: Any = None  # set by the path that runs the job
         self.answer: list[int] = []  # generated ids before the first stop token
         self.count = 0  # generated tokens counted (the stop token included)
-        self.seen = 0  # generated tokens received so far (a path may report cumulative lists)
         self.ended_on_stop = False
         self.decoded = ""  # the decoded answer so far, up to what is safe to emit
         self.buffer = StopBuffer(params.stop)
@@ -209,14 +214,13 @@ class Job:
         with self._lock:
             if self.done or self.ended_on_stop:
                 return True
-            self.seen += len(new_ids)
             for token in new_ids:
                 self.count += 1
-                if token in self.engine.stop_id_set:
+                if token in self.stop_ids:
                     self.ended_on_stop = True
                     break
                 self.answer.append(token)
-            full = self.engine.tokenizer.decode(self.answer, skip_special_tokens=True)
+            full = self.tokenizer.decode(self.answer, skip_special_tokens=True)
             if full.endswith("\ufffd") and not self.ended_on_stop:
                 return False  # a multi-byte character is not complete yet
             piece = full[len(self.decoded) :] if full.startswith(self.decoded) else ""
@@ -240,7 +244,7 @@ class Job:
                 return
             if not self.ended_on_stop:
                 # text held back for an incomplete character ends the answer as decode gives it
-                full = self.engine.tokenizer.decode(self.answer, skip_special_tokens=True)
+                full = self.tokenizer.decode(self.answer, skip_special_tokens=True)
                 tail = full[len(self.decoded) :] if full.startswith(self.decoded) else ""
                 text, hit = self.buffer.feed(tail)
                 self._emit(text)
@@ -274,8 +278,6 @@ class Job:
         if self.done:
             return
         self.cancelled.set()
-        if self.on_cancel is not None:
-            self.on_cancel()
         self.finish()
 
 
@@ -334,7 +336,7 @@ class _LoopQueue:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def put(self, item: Any) -> None:
+    def put(self, item: object) -> None:
         # a closed loop (shutdown) has no reader left: the other rows of a batch must not fail with it
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)

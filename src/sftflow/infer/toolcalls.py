@@ -13,7 +13,10 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # (the API's light modules import this one)
+    from transformers import PreTrainedTokenizerBase
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(HERMES_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_CLOSE) + r"|$)", re.S)
@@ -41,7 +44,7 @@ class ToolCall:
         return out
 
 
-def supports_tools(tokenizer: Any) -> bool:
+def supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's chat template renders a `tools` list (it mentions the variable)."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):
@@ -49,7 +52,7 @@ def supports_tools(tokenizer: Any) -> bool:
     return re.search(r"\btools\b", template) is not None
 
 
-def call_format(tokenizer: Any) -> Literal["hermes", "json"]:
+def call_format(tokenizer: PreTrainedTokenizerBase) -> Literal["hermes", "json"]:
     """`hermes` when the template writes `<tool_call>` blocks, else `json`."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):
@@ -57,7 +60,7 @@ def call_format(tokenizer: Any) -> Literal["hermes", "json"]:
     return "hermes" if HERMES_OPEN in template else "json"
 
 
-def _call(value: Any) -> ToolCall | None:
+def _call(value: object) -> ToolCall | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
