@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.board import form, runs
 from sftflow.board.models import ChatPair, tuned_keys
@@ -31,6 +31,10 @@ from sftflow.board.views import (
     runs_table,
 )
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
 
 REFRESH_S = 2.0  # live charts and progress are read again from the run dir this often
 CHART_HEIGHT = 220
@@ -388,7 +392,7 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
     return demo
 
 
-def widget(gr: Any, field_: form.FormField, value: Any) -> Any:
+def widget(gr: ModuleType, field_: form.FormField, value: Any) -> Any:
     """The gradio component of one config key: its name, one-line doc and default."""
     label, info = field_.key, f"{field_.doc} (default: {field_.default if field_.default != '' else 'unset'})"
     elem_id = f"key-{field_.key}"
@@ -401,7 +405,7 @@ def widget(gr: Any, field_: form.FormField, value: Any) -> Any:
     return gr.Textbox(label=label, info=info, value=value, placeholder="unset", max_lines=1, elem_id=elem_id)
 
 
-def line_plot(gr: Any, title: str, elem_id: str, color_title: str = "series") -> Any:
+def line_plot(gr: ModuleType, title: str, elem_id: str, color_title: str = "series") -> Any:
     return gr.LinePlot(
         None, x="step", y="value", color="series", title=title, color_title=color_title,
         height=CHART_HEIGHT, elem_id=elem_id, min_width=280,

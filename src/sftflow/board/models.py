@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.board import runs
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    from sftflow.infer.engine import ChatEngine
+
 
 RUN_ONLY_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 
@@ -96,7 +100,7 @@ class ChatPair:
         texts, done = ["", ""], [False, False]
         errors: list[str] = []
 
-        def pump(i: int, engine: Any) -> None:
+        def pump(i: int, engine: ChatEngine) -> None:
             try:
                 stream, _ = engine.stream(messages, params)
                 for piece in stream:

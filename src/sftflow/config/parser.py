@@ -17,7 +17,7 @@ import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -27,6 +27,10 @@ from sftflow.config.compat import ALIASES, REFUSED, refusal, resolve_compat
 from sftflow.config.methods import check_stage_name
 from sftflow.config.validate import check_effect, check_ranges, check_stage, check_training
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments
+
 
 __all__ = ["RunArgs", "args_from_dict", "coerce", "field_docs", "help_text", "load_args"]
 
@@ -267,7 +271,10 @@ def build_training_args(user: dict[str, Any]) -> Any:
 
 
 def _check_together(
-    model: ModelArguments, data: DataArguments, finetuning: FinetuningArguments, training: Any
+    model: ModelArguments,
+    data: DataArguments,
+    finetuning: FinetuningArguments,
+    training: Seq2SeqTrainingArguments,
 ) -> None:
     """Checks that involve more than one group."""
     if model.quantization_bit is not None and finetuning.finetuning_type != "lora":

@@ -17,9 +17,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.data.registry import ONLINE, get_dataset_spec, read_registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.config.args import DataArguments
+
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what decides the ids: the tokenizer model and its settings, special tokens, chat template."""
     parts = [type(tokenizer).__name__, str(getattr(tokenizer, "chat_template", None))]
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -76,7 +82,9 @@ def dataset_fingerprint(name: str, dataset_dir: str, stage: str) -> dict[str, An
     return entry
 
 
-def cache_key(data_args: Any, stage: str, seed: int, splits: list[str], tokenizer: Any) -> str:
+def cache_key(
+    data_args: DataArguments, stage: str, seed: int, splits: list[str], tokenizer: PreTrainedTokenizerBase
+) -> str:
     """The hex key of one run's data step (see the module docstring for what goes into it)."""
     from sftflow import __version__
 

@@ -32,6 +32,7 @@ from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
+    from transformers import PreTrainedTokenizerBase
 
     from sftflow.config import DataArguments
 
@@ -61,7 +62,7 @@ class Prepared:
 def prepare(
     stage: str,
     data: DataArguments,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     seed: int,
     do_train: bool = True,
     use_cache: bool = True,
@@ -191,7 +192,7 @@ FACT_COLUMNS = [
 BEFORE_DROPS = ["full_length", "key", "prompt_key", "answer_key"]
 
 
-def _drop_and_count(encoded: Any, split: str, cutoff_len: int, what: str, stats: dict[str, Any]) -> Any:
+def _drop_and_count(encoded: Dataset, split: str, cutoff_len: int, what: str, stats: dict[str, Any]) -> Any:
     """Log truncated and dropped examples, remove the dropped ones, fill `stats`, drop the fact columns."""
     dropped = [i for i, reason in enumerate(encoded["dropped"]) if reason]
     truncated = sum(encoded["truncated"])
@@ -226,8 +227,8 @@ def _drop_and_count(encoded: Any, split: str, cutoff_len: int, what: str, stats:
 
 
 def tokenize_sft(
-    conversations: Any,
-    tokenizer: Any,
+    conversations: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
     data: DataArguments,
     stop_ids: set[int],
     split: str,
@@ -293,7 +294,11 @@ def tokenize_sft(
 
 
 def tokenize_texts(
-    texts: Any, tokenizer: Any, data: DataArguments, split: str, stats: dict[str, Any] | None = None
+    texts: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataArguments,
+    split: str,
+    stats: dict[str, Any] | None = None,
 ) -> Any:
     """Turn a `text` dataset into cutoff_len rows of `input_ids`/`labels` (`encode_pretrain`, batched:
     rows do not cross batches of 1000 texts), every token trained. A stream is tokenized lazily.
@@ -333,8 +338,8 @@ def tokenize_texts(
 
 
 def tokenize_pairs(
-    pairs: Any,
-    tokenizer: Any,
+    pairs: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
     data: DataArguments,
     stop_ids: set[int],
     split: str,
@@ -400,7 +405,9 @@ def _last_trained(labels: list[int]) -> int:
     return max(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
 
 
-def tokenize_prompts(conversations: Any, tokenizer: Any, cutoff_len: int) -> tuple[Any, list[dict[str, Any]]]:
+def tokenize_prompts(
+    conversations: Dataset, tokenizer: PreTrainedTokenizerBase, cutoff_len: int
+) -> tuple[Any, list[dict[str, Any]]]:
     """Prompt-only inputs for generation, sorted longest first (less padding, early OOM), and the
     matching rows (prompt text, reference answer, dataset index) in the same order.
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from sftflow.config import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ def export_model(
     return export_dir
 
 
-def trained_end_token(tokenizer: Any) -> int:
+def trained_end_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id training labels as the end of an answer: the last trained label of a probe conversation
     encoded exactly as training encodes it. Without a chat template (a pt-stage model) it is eos, which the
     pt stage writes after every text.
@@ -184,8 +186,8 @@ def prove_hf_stops(export_dir: Path, end_id: int) -> None:
 
 
 def _export_gguf(
-    model: Any,
-    tokenizer: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     export_dir: Path,
     quantization: str,
     end_id: int,

@@ -35,6 +35,10 @@ from sftflow.train.steps import (
 from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
     from sftflow.config import RunArgs
 
 # pref_loss -> DPOConfig.loss_type
@@ -94,7 +98,7 @@ def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     return result
 
 
-def completions(pairs: Any) -> Any:
+def completions(pairs: Dataset) -> Any:
     """TRL's preference columns from `tokenize_pairs`: the shared prompt ids and each trained answer.
 
     >>> from datasets import Dataset
@@ -121,12 +125,17 @@ class PretokenizedDPOTrainer(Resilience, DPOTrainer):
 
     reference_forward = True  # each step runs the reference (adapter disabled, or the frozen copy)
 
-    def _prepare_dataset(self, dataset: Any, *unused: Any) -> Any:
+    def _prepare_dataset(self, dataset: Dataset, *unused: Any) -> Any:
         return dataset
 
 
 def dpo_trainer(
-    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
 ) -> Any:
     """TRL's DPOTrainer on sftflow's tokenization, with pref_beta, pref_loss (+ pref_ftx) and the
     memory-wise reference (the base with the adapter disabled under LoRA)."""
@@ -167,7 +176,12 @@ def dpo_trainer(
 
 
 def orpo_trainer(
-    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
 ) -> Any:
     """TRL's experimental ORPOTrainer (no reference model) on sftflow's tokenization; pref_beta is ORPO's
     lambda (the weight of the odds-ratio term).
@@ -186,7 +200,7 @@ def orpo_trainer(
     class PretokenizedORPOTrainer(Resilience, ORPOTrainer):
         """ORPOTrainer with `Resilience` that builds its rows from sftflow's ids instead of tokenizing text."""
 
-        def tokenize_row(self, feature: dict, model: Any = None) -> dict:
+        def tokenize_row(self, feature: dict, model: nn.Module | None = None) -> dict:
             return pair_rows(feature)
 
     config = trl_args(

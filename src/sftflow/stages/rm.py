@@ -31,6 +31,9 @@ from sftflow.train.steps import (
 from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import Trainer
+
     from sftflow.config import RunArgs
 
 
@@ -100,7 +103,7 @@ class ResilientRewardTrainer(Resilience, RewardTrainer):
     throughput logs (`Resilience`); its tokens/s counts the chosen and the rejected sequence of each pair."""
 
 
-def score_pairs(trainer: Any, dataset: Any) -> tuple[list[float], list[float]]:
+def score_pairs(trainer: Trainer, dataset: Dataset) -> tuple[list[float], list[float]]:
     """The reward of each chosen and rejected sequence of `dataset`, in dataset order."""
     import torch
 

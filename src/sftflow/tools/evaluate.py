@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
     from sftflow.config import RunArgs
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,12 @@ def _scores(results: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, fl
 
 
 def run_harness(
-    model: Any, tokenizer: Any, tasks: list[str], task_dir: Path, limit: int | None, batch_size: int
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    task_dir: Path,
+    limit: int | None,
+    batch_size: int,
 ) -> dict[str, Any]:
     """lm-eval's simple_evaluate on a loaded model (HFLM wraps it; nothing is downloaded)."""
     import lm_eval

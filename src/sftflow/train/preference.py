@@ -18,6 +18,10 @@ from sftflow.train.steps import trl_args
 from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
     from sftflow.config import RunArgs
 
 
@@ -38,7 +42,12 @@ def pair_rows(feature: dict) -> dict:
 
 
 def simpo_trainer(
-    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
 ) -> Any:
     """TRL's experimental CPOTrainer with loss_type simpo, beta = pref_beta, gamma = simpo_gamma and
     cpo_alpha = pref_ftx, on pairs in `completions` form (prompt_ids, chosen_ids, rejected_ids).
@@ -57,7 +66,7 @@ def simpo_trainer(
     class PretokenizedCPOTrainer(Resilience, CPOTrainer):
         """CPOTrainer with `Resilience` that builds its rows from sftflow's ids instead of tokenizing text."""
 
-        def tokenize_row(self, feature: dict, model: Any = None) -> dict:
+        def tokenize_row(self, feature: dict, model: nn.Module | None = None) -> dict:
             return pair_rows(feature)
 
     finetuning = args.finetuning

@@ -23,6 +23,8 @@ from sftflow.model.loader import load_model
 from sftflow.train.checkpoints import resolve_resume, resume_word
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, Trainer
+
     from sftflow.config import RunArgs
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def prepare_output_dir(output_dir: Path, args: RunArgs) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def prepare_data(args: RunArgs, tokenizer: Any) -> Prepared:
+def prepare_data(args: RunArgs, tokenizer: PreTrainedTokenizerBase) -> Prepared:
     """The data step of the run's stage (main process first, the others then read the cache), the first
     examples logged, data_stats.json written, and the training split shuffled (seeded)."""
     training, data = args.training, args.data
@@ -90,7 +92,7 @@ def prepare_data(args: RunArgs, tokenizer: Any) -> Prepared:
     return prepared
 
 
-def build_model(args: RunArgs, tokenizer: Any, head: str = "lm") -> Any:
+def build_model(args: RunArgs, tokenizer: PreTrainedTokenizerBase, head: str = "lm") -> Any:
     """The model of model_name_or_path (embeddings resized for new_special_tokens; `head="score"`: the
     one-output reward model) with LoRA / freeze / full tuning applied and, when asked, gradient
     checkpointing with the input-grad hook that frozen embeddings need. A reward head always trains."""
@@ -117,7 +119,7 @@ def build_model(args: RunArgs, tokenizer: Any, head: str = "lm") -> Any:
     )
 
 
-def record(trainer: Any, split: str, metrics: dict[str, float], result: RunResult) -> None:
+def record(trainer: Trainer, split: str, metrics: dict[str, float], result: RunResult) -> None:
     """Log `metrics`, save them to `{split}_results.json` (and all_results.json), and keep them in `result`."""
     trainer.log_metrics(split, metrics)
     trainer.save_metrics(split, metrics)
@@ -125,7 +127,7 @@ def record(trainer: Any, split: str, metrics: dict[str, float], result: RunResul
 
 
 def train_and_save(
-    trainer: Any, args: RunArgs, tokenizer: Any, resume: str | None, result: RunResult
+    trainer: Trainer, args: RunArgs, tokenizer: PreTrainedTokenizerBase, resume: str | None, result: RunResult
 ) -> None:
     """Train, then save the adapter/model, the trainer state, the train metrics (with non-pad tokens/s), the
     tokenizer (with the template used), sftflow_args.yaml and the loss plot. Any stage's Trainer works."""
@@ -149,7 +151,7 @@ def train_and_save(
             result.plots = plot_losses(trainer.state.log_history, output_dir)
 
 
-def evaluate(trainer: Any, args: RunArgs, result: RunResult, perplexity: bool) -> dict[str, float]:
+def evaluate(trainer: Trainer, args: RunArgs, result: RunResult, perplexity: bool) -> dict[str, float]:
     """Evaluate on the held-out set (with `perplexity`, exp(eval_loss) too), save eval_results.json and
     redraw the loss plots with the eval loss. Returns the eval metrics."""
     from sftflow.train.plotting import plot_losses
@@ -163,7 +165,7 @@ def evaluate(trainer: Any, args: RunArgs, result: RunResult, perplexity: bool) -
     return metrics
 
 
-def trl_args(config_class: type, training: Any, **overrides: Any) -> Any:
+def trl_args(config_class: type, training: Seq2SeqTrainingArguments, **overrides: Any) -> Any:
     """A TRL config (a `TrainingArguments` subclass) holding every training key of this run.
 
     TRL's configs change some defaults (bf16 on, gradient checkpointing on, learning_rate 1e-6,

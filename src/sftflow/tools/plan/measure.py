@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.data.prepare import prepare
 from sftflow.errors import SftflowError
 from sftflow.model.loader import load_chat_tokenizer
 from sftflow.train.perf import ModelShape, TrainSetup, flops_per_token
 from sftflow.train.steps import build_model
+
+if TYPE_CHECKING:
+    from sftflow.config.parser import RunArgs
+
 
 MEASURED_STAGES = ("sft", "pt")
 
@@ -24,7 +28,7 @@ def check_measurable(stage: str) -> None:
         )
 
 
-def measure_steps(args: Any, steps: int, warmup: int = 1) -> dict[str, float]:
+def measure_steps(args: RunArgs, steps: int, warmup: int = 1) -> dict[str, float]:
     """Train `warmup + steps` real steps on the longest examples (the worst batches) and measure.
 
     The tokenizer, data and model are built as `sftflow train` builds them (`load_chat_tokenizer`, the
