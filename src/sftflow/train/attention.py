@@ -37,7 +37,7 @@ def segment_sdpa(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
-    value: Any,
+    value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
