@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftflow.config.compat import ALIASES, REFUSED
+from sftflow.config.compat import ALIASES
+from sftflow.config.refused import REFUSED
 from sftflow.config.parser import args_from_dict, field_index
 from sftflow.errors import SftflowError
 

@@ -30,7 +30,10 @@ from sftflow.board.views import (
     progress_markdown,
     runs_table,
 )
+from sftflow.config.parser import args_from_dict, read_config_file
 from sftflow.errors import SftflowError
+from sftflow.model.export import export_model
+from sftflow.tools.report import write_report
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -46,7 +49,6 @@ FORM_COLUMNS = 4
 
 def load_preset(config: str | Path | None) -> dict[str, Any]:
     """The keys the form starts with: `config` when given, else examples/demo_sft.yaml in the working dir."""
-    from sftflow.config.parser import read_config_file
 
     if config:
         return read_config_file(config)
@@ -229,7 +231,8 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
 
         def on_plan(*values: Any) -> tuple[str, Any]:
             try:
-                from sftflow.tools.plan import build_plan, format_plan
+                from sftflow.tools.plan import build_plan
+                from sftflow.tools.plan.format import format_plan
             except ImportError as exc:
                 return f"plan unavailable: {exc}", gr.update(open=True)
             try:
@@ -304,8 +307,6 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
             path = saves / name / "report.html"
             if not path.is_file():
                 try:
-                    from sftflow.tools.report import write_report
-
                     path = write_report(saves / name)
                 except (SftflowError, OSError) as exc:
                     return f"no report for {html.escape(name)}: {html.escape(str(exc))}"
@@ -333,8 +334,6 @@ def build_app(saves: str | Path, preset: dict[str, Any] | None = None) -> Any:
             return str(saves / "exports" / name.replace("/", "-")) if name else ""
 
         def on_export(name: str | None, target: str, fmt: str, quant: str, overwrite: bool):
-            from sftflow.config.parser import args_from_dict
-            from sftflow.model.export import export_model
 
             try:
                 if not name or not target.strip():

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow.board import runs
+from sftflow.config.parser import args_from_dict
 from sftflow.errors import SftflowError
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import SamplingParams
 
 if TYPE_CHECKING:
     from sftflow.infer.engine import ChatEngine
@@ -69,8 +72,6 @@ class ChatPair:
         Raises:
             SftflowError: the run has no trained weights yet.
         """
-        from sftflow.config.parser import args_from_dict
-        from sftflow.infer.engine import load_engine
 
         with self.lock:
             if self.run == run_dir:
@@ -92,7 +93,6 @@ class ChatPair:
 
     def stream_both(self, messages: list[dict[str, str]], max_new_tokens: int):
         """Yield (tuned text, base text) as both answers stream in, side by side."""
-        from sftflow.infer.engine import SamplingParams
 
         if self.tuned is None:
             raise SftflowError("pick a run and press Load first.")

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow.board import runs
+from sftflow.data.encode import IGNORE_INDEX
+from sftflow.data.inspect import format_report, render_example, trained_spans
+from sftflow.data.prepare import prepare
 from sftflow.errors import SftflowError
+from sftflow.model.loader import load_chat_tokenizer
 
 if TYPE_CHECKING:
     from pandas import DataFrame
@@ -191,12 +195,7 @@ def example_html(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], index:
     """One tokenized example as the model sees it, trained tokens highlighted, with its token counts."""
     import html
 
-    from sftflow.data.encode import IGNORE_INDEX
-    from sftflow.data.inspect import trained_spans
-
     if "input_ids" not in row:  # preference pairs: the text view of `sftflow preview`
-        from sftflow.data.inspect import render_example
-
         return f"<pre>{html.escape(render_example(tokenizer, row, index, color=False))}</pre>"
     labels = row.get("labels", row["input_ids"])
     trained = sum(1 for t in labels if t != IGNORE_INDEX)
@@ -216,10 +215,6 @@ def data_page(args: RunArgs, page: int, size: int = DATA_PAGE_SIZE) -> str:
     """A page of the run's training examples after the same data step as `sftflow train` (the tokenized
     cache included), then the counts: per dataset, truncated and dropped at cutoff_len."""
     import html
-
-    from sftflow.data.inspect import format_report
-    from sftflow.data.prepare import prepare
-    from sftflow.model.loader import load_chat_tokenizer
 
     tokenizer = load_chat_tokenizer(args.model, args.data)
     prepared = prepare(

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sftflow.data.audit import summarize
-from sftflow.data.encode import IGNORE_INDEX, encode_pairwise, encode_pretrain, encode_prompt, encode_sft
+from sftflow.data.cache import TokenizedCache, cache_key
+from sftflow.data.encode import (
+    IGNORE_INDEX,
+    encode_pairwise,
+    encode_pretrain,
+    encode_prompt,
+    encode_sft,
+    stop_token_ids,
+)
 from sftflow.data.loader import LoadReport, load_conversations, split_train_eval
 from sftflow.data.template import render
 from sftflow.errors import SftflowError
@@ -34,7 +42,7 @@ if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
     from transformers import PreTrainedTokenizerBase
 
-    from sftflow.config import DataArguments
+    from sftflow.config.args import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +89,6 @@ def prepare(
     Raises:
         SftflowError: a dataset is missing or malformed, or no example fits cutoff_len.
     """
-    from sftflow.data.cache import TokenizedCache, cache_key
-    from sftflow.data.encode import stop_token_ids
 
     form = FORMS[stage]
     cache = None

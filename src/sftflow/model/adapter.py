@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         TrainingArguments,
     )
 
-    from sftflow.config import FinetuningArguments, ModelArguments
+    from sftflow.config.args import FinetuningArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from sftflow.model.loader import is_quantized, load_chat_tokenizer, load_model
 if TYPE_CHECKING:
     from torch import nn
 
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 

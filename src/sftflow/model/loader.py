@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from sftflow.config import DataArguments, ModelArguments
+    from sftflow.config.args import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 

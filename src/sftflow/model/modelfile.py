@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sftflow.data.template import render
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -114,7 +115,6 @@ def chat_pieces(tokenizer: PreTrainedTokenizerBase) -> ChatPieces:
     Raises:
         SftflowError: the template cannot be written as literal pieces around each message.
     """
-    from sftflow.data.template import render
 
     s = SENTINELS
     user1, answer1, user2 = (

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 # pref_loss -> DPOConfig.loss_type
 DPO_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge"}

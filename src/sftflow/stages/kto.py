@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase, TrainingArguments
 
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 
 def run_kto(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:

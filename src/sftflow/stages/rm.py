@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import Trainer
 
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 
 def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow.errors import SftflowError
+from sftflow.model.inference import load_for_inference
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,6 @@ def evaluate(
         import lm_eval
     except ImportError:
         raise SftflowError("sftflow eval needs lm-evaluation-harness: pip install 'sftflow[eval]'.") from None
-    from sftflow.model.inference import load_for_inference
 
     if not tasks:
         raise SftflowError(f"--tasks is empty; try --tasks {local_tasks()[0]}.")

@@ -34,6 +34,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sftflow.data.encode import IGNORE_INDEX
+from sftflow.train.attention import sequence_starts, uses_segment_attention
 
 if TYPE_CHECKING:
     import torch
@@ -140,8 +141,6 @@ def causal_lm_loss(
     """
     import torch
     import torch.nn.functional as F
-
-    from sftflow.train.attention import sequence_starts, uses_segment_attention
 
     flat = flatten_batch(inputs)
     targets = flat["targets"][0]

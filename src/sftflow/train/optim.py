@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import Seq2SeqTrainingArguments
 
-    from sftflow.config import FinetuningArguments
+    from sftflow.config.args import FinetuningArguments
 
 # method key -> the pip package it needs (and the extra that installs it)
 PACKAGES = {

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 
 def pair_rows(feature: dict) -> dict:

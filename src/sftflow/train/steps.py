@@ -19,13 +19,14 @@ from sftflow.data.inspect import log_examples
 from sftflow.data.prepare import Prepared, prepare, shuffled
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import apply_finetuning
-from sftflow.model.loader import load_model
+from sftflow.model.loader import head_name, load_model
 from sftflow.train.checkpoints import resolve_resume, resume_word
+from sftflow.train.plotting import plot_losses
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, Trainer
 
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ def build_model(args: RunArgs, tokenizer: PreTrainedTokenizerBase, head: str = "
     """The model of model_name_or_path (embeddings resized for new_special_tokens; `head="score"`: the
     one-output reward model) with LoRA / freeze / full tuning applied and, when asked, gradient
     checkpointing with the input-grad hook that frozen embeddings need. A reward head always trains."""
-    from sftflow.model.loader import head_name
 
     model = load_model(args.model, tokenizer, head=head)
     finetuning, task_type = args.finetuning, "CAUSAL_LM"
@@ -131,7 +131,6 @@ def train_and_save(
 ) -> None:
     """Train, then save the adapter/model, the trainer state, the train metrics (with non-pad tokens/s), the
     tokenizer (with the template used), sftflow_args.yaml and the loss plot. Any stage's Trainer works."""
-    from sftflow.train.plotting import plot_losses
 
     output_dir = Path(args.training.output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
@@ -154,7 +153,6 @@ def train_and_save(
 def evaluate(trainer: Trainer, args: RunArgs, result: RunResult, perplexity: bool) -> dict[str, float]:
     """Evaluate on the held-out set (with `perplexity`, exp(eval_loss) too), save eval_results.json and
     redraw the loss plots with the eval loss. Returns the eval metrics."""
-    from sftflow.train.plotting import plot_losses
 
     metrics = trainer.evaluate(metric_key_prefix="eval")
     if perplexity and "eval_loss" in metrics:

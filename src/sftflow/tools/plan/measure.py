@@ -6,6 +6,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from sftflow.data.collator import SftCollator
 from sftflow.data.prepare import prepare
 from sftflow.errors import SftflowError
 from sftflow.model.loader import load_chat_tokenizer
@@ -50,8 +51,6 @@ def measure_steps(args: RunArgs, steps: int, warmup: int = 1) -> dict[str, float
     import psutil
     import torch
     from transformers import Trainer, TrainerCallback
-
-    from sftflow.data.collator import SftCollator
 
     stage = args.finetuning.stage
     check_measurable(stage)
