@@ -114,7 +114,6 @@ def to_text(value: Any) -> str:
 
 
 def _default(cls: type, f: dataclasses.Field) -> Any:
-
     if cls not in SFTFLOW_CLASSES and f.name in TRAINING_DEFAULTS:
         return TRAINING_DEFAULTS[f.name]
     if f.default is not dataclasses.MISSING:

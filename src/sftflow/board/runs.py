@@ -26,7 +26,7 @@ import yaml
 
 from sftflow.config.parser import args_from_dict
 from sftflow.errors import SftflowError
-from sftflow.train.plotting import smooth as ema
+from sftflow.train.plotting import smooth
 
 CONFIG_FILE = "train_config.yaml"
 STATUS_FILE = "board_status.json"
@@ -94,11 +94,6 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(entry, dict):
             entries.append(entry)
     return entries
-
-
-def smooth(values: list[float]) -> list[float]:
-
-    return ema(values)
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

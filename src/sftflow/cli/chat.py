@@ -9,7 +9,6 @@ from sftflow.infer.engine import load_engine
 
 
 def main(argv: list[str]) -> int:
-
     parser = infer_parser(
         "chat",
         "Chat with a tuned model in the terminal. " + HELP,

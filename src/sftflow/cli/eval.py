@@ -12,7 +12,6 @@ from sftflow.tools.report import REPORT_NAME, write_report
 
 
 def main(argv: list[str]) -> int:
-
     parser = infer_parser(
         "eval",
         "Evaluate the tuned model and its base (adapter left out) with lm-evaluation-harness, in process "

@@ -11,7 +11,6 @@ from sftflow.infer.predict import run_predict
 
 
 def main(argv: list[str]) -> int:
-
     parser = infer_parser(
         "predict",
         "Generate answers for a dataset (eval_dataset, else the val_size split, else dataset) into "

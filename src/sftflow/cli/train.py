@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from sftflow.cli import command_parser, parse, setup_logging
 from sftflow.config.parser import help_text, load_args
-from sftflow.stages.registry import run_stage
+from sftflow.stages import registry
 
 
 def main(argv: list[str]) -> int:
-
     if argv and argv[0] in ("-h", "--help"):
         print("usage: sftflow train CONFIG.yaml [key=value ...]\n")
         print(help_text())
@@ -23,5 +22,5 @@ def main(argv: list[str]) -> int:
     args = load_args(ns.target, ns.overrides)  # refuses bad keys before anything heavy loads
     setup_logging()
 
-    run_stage(args)
+    registry.run_stage(args)
     return 0

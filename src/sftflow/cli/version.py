@@ -6,6 +6,5 @@ from sftflow import __version__
 
 
 def main(argv: list[str]) -> int:
-
     print(__version__)
     return 0
