@@ -39,6 +39,8 @@ from sftflow.tools.report import write_report
 if TYPE_CHECKING:
     from types import ModuleType
 
+    from gradio import Dropdown, Markdown, Timer
+
 
 REFRESH_S = 2.0  # live charts and progress are read again from the run dir this often
 CHART_HEIGHT = 220
@@ -138,7 +140,7 @@ class TrainTab:
     output_dir: Any
 
 
-def train_tab(gr: ModuleType, board: Board, preset: dict[str, Any], timer: Any) -> TrainTab:
+def train_tab(gr: ModuleType, board: Board, preset: dict[str, Any], timer: Timer) -> TrainTab:
     """Check, plan, data preview and start of the config in the form; the live run panel; the form."""
     saves = board.saves
     fields = form.fields()
@@ -233,7 +235,7 @@ def train_tab(gr: ModuleType, board: Board, preset: dict[str, Any], timer: Any) 
     return TrainTab(load_from, live_run, output_dir)
 
 
-def live_panel(gr: ModuleType, board: Board, timer: Any, message: Any) -> Any:
+def live_panel(gr: ModuleType, board: Board, timer: Timer, message: Markdown) -> Dropdown:
     """The live run of the Train tab: progress, charts and log read from its output dir on every tick,
     with stop and resume. Returns the run dropdown."""
     saves = board.saves

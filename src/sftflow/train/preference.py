@@ -24,7 +24,7 @@ from sftflow.train.trainer import Resilience
 if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, TrainingArguments
 
     from sftflow.config.parser import RunArgs
 
@@ -76,7 +76,7 @@ def pretokenized(trainer_class: type) -> type:
 
 def _build(
     trainer_class: type,
-    config: Any,
+    config: TrainingArguments,
     args: RunArgs,
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
