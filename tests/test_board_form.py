@@ -11,7 +11,8 @@ from typing import Any, Literal, Union
 import pytest
 
 from sftflow.board import form
-from sftflow.config.parser import coerce, field_index
+from sftflow.config.coerce import coerce
+from sftflow.config.parser import field_index
 from sftflow.errors import SftflowError
 
 

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from sftflow.config import help_text, load_args
-from sftflow.config.parser import all_classes, coerce, field_docs
+from sftflow.config.coerce import coerce
+from sftflow.config.parser import all_classes, field_docs
 from sftflow.errors import SftflowError
 
 BASE = ["model_name_or_path=some/model", "output_dir=/tmp/sftflow-test-out"]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sftflow.config.coerce import keywords
-from sftflow.config.parser import _resolved_hints, all_classes, args_from_dict, field_index
+from sftflow.config.parser import all_classes, args_from_dict, field_index, resolved_hints
 from sftflow.config.validate import RANGES
 from sftflow.errors import SftflowError
 
@@ -28,7 +28,7 @@ BASE = {"model_name_or_path": "some/model", "output_dir": "/tmp/sftflow-sweep-ou
 def _fields() -> dict[str, tuple[type, dataclasses.Field, Any]]:
     out = {}
     for cls in all_classes():
-        hints = _resolved_hints(cls)
+        hints = resolved_hints(cls)
         for f in dataclasses.fields(cls):
             if f.init and not f.name.startswith("_") and f.name not in out:
                 out[f.name] = (cls, f, hints.get(f.name, f.type))

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftflow.config.compat import ALIASES, REFUSED
+from sftflow.config.compat import ALIASES
 from sftflow.config.parser import args_from_dict, field_index
+from sftflow.config.refused import REFUSED
 from sftflow.errors import SftflowError
 
 TABLE = Path(__file__).parents[1] / "docs" / "llamafactory.md"

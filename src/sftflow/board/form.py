@@ -19,6 +19,18 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from sftflow.config.coerce import coerce
+from sftflow.config.compat import ALIASES, resolve_compat
+from sftflow.config.parser import (
+    SFTFLOW_CLASSES,
+    TRAINING_DEFAULTS,
+    all_classes,
+    args_from_dict,
+    field_docs,
+    resolved_hints,
+    unknown_key_message,
+)
+from sftflow.config.refused import REFUSED
 from sftflow.errors import SftflowError
 
 # Training keys shown open; the other HF training keys sit in a closed "more" section.
@@ -102,8 +114,6 @@ def to_text(value: Any) -> str:
 
 
 def _default(cls: type, f: dataclasses.Field) -> Any:
-    from sftflow.config.parser import SFTFLOW_CLASSES, TRAINING_DEFAULTS
-
     if cls not in SFTFLOW_CLASSES and f.name in TRAINING_DEFAULTS:
         return TRAINING_DEFAULTS[f.name]
     if f.default is not dataclasses.MISSING:
@@ -115,14 +125,13 @@ def _default(cls: type, f: dataclasses.Field) -> Any:
 
 def build_fields() -> list[FormField]:
     """Every config key as a FormField, in `train --help` order, common training keys first."""
-    from sftflow.config.parser import SFTFLOW_CLASSES, _resolved_hints, all_classes, field_docs
 
     out: list[FormField] = []
     common: list[FormField] = []
     more: list[FormField] = []
     seen: set[str] = set()
     for cls in all_classes():
-        docs, hints = field_docs(cls), _resolved_hints(cls)
+        docs, hints = field_docs(cls), resolved_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name.startswith("_") or f.name in seen:
                 continue
@@ -172,7 +181,6 @@ def parse_value(field_: FormField, value: Any) -> Any:
     Raises:
         SftflowError: `bad value for KEY: ...`, the CLI's message.
     """
-    from sftflow.config.parser import coerce
 
     if field_.kind == "bool":
         return bool(value)
@@ -224,8 +232,6 @@ def keys_to_form(keys: dict[str, Any]) -> list[Any]:
         SftflowError: an unknown key (with the closest valid one, as the CLI says it), a refused key, or a
             value that does not fit its key.
     """
-    from sftflow.config.compat import ALIASES, REFUSED, resolve_compat
-    from sftflow.config.parser import coerce, unknown_key_message
 
     by_key = {f.key: f for f in fields()}
     unknown = [k for k in keys if k not in by_key.keys() | ALIASES.keys() | REFUSED.keys()]
@@ -279,6 +285,5 @@ def check_keys(keys: dict[str, Any]) -> Any:
     Raises:
         SftflowError: what the CLI would print as `sftflow error: ...`.
     """
-    from sftflow.config.parser import args_from_dict
 
     return args_from_dict(keys)

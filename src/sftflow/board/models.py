@@ -6,10 +6,17 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.board import runs
+from sftflow.config.parser import args_from_dict
 from sftflow.errors import SftflowError
+from sftflow.infer.engine import load_engine
+from sftflow.infer.requests import SamplingParams
+
+if TYPE_CHECKING:
+    from sftflow.infer.engine import ChatEngine
+
 
 RUN_ONLY_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 
@@ -65,8 +72,6 @@ class ChatPair:
         Raises:
             SftflowError: the run has no trained weights yet.
         """
-        from sftflow.config.parser import args_from_dict
-        from sftflow.infer.engine import load_engine
 
         with self.lock:
             if self.run == run_dir:
@@ -88,7 +93,6 @@ class ChatPair:
 
     def stream_both(self, messages: list[dict[str, str]], max_new_tokens: int):
         """Yield (tuned text, base text) as both answers stream in, side by side."""
-        from sftflow.infer.requests import SamplingParams
 
         if self.tuned is None:
             raise SftflowError("pick a run and press Load first.")
@@ -96,7 +100,7 @@ class ChatPair:
         texts, done = ["", ""], [False, False]
         errors: list[str] = []
 
-        def pump(i: int, engine: Any) -> None:
+        def pump(i: int, engine: ChatEngine) -> None:
             try:
                 stream, _ = engine.stream(messages, params)
                 for piece in stream:

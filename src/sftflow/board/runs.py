@@ -24,7 +24,9 @@ from typing import Any
 
 import yaml
 
+from sftflow.config.parser import args_from_dict
 from sftflow.errors import SftflowError
+from sftflow.train.plotting import smooth
 
 CONFIG_FILE = "train_config.yaml"
 STATUS_FILE = "board_status.json"
@@ -92,12 +94,6 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(entry, dict):
             entries.append(entry)
     return entries
-
-
-def smooth(values: list[float]) -> list[float]:
-    from sftflow.train.plotting import smooth as ema
-
-    return ema(values)
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -359,7 +355,6 @@ def start_run(saves: str | Path, keys: dict[str, Any], cwd: str | Path | None = 
     Raises:
         SftflowError: a key the CLI would refuse, an output_dir outside `saves`, or one already in use.
     """
-    from sftflow.config.parser import args_from_dict
 
     saves = Path(saves).resolve()
     keys = {k: v for k, v in keys.items() if k != "overwrite_output_dir"}

@@ -8,10 +8,21 @@ import ipaddress
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.board import runs
+from sftflow.data.encode import IGNORE_INDEX
+from sftflow.data.inspect import format_report, render_example, trained_spans
+from sftflow.data.prepare import prepare
 from sftflow.errors import SftflowError
+from sftflow.model.loader import load_chat_tokenizer
+
+if TYPE_CHECKING:
+    from pandas import DataFrame
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.config.parser import RunArgs
+
 
 TOKEN_ENV = "SFTFLOW_BOARD_TOKEN"
 TOKEN_USER = "sftflow"
@@ -103,12 +114,12 @@ def curve_frame(series: dict[str, list[tuple[int, float]]], keys: dict[str, str]
     return typed_frame(pd.DataFrame(rows, columns=["step", "value", "series"]))
 
 
-def typed_frame(frame: Any) -> Any:
+def typed_frame(frame: DataFrame) -> Any:
     """Numeric step and value columns (an object column makes the chart's axes categorical)."""
     return frame.astype({"step": "int64", "value": "float64", "series": "str"})
 
 
-def chart_value(frame: Any) -> Any:
+def chart_value(frame: DataFrame) -> Any:
     """None for a chart with no points: a LinePlot first given an empty frame never draws its lines."""
     return frame if len(frame) else None
 
@@ -180,16 +191,11 @@ def command_markdown(keys: dict[str, Any]) -> str:
 DATA_PAGE_SIZE = 5
 
 
-def example_html(tokenizer: Any, row: dict[str, Any], index: int, cutoff_len: int) -> str:
+def example_html(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], index: int, cutoff_len: int) -> str:
     """One tokenized example as the model sees it, trained tokens highlighted, with its token counts."""
     import html
 
-    from sftflow.data.encode import IGNORE_INDEX
-    from sftflow.data.inspect import trained_spans
-
     if "input_ids" not in row:  # preference pairs: the text view of `sftflow preview`
-        from sftflow.data.inspect import render_example
-
         return f"<pre>{html.escape(render_example(tokenizer, row, index, color=False))}</pre>"
     labels = row.get("labels", row["input_ids"])
     trained = sum(1 for t in labels if t != IGNORE_INDEX)
@@ -205,14 +211,10 @@ def example_html(tokenizer: Any, row: dict[str, Any], index: int, cutoff_len: in
     return f'{head}<pre style="white-space:pre-wrap">{body}</pre>'
 
 
-def data_page(args: Any, page: int, size: int = DATA_PAGE_SIZE) -> str:
+def data_page(args: RunArgs, page: int, size: int = DATA_PAGE_SIZE) -> str:
     """A page of the run's training examples after the same data step as `sftflow train` (the tokenized
     cache included), then the counts: per dataset, truncated and dropped at cutoff_len."""
     import html
-
-    from sftflow.data.inspect import format_report
-    from sftflow.data.prepare import prepare
-    from sftflow.model.loader import load_chat_tokenizer
 
     tokenizer = load_chat_tokenizer(args.model, args.data)
     prepared = prepare(

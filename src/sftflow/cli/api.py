@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 
 from sftflow.cli import parse, setup_logging
 from sftflow.cli.infer_args import infer_parser
+from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
+from sftflow.infer.engine import load_engine
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,6 @@ def served_runs(ns: argparse.Namespace) -> list[tuple[str, RunArgs]]:
         SftflowError: two runs with one name, --adapter without a run or model to go with, or a run
             dir/config that cannot be read.
     """
-    from sftflow.config.run_dir import infer_args
 
     targets = [t for t in ns.overrides if "=" not in t]  # `sftflow api RUN_A RUN_B`
     overrides = [o for o in ns.overrides if "=" in o]
@@ -127,7 +128,6 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from sftflow.infer.api import create_app
-    from sftflow.infer.engine import load_engine
 
     engines = {}
     try:

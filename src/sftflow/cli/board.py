@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sftflow.board.app import serve
 from sftflow.errors import SftflowError
 
 
@@ -25,7 +26,6 @@ def main(argv: list[str]) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise SftflowError("sftflow board needs gradio: pip install 'sftflow[board]'.") from None
-    from sftflow.board.app import serve
 
     serve(ns.host, ns.port, ns.saves, ns.config)
     return 0

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from sftflow.cli import setup_logging
 from sftflow.cli.infer_args import infer_parser, load_infer_args, parse_infer
+from sftflow.infer.chat import HELP, run_chat
+from sftflow.infer.engine import load_engine
 
 
 def main(argv: list[str]) -> int:
-    from sftflow.infer.chat import HELP, run_chat
-    from sftflow.infer.engine import load_engine
-
     parser = infer_parser(
         "chat",
         "Chat with a tuned model in the terminal. " + HELP,

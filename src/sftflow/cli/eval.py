@@ -7,11 +7,11 @@ from pathlib import Path
 from sftflow.cli import setup_logging
 from sftflow.cli.infer_args import infer_parser, load_infer_args, parse_infer
 from sftflow.errors import SftflowError
+from sftflow.tools.evaluate import RESULT_FILE, evaluate, format_table, local_tasks
+from sftflow.tools.report import REPORT_NAME, write_report
 
 
 def main(argv: list[str]) -> int:
-    from sftflow.tools.evaluate import RESULT_FILE, evaluate, format_table, local_tasks
-
     parser = infer_parser(
         "eval",
         "Evaluate the tuned model and its base (adapter left out) with lm-evaluation-harness, in process "
@@ -34,7 +34,6 @@ def main(argv: list[str]) -> int:
     result = evaluate(args, tasks, out_dir, ns.include, ns.limit, ns.batch_size, base=not ns.no_base)
     print(format_table(result))
     print(f"sftflow eval: wrote {out_dir / RESULT_FILE}")
-    from sftflow.tools.report import REPORT_NAME, write_report
 
     if (out_dir / REPORT_NAME).is_file():  # a trained run's report: show the results there too
         print(f"sftflow eval: updated {write_report(out_dir)}")

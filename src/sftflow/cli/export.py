@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from sftflow.cli import command_parser, parse, setup_logging
+from sftflow.config.parser import load_args
 from sftflow.errors import SftflowError
+from sftflow.model.export import export_model
 
 KEYS = """keys:
   model_name_or_path    the base model (HF dir, hub id, .gguf file or bundled name); not quantized
@@ -32,8 +34,6 @@ def main(argv: list[str]) -> int:
     parser.epilog = KEYS + "\n\n`sftflow train --help` lists every key."
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     ns = parse(parser, argv)
-    from sftflow.config import load_args
-    from sftflow.model.export import export_model
 
     args = load_args(ns.target, ns.overrides, require_output_dir=False)
     if not args.model.export_dir:

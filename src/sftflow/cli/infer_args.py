@@ -7,9 +7,10 @@ import argparse
 from typing import TYPE_CHECKING
 
 from sftflow.cli import command_parser, parse
+from sftflow.config.run_dir import infer_args
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 
 def infer_parser(name: str, description: str, target_help: str) -> argparse.ArgumentParser:
@@ -29,6 +30,5 @@ def parse_infer(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
 
 def load_infer_args(ns: argparse.Namespace, output_dir: str | None = None) -> RunArgs:
     """The typed arguments of a parsed chat/api/predict command line."""
-    from sftflow.config.run_dir import infer_args
 
     return infer_args(ns.target, ns.overrides, ns.model, ns.adapter, output_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sftflow.cli import command_parser, parse, setup_logging
+from sftflow.config.parser import load_args
 
 
 def main(argv: list[str]) -> int:
@@ -25,8 +26,8 @@ def main(argv: list[str]) -> int:
     ns = parse(parser, argv)
     if ns.measure < 0:
         parser.error("--measure takes a number of steps >= 0")
-    from sftflow.config import load_args
-    from sftflow.tools.plan import build_plan, format_plan
+    from sftflow.tools.plan import build_plan
+    from sftflow.tools.plan.format import format_plan
 
     args = load_args(ns.target, ns.overrides, require_output_dir=False)
     setup_logging()

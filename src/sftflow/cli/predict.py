@@ -7,11 +7,10 @@ from pathlib import Path
 from sftflow.cli import setup_logging
 from sftflow.cli.infer_args import infer_parser, load_infer_args, parse_infer
 from sftflow.errors import SftflowError
+from sftflow.infer.predict import run_predict
 
 
 def main(argv: list[str]) -> int:
-    from sftflow.infer.predict import run_predict
-
     parser = infer_parser(
         "predict",
         "Generate answers for a dataset (eval_dataset, else the val_size split, else dataset) into "

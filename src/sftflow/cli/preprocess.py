@@ -7,7 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftflow.cli import command_parser, parse, setup_logging
+from sftflow.config.parser import load_args
+from sftflow.data.inspect import write_jsonl
+from sftflow.data.prepare import prepare
 from sftflow.errors import SftflowError
+from sftflow.model.loader import load_chat_tokenizer
 
 
 def main(argv: list[str]) -> int:
@@ -20,10 +24,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, metavar="FILE.jsonl", help="where to write")
     parser.add_argument("--split", choices=["train", "eval"], default="train", help="default train")
     ns = parse(parser, argv)
-    from sftflow.config import load_args
-    from sftflow.data.inspect import write_jsonl
-    from sftflow.data.prepare import prepare
-    from sftflow.model.loader import load_chat_tokenizer
 
     args = load_args(ns.target, ns.overrides, require_output_dir=False)
     setup_logging()

@@ -10,6 +10,10 @@ from __future__ import annotations
 import sys
 
 from sftflow.cli import command_parser, parse, setup_logging
+from sftflow.config.parser import load_args
+from sftflow.data.inspect import format_report, render_example
+from sftflow.data.prepare import prepare
+from sftflow.model.loader import load_chat_tokenizer
 
 
 def main(argv: list[str]) -> int:
@@ -24,10 +28,6 @@ def main(argv: list[str]) -> int:
     ns = parse(parser, argv)
     if ns.n < 0:
         parser.error("--n must be >= 0")
-    from sftflow.config import load_args
-    from sftflow.data.inspect import format_report, render_example
-    from sftflow.data.prepare import prepare
-    from sftflow.model.loader import load_chat_tokenizer
 
     args = load_args(ns.target, ns.overrides, require_output_dir=False)
     setup_logging()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sftflow.cli import setup_logging
+from sftflow.tools.report import write_report
 
 
 def main(argv: list[str]) -> int:
@@ -15,7 +16,6 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir")
     ns = parser.parse_args(argv)
-    from sftflow.tools.report import write_report
 
     setup_logging()
     print(f"report: {write_report(ns.output_dir).resolve()}")

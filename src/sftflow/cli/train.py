@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from sftflow.cli import command_parser, parse, setup_logging
+from sftflow.config.parser import help_text, load_args
+from sftflow.stages import registry
 
 
 def main(argv: list[str]) -> int:
-    from sftflow.config import help_text, load_args
-
     if argv and argv[0] in ("-h", "--help"):
         print("usage: sftflow train CONFIG.yaml [key=value ...]\n")
         print(help_text())
@@ -21,7 +21,6 @@ def main(argv: list[str]) -> int:
     ns = parse(parser, argv)
     args = load_args(ns.target, ns.overrides)  # refuses bad keys before anything heavy loads
     setup_logging()
-    from sftflow.stages.registry import run_stage
 
-    run_stage(args)
+    registry.run_stage(args)
     return 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from sftflow import __version__
+
 
 def main(argv: list[str]) -> int:
-    from sftflow import __version__
-
     print(__version__)
     return 0

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments
+
     from sftflow.config.args import DataArguments, FinetuningArguments, ModelArguments
 
 # the optimizer-side methods: key -> (import name, pip package, tuning types it works with)
@@ -53,7 +55,10 @@ def _chosen_optimizer_methods(finetuning: FinetuningArguments) -> list[str]:
 
 
 def check_methods(
-    model: ModelArguments, data: DataArguments, finetuning: FinetuningArguments, training: Any
+    model: ModelArguments,
+    data: DataArguments,
+    finetuning: FinetuningArguments,
+    training: Seq2SeqTrainingArguments,
 ) -> None:
     """Refuse a method that does not fit the stage, the tuning type or the other keys, or whose package is
     not installed.
@@ -140,7 +145,9 @@ def check_methods(
         check_kto(data, finetuning, training)
 
 
-def check_kto(data: DataArguments, finetuning: FinetuningArguments, training: Any) -> None:
+def check_kto(
+    data: DataArguments, finetuning: FinetuningArguments, training: Seq2SeqTrainingArguments
+) -> None:
     """KTO estimates its reference KL from mismatched answers in the batch, so a batch needs 2+ rows.
 
     Raises:

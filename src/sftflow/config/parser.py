@@ -17,18 +17,23 @@ import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
 from sftflow.config.coerce import coerce, type_name
-from sftflow.config.compat import ALIASES, REFUSED, refusal, resolve_compat
+from sftflow.config.compat import ALIASES, refusal, resolve_compat
 from sftflow.config.methods import check_stage_name
+from sftflow.config.refused import REFUSED
 from sftflow.config.validate import check_effect, check_ranges, check_stage, check_training
 from sftflow.errors import SftflowError
 
-__all__ = ["RunArgs", "args_from_dict", "coerce", "field_docs", "help_text", "load_args"]
+if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments
+
+
+__all__ = ["RunArgs", "args_from_dict", "field_docs", "help_text", "load_args"]
 
 SFTFLOW_CLASSES = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
 
@@ -157,7 +162,8 @@ def unknown_key_message(key: str, known: list[str]) -> str:
     return f"unknown key {key!r}.{hint}"
 
 
-def _resolved_hints(cls: type) -> dict[str, Any]:
+def resolved_hints(cls: type) -> dict[str, Any]:
+    """The field types of dataclass `cls`, resolved from their string annotations where possible."""
     try:
         return typing.get_type_hints(cls)
     except Exception:  # some HF hints name types we cannot resolve; fall back to raw annotations
@@ -203,7 +209,7 @@ def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunA
     check_stage_name(raw.get("stage"))  # ppo: the reason, not "did you mean 'dpo'"
 
     per_class: dict[type, dict[str, Any]] = {cls: {} for cls in all_classes()}
-    hints = {cls: _resolved_hints(cls) for cls in all_classes()}
+    hints = {cls: resolved_hints(cls) for cls in all_classes()}
     for key, value in raw.items():
         cls, f = index[key]
         try:
@@ -267,7 +273,10 @@ def build_training_args(user: dict[str, Any]) -> Any:
 
 
 def _check_together(
-    model: ModelArguments, data: DataArguments, finetuning: FinetuningArguments, training: Any
+    model: ModelArguments,
+    data: DataArguments,
+    finetuning: FinetuningArguments,
+    training: Seq2SeqTrainingArguments,
 ) -> None:
     """Checks that involve more than one group."""
     if model.quantization_bit is not None and finetuning.finetuning_type != "lora":
@@ -314,7 +323,7 @@ def help_text() -> str:
     for cls in all_classes():
         lines.append(f"\n[{cls.__name__}]")
         docs = field_docs(cls)
-        hints = _resolved_hints(cls)
+        hints = resolved_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name.startswith("_"):
                 continue

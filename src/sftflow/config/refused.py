@@ -26,9 +26,7 @@ _MEDIA = "sftflow trains text-only models; image, video and audio inputs are not
 _VLLM = "chat, api and predict run on transformers (infer_backend: huggingface); vLLM is not supported"
 _SGLANG = "chat, api and predict run on transformers (infer_backend: huggingface); SGLang is not supported"
 _KT = "KTransformers is not supported"
-_LAUNCH = (
-    "launch with torchrun or accelerate (see docs/scaling.md); Ray/Megatron are not supported"
-)
+_LAUNCH = "launch with torchrun or accelerate (see docs/scaling.md); Ray/Megatron are not supported"
 _PROFILER = "the torch profiler is not wired in; sftflow logs tokens/s, MFU and peak memory"
 _FP8 = "FP8 training is not supported; use bf16 or fp16"
 _EVAL = (

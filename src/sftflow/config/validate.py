@@ -11,11 +11,16 @@ from sftflow.config.methods import check_methods
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
-    from sftflow.config.args import DataArguments, FinetuningArguments, ModelArguments
+    from transformers import Seq2SeqTrainingArguments
+
+    from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
 
 
 def check_stage(
-    model: ModelArguments, data: DataArguments, finetuning: FinetuningArguments, training: Any
+    model: ModelArguments,
+    data: DataArguments,
+    finetuning: FinetuningArguments,
+    training: Seq2SeqTrainingArguments,
 ) -> None:
     """Refuse what the configured stage does not support.
 
@@ -64,7 +69,7 @@ def check_pairwise(model: ModelArguments, data: DataArguments, finetuning: Finet
             )
 
 
-def check_training(training: Any) -> None:
+def check_training(training: Seq2SeqTrainingArguments) -> None:
     """Range checks on HF training keys that transformers only trips over later (deep inside torch, or
     when the Trainer is built after the model loaded), so they fail here, before anything loads.
 
@@ -96,7 +101,7 @@ def check_training(training: Any) -> None:
     check_fsdp(training)
 
 
-def check_fsdp(training: Any) -> None:
+def check_fsdp(training: Seq2SeqTrainingArguments) -> None:
     """FSDP through the HF Trainer needs CUDA GPUs and a distributed launch; on CPU it cannot shard (with
     use_cpu it would silently run plain DDP), so it is refused rather than run as something else.
 
@@ -120,7 +125,7 @@ def check_fsdp(training: Any) -> None:
         )
 
 
-def check_optimizer(training: Any) -> None:
+def check_optimizer(training: Seq2SeqTrainingArguments) -> None:
     """An optim other than torch's AdamW must be usable here (its package installed, its settings given):
     the Trainer would find out only after the model has loaded.
 
@@ -140,7 +145,7 @@ def check_optimizer(training: Any) -> None:
         return
 
 
-def check_scheduler(training: Any) -> None:
+def check_scheduler(training: Seq2SeqTrainingArguments) -> None:
     """lr_scheduler_kwargs must be arguments of the chosen schedule (transformers passes them on only when
     the scheduler is built, after the model has loaded).
 
@@ -347,7 +352,14 @@ DPO_KEYS = ("pref_beta", "pref_loss", "pref_ftx")
 HUB_KEYS = ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_revision", "hub_always_push")
 
 
-def no_effect(key: str, model: Any, data: Any, finetuning: Any, generating: Any, training: Any) -> str | None:
+def no_effect(
+    key: str,
+    model: ModelArguments,
+    data: DataArguments,
+    finetuning: FinetuningArguments,
+    generating: GeneratingArguments,
+    training: Seq2SeqTrainingArguments,
+) -> str | None:
     """Why `key`, set by the user, would change nothing in this run (None when it takes effect).
 
     Generation keys are kept in a training config: they are saved with the run and used by chat, api and
@@ -412,7 +424,12 @@ def _is_default(key: str, *groups: Any) -> bool:
 
 
 def check_effect(
-    user_keys: Any, model: Any, data: Any, finetuning: Any, generating: Any, training: Any
+    user_keys: dict[str, Any],
+    model: ModelArguments,
+    data: DataArguments,
+    finetuning: FinetuningArguments,
+    generating: GeneratingArguments,
+    training: Seq2SeqTrainingArguments,
 ) -> None:
     """Refuse the keys the user set, to another value than the default, that would change nothing in this
     run (no key is silently ignored).

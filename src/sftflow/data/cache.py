@@ -17,9 +17,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sftflow import __version__
+from sftflow.data.loader import data_files
 from sftflow.data.registry import ONLINE, get_dataset_spec, read_registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.config.args import DataArguments
+
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +56,7 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what decides the ids: the tokenizer model and its settings, special tokens, chat template."""
     parts = [type(tokenizer).__name__, str(getattr(tokenizer, "chat_template", None))]
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -63,7 +71,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def dataset_fingerprint(name: str, dataset_dir: str, stage: str) -> dict[str, Any]:
     """The registry entry of `name` and the content hash of each of its local files."""
-    from sftflow.data.loader import data_files
 
     spec = get_dataset_spec(name, dataset_dir, stage)
     entry = {"hub": [spec.hf_hub_url, spec.subset, spec.split, spec.folder]}
@@ -76,9 +83,10 @@ def dataset_fingerprint(name: str, dataset_dir: str, stage: str) -> dict[str, An
     return entry
 
 
-def cache_key(data_args: Any, stage: str, seed: int, splits: list[str], tokenizer: Any) -> str:
+def cache_key(
+    data_args: DataArguments, stage: str, seed: int, splits: list[str], tokenizer: PreTrainedTokenizerBase
+) -> str:
     """The hex key of one run's data step (see the module docstring for what goes into it)."""
-    from sftflow import __version__
 
     names = [*(data_args.dataset or []), *(data_args.eval_dataset or [])]
     flags = {k: v for k, v in dataclasses.asdict(data_args).items() if k not in NOT_IN_KEY}

@@ -36,11 +36,17 @@ Truncated and dropped examples are counted and reported by the caller, never sil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sftflow.data.template import render, turn_spans
 from sftflow.data.thinking import Thinking, thinking_prompt, thinking_spans
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from transformers import PreTrainedTokenizerBase
+
 
 IGNORE_INDEX = -100
 CutoffPolicy = Literal["truncate", "drop"]
@@ -72,7 +78,7 @@ class PairEncoded:
     full_length: int = 0  # tokens of the longer sequence before cutoff_len
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Ids that end an assistant turn: the eos token and the special token the chat template writes right
     after an answer (found by rendering a probe answer), e.g. `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -89,17 +95,17 @@ def stop_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
-def _count_stops(tokenizer: Any, text: str, stop_ids: set[int]) -> int:
+def _count_stops(tokenizer: PreTrainedTokenizerBase, text: str, stop_ids: set[int]) -> int:
     """How many end-of-turn tokens `text` holds (special tokens are split out of text by their string)."""
     return sum(text.count(tokenizer.convert_ids_to_tokens(i)) for i in stop_ids)
 
 
 def tokenize_conversation(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     messages: list[Message],
     stop_ids: set[int],
     train_on_prompt: bool = False,
@@ -149,7 +155,7 @@ def tokenize_conversation(
     return input_ids, labels, last_prompt_len
 
 
-def _cut_text(tokenizer: Any, text: str, remove: int) -> str:
+def _cut_text(tokenizer: PreTrainedTokenizerBase, text: str, remove: int) -> str:
     """`text` without the characters of its last `remove` tokens (cut at a token's start offset)."""
     if tokenizer.is_fast:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -170,10 +176,10 @@ def _turn_starts(messages: list[Message]) -> list[int]:
 
 
 def _fit(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     messages: list[Message],
     cutoff_len: int,
-    encode: Any,
+    encode: Callable[[list[Message]], tuple[list[int], list[int], int]],
 ) -> tuple[list[Message], tuple[list[int], list[int], int]] | str:
     """Shorten `messages` on the prompt side to fit `cutoff_len` (steps 1 and 2 of the policy).
 
@@ -215,7 +221,7 @@ def _fit(
 
 
 def encode_sft(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     messages: list[Message],
     cutoff_len: int,
     train_on_prompt: bool = False,
@@ -263,7 +269,10 @@ def encode_sft(
 
 
 def encode_prompt(
-    tokenizer: Any, messages: list[Message], cutoff_len: int, thinking: Thinking | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    cutoff_len: int,
+    thinking: Thinking | None = None,
 ) -> list[int] | None:
     """Ids of everything before the last assistant answer, with the generation prompt: what `generate`
     sees at predict time (with `thinking`, in its mode). None when longer than cutoff_len."""
@@ -276,7 +285,7 @@ def encode_prompt(
 
 
 def encode_pairwise(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: list[Message],
     chosen: str | Message,
     rejected: str | Message,
@@ -348,7 +357,9 @@ def encode_pairwise(
     return PairEncoded(c_ids, c_labels, r_ids, r_labels, full_length=longest)
 
 
-def encode_pretrain(tokenizer: Any, texts: list[str], cutoff_len: int) -> dict[str, list[list[int]]]:
+def encode_pretrain(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], cutoff_len: int
+) -> dict[str, list[list[int]]]:
     """pt stage: each text + eos, concatenated, cut into rows of `cutoff_len` tokens (the last row of a
     batch may be shorter). Every token is trained; rows never hold padding.
 

@@ -10,9 +10,15 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from sftflow.data.encode import IGNORE_INDEX, pair_labels
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.data.prepare import Prepared
+
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,9 @@ def trained_spans(input_ids: list[int], labels: list[int]) -> list[tuple[bool, l
     return runs
 
 
-def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color: bool) -> str:
+def render_marked(
+    tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int], color: bool
+) -> str:
     """The decoded sequence with trained spans in green (color) or between `[[` and `]]` (plain text)."""
     out = []
     for trained, ids in trained_spans(input_ids, labels):
@@ -50,7 +58,7 @@ def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color
 THOUGHT = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-def thought_note(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+def thought_note(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int]) -> str:
     """One line on the `<think>` blocks of a sequence: how many are trained or untrained, how many are
     empty (the block of an answer without a thought), "" when there is none.
 
@@ -71,7 +79,7 @@ def thought_note(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str
     return ", ".join(f"{n} {kind}" for kind, n in counts.items())
 
 
-def render_example(tokenizer: Any, row: dict[str, Any], index: int, color: bool) -> str:
+def render_example(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], index: int, color: bool) -> str:
     """One tokenized example with a header line: sft/pt rows with their trained tokens marked, pairs as
     the shared prompt with each answer marked."""
     if "chosen_ids" in row:
@@ -131,7 +139,7 @@ def write_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
     return written
 
 
-def log_examples(prepared: Any, tokenizer: Any, rows: int) -> None:
+def log_examples(prepared: Prepared, tokenizer: PreTrainedTokenizerBase, rows: int) -> None:
     """Log the first examples as the model will see them, with the trained part shown separately (for
     pairs: the shared prompt, then each answer)."""
     dataset = prepared.train if prepared.train is not None else prepared.eval

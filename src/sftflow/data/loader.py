@@ -22,7 +22,7 @@ from sftflow.errors import SftflowError
 if TYPE_CHECKING:
     from datasets import Dataset, Features, IterableDataset
 
-    from sftflow.config import DataArguments
+    from sftflow.config.args import DataArguments
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,12 @@ token is trained to predict the start of the next example.
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.data.encode import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -68,7 +71,7 @@ def pack_rows(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     return row
 
 
-def pack_dataset(dataset: Any, cutoff_len: int) -> Any:
+def pack_dataset(dataset: Dataset, cutoff_len: int) -> Any:
     """Pack a tokenized `datasets.Dataset` (input_ids, labels) into rows of at most `cutoff_len` tokens.
 
     Returns:

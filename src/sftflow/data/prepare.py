@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sftflow.data.audit import summarize
-from sftflow.data.encode import IGNORE_INDEX, encode_pairwise, encode_pretrain, encode_prompt, encode_sft
+from sftflow.data.cache import TokenizedCache, cache_key
+from sftflow.data.encode import (
+    IGNORE_INDEX,
+    encode_pairwise,
+    encode_pretrain,
+    encode_prompt,
+    encode_sft,
+    stop_token_ids,
+)
 from sftflow.data.loader import LoadReport, load_conversations, split_train_eval
 from sftflow.data.template import render
 from sftflow.data.thinking import Thinking, has_thought, resolve_thinking, split_thought, thinking_prompt
@@ -33,8 +41,9 @@ from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
+    from transformers import PreTrainedTokenizerBase
 
-    from sftflow.config import DataArguments
+    from sftflow.config.args import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +71,7 @@ class Prepared:
 def prepare(
     stage: str,
     data: DataArguments,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     seed: int,
     do_train: bool = True,
     use_cache: bool = True,
@@ -81,8 +90,6 @@ def prepare(
     Raises:
         SftflowError: a dataset is missing or malformed, or no example fits cutoff_len.
     """
-    from sftflow.data.cache import TokenizedCache, cache_key
-    from sftflow.data.encode import stop_token_ids
 
     form = FORMS[stage]
     cache = None
@@ -192,7 +199,7 @@ FACT_COLUMNS = [
 BEFORE_DROPS = ["full_length", "key", "prompt_key", "answer_key"]
 
 
-def _drop_and_count(encoded: Any, split: str, cutoff_len: int, what: str, stats: dict[str, Any]) -> Any:
+def _drop_and_count(encoded: Dataset, split: str, cutoff_len: int, what: str, stats: dict[str, Any]) -> Any:
     """Log truncated and dropped examples, remove the dropped ones, fill `stats`, drop the fact columns."""
     dropped = [i for i, reason in enumerate(encoded["dropped"]) if reason]
     truncated = sum(encoded["truncated"])
@@ -227,8 +234,8 @@ def _drop_and_count(encoded: Any, split: str, cutoff_len: int, what: str, stats:
 
 
 def tokenize_sft(
-    conversations: Any,
-    tokenizer: Any,
+    conversations: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
     data: DataArguments,
     stop_ids: set[int],
     split: str,
@@ -303,7 +310,11 @@ def tokenize_sft(
 
 
 def tokenize_texts(
-    texts: Any, tokenizer: Any, data: DataArguments, split: str, stats: dict[str, Any] | None = None
+    texts: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataArguments,
+    split: str,
+    stats: dict[str, Any] | None = None,
 ) -> Any:
     """Turn a `text` dataset into cutoff_len rows of `input_ids`/`labels` (`encode_pretrain`, batched:
     rows do not cross batches of 1000 texts), every token trained. A stream is tokenized lazily.
@@ -343,8 +354,8 @@ def tokenize_texts(
 
 
 def tokenize_pairs(
-    pairs: Any,
-    tokenizer: Any,
+    pairs: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
     data: DataArguments,
     stop_ids: set[int],
     split: str,
@@ -414,7 +425,10 @@ def _last_trained(labels: list[int]) -> int:
 
 
 def tokenize_prompts(
-    conversations: Any, tokenizer: Any, cutoff_len: int, thinking: Thinking | None = None
+    conversations: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    cutoff_len: int,
+    thinking: Thinking | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Prompt-only inputs for generation, sorted longest first (less padding, early OOM), and the
     matching rows (prompt text, reference answer, dataset index) in the same order. With `thinking`

@@ -32,9 +32,13 @@ import logging
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ _FAMILIES = {
 }
 
 
-def tokenizer_family(tokenizer: Any) -> str:
+def tokenizer_family(tokenizer: PreTrainedTokenizerBase) -> str:
     """What the tokenizer says about its model: the model_type of the config.json beside it, and its name."""
     source = str(getattr(tokenizer, "name_or_path", "") or "")
     config = Path(source) / "config.json"
@@ -356,7 +360,9 @@ def load_template_file(path: str | Path) -> dict[str, TemplateSpec]:
     return specs
 
 
-def apply_template(tokenizer: Any, name: str | None, template_file: str | Path | None = None) -> None:
+def apply_template(
+    tokenizer: PreTrainedTokenizerBase, name: str | None, template_file: str | Path | None = None
+) -> None:
     """Install the chosen template as the tokenizer's chat_template (None keeps the tokenizer's own).
 
     Args:
@@ -436,14 +442,18 @@ def apply_template(tokenizer: Any, name: str | None, template_file: str | Path |
 OWN_FIRST = {"qwen3"}
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+def render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> str:
     """The template's text for `messages` (what the model sees), via the tokenizer's chat template."""
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
-def turn_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def turn_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and, for each assistant turn, (prompt_end, turn_end) character offsets.
 
     `full[:prompt_end]` is what the template renders for the conversation before that answer with the
@@ -474,7 +484,7 @@ def turn_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, lis
     return full, spans
 
 
-def split_turns(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+def split_turns(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[tuple[str, str]]:
     """Cut the rendered conversation into (prompt text, response text) pairs, one per assistant turn.
 
     The pieces concatenate to exactly `render(messages)`; text after the last answer joins its response.

@@ -25,7 +25,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,36 +66,61 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving one engine (under its model_name) or several by name; with `api_key`, every
-    /v1 route needs `Authorization: Bearer <key>`."""
-    served = dict(engines) if isinstance(engines, Mapping) else {engines.model_name: engines}
-    if not served:
-        raise SftflowError("create_app needs at least one engine to serve.")
-    aliases = {name: name for name in served}  # what a request's `model` may say -> the served name
-    if len(served) == 1:
-        (only,) = served
-        aliases.update({"sftflow": only, Path(only).name: only})
-    listed = ", ".join(repr(name) for name in served)
-    app = FastAPI(title="sftflow", description="OpenAI-compatible completions for tuned models")
+class Served:
+    """The engines one server serves, by name, and the names a request's `model` may use for them."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Any:
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
+    def __init__(self, engines: ChatEngine | Mapping[str, ChatEngine]) -> None:
+        self.engines = dict(engines) if isinstance(engines, Mapping) else {engines.model_name: engines}
+        if not self.engines:
+            raise SftflowError("create_app needs at least one engine to serve.")
+        self.aliases = {name: name for name in self.engines}  # what `model` may say -> the served name
+        if len(self.engines) == 1:
+            (only,) = self.engines
+            self.aliases.update({"sftflow": only, Path(only).name: only})
+        self.listed = ", ".join(repr(name) for name in self.engines)
+
+    def pick(self, name: str | None) -> tuple[str, ChatEngine] | JSONResponse:
+        """The served name and engine a request's `model` asks for, or the error to answer."""
+        if name is None and len(self.engines) == 1:
+            name = next(iter(self.engines))
+        if name is None:
             return _error(
-                400, f"the request body is not valid JSON: {first.get('msg')}", "invalid_request_error"
+                400,
+                f"model is required: this server serves several runs ({self.listed}).",
+                "invalid_request_error",
+                "model",
             )
-        param = field_path(first.get("loc", ()))
-        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        if first.get("type") == "extra_forbidden":
-            message = "unknown field (this server does not support it)"
-        return _error(400, f"{param}: {message}" if param else message, "invalid_request_error", param)
+        if name in self.aliases:
+            return self.aliases[name], self.engines[self.aliases[name]]
+        also = " (also 'sftflow')" if len(self.engines) == 1 else ""
+        return _error(
+            404,
+            f"model {name!r} is not served here; this server serves {self.listed}{also}.",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> Any:
-        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), kind)
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body that fails validation: a 400 naming the first bad field."""
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return _error(400, f"the request body is not valid JSON: {first.get('msg')}", "invalid_request_error")
+    param = field_path(first.get("loc", ()))
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field (this server does not support it)"
+    return _error(400, f"{param}: {message}" if param else message, "invalid_request_error", param)
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+    return _error(exc.status_code, str(exc.detail), kind)
+
+
+def key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    """The dependency every /v1 route takes: with a key, `Authorization: Bearer <key>` or a 401."""
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -105,142 +130,146 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
             raise HTTPException(401, "invalid API key: send Authorization: Bearer <API_KEY>")
 
-    def pick(name: str | None) -> tuple[str, ChatEngine] | JSONResponse:
-        """The served name and engine a request's `model` asks for, or the error to answer."""
-        if name is None and len(served) == 1:
-            name = next(iter(served))
-        if name is None:
-            return _error(
-                400,
-                f"model is required: this server serves several runs ({listed}).",
-                "invalid_request_error",
-                "model",
-            )
-        if name in aliases:
-            return aliases[name], served[aliases[name]]
-        also = " (also 'sftflow')" if len(served) == 1 else ""
-        return _error(
-            404,
-            f"model {name!r} is not served here; this server serves {listed}{also}.",
-            "invalid_request_error",
-            "model",
-            "model_not_found",
-        )
+    return check_key
 
-    def failure(exc: Exception) -> JSONResponse:
-        if isinstance(exc, EngineBusy):
-            return _error(
-                429,
-                str(exc),
-                "rate_limit_error",
-                code="server_busy",
-                headers={"Retry-After": str(exc.retry_after)},
-            )
-        if isinstance(exc, RequestError):
-            return _error(400, str(exc), "invalid_request_error", exc.param)
-        if isinstance(exc, SftflowError):
-            return _error(400, str(exc), "invalid_request_error")
-        logger.exception("generation failed", exc_info=exc)
-        return _error(500, f"generation failed: {exc}", "server_error")
+
+def failure(exc: Exception) -> JSONResponse:
+    """The answer to a request that failed: 429 when the queue is full, 400 for the request's own fault."""
+    if isinstance(exc, EngineBusy):
+        return _error(
+            429,
+            str(exc),
+            "rate_limit_error",
+            code="server_busy",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, RequestError):
+        return _error(400, str(exc), "invalid_request_error", exc.param)
+    if isinstance(exc, SftflowError):
+        return _error(400, str(exc), "invalid_request_error")
+    logger.exception("generation failed", exc_info=exc)
+    return _error(500, f"generation failed: {exc}", "server_error")
+
+
+def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving one engine (under its model_name) or several by name; with `api_key`, every
+    /v1 route needs `Authorization: Bearer <key>`."""
+    served = Served(engines)
+    app = FastAPI(title="sftflow", description="OpenAI-compatible completions for tuned models")
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    keyed = [Depends(key_check(api_key))]
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        each = [{"model": n, "held": e.held, "max_queue": e.max_queue} for n, e in served.items()]
+        each = [{"model": n, "held": e.held, "max_queue": e.max_queue} for n, e in served.engines.items()]
         # one run keeps its fields at the top level too, as before several runs could be served
         return {"status": "ok", **(each[0] if len(each) == 1 else {}), "models": each}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=keyed)
     async def models() -> dict[str, Any]:
         created = int(time.time())
-        cards = [{"id": n, "object": "model", "created": created, "owned_by": "sftflow"} for n in served]
+        cards = [
+            {"id": n, "object": "model", "created": created, "owned_by": "sftflow"} for n in served.engines
+        ]
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        picked = pick(body.model)
+        picked = served.pick(body.model)
         if isinstance(picked, JSONResponse):
             return picked
-        model, engine = picked
-        try:
-            plan = chat_plan(engine, body)
-        except Exception as exc:  # a request the template or the schema compiler refuses
-            return failure(exc)
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        try:
-            if body.stream:
-                # the n streams are queued now (they share batches), so a bad request or a full queue gets
-                # its 4xx before any event is sent
-                streams = start_streams(engine, plan.prompt_ids, plan.params)
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = chat_events(model, plan, streams, completion_id, created, include_usage)
-                return StreamingResponse(events, media_type="text/event-stream")
-            future = engine.submit_ids(plan.prompt_ids, plan.params)
-            result = await until_done(future, request)
-        except Exception as exc:
-            return failure(exc)
-        if result is None:
-            return _error(499, "the client closed the request", "invalid_request_error")
-        choices = [plan.choice(i, c) for i, c in enumerate(result.choices)]
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            "usage": usage(result.prompt_tokens, sum(c.completion_tokens for c in result.choices)),
-        }
+        return await answer_chat(*picked, body, request)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        picked = pick(body.model)
+        picked = served.pick(body.model)
         if isinstance(picked, JSONResponse):
             return picked
-        model, engine = picked
-        try:
-            prompts = completion_prompts(engine, body.prompt)
-            params = SamplingParams(
-                max_new_tokens=body.max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                n=body.n,
-                stop=body.stop or [],
-                seed=body.seed,
-                logprobs=body.logprobs is not None,
-                top_logprobs=body.logprobs or 0,
-                echo=body.echo,
-            )
-            if body.stream and len(prompts) > 1:
-                raise RequestError("stream takes a single prompt.", "prompt")
-            completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-            if body.stream:
-                streams = start_streams(engine, prompts[0], params)
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = completion_events(
-                    engine, model, prompts[0], params, streams, completion_id, created, include_usage
-                )
-                return StreamingResponse(events, media_type="text/event-stream")
-            futures = [engine.submit_ids(ids, params) for ids in prompts]
-            results = [await until_done(f, request) for f in futures]
-        except Exception as exc:
-            return failure(exc)
-        if any(r is None for r in results):
-            return _error(499, "the client closed the request", "invalid_request_error")
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for ids, result in zip(prompts, results, strict=True):
-            prompt_tokens += result.prompt_tokens
-            for c in result.choices:
-                completion_tokens += c.completion_tokens
-                choices.append(completion_choice(engine, len(choices), ids, c, body.echo, body.logprobs))
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens),
-        }
+        return await answer_completions(*picked, body, request)
 
     return app
+
+
+async def answer_chat(model: str, engine: ChatEngine, body: ChatCompletionRequest, request: Request) -> Any:
+    """/v1/chat/completions for one engine: a JSON answer, an event stream, or the error."""
+    try:
+        plan = chat_plan(engine, body)
+    except Exception as exc:  # a request the template or the schema compiler refuses
+        return failure(exc)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    try:
+        if body.stream:
+            # the n streams are queued now (they share batches), so a bad request or a full queue gets
+            # its 4xx before any event is sent
+            streams = start_streams(engine, plan.prompt_ids, plan.params)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = chat_events(model, plan, streams, completion_id, created, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        future = engine.submit_ids(plan.prompt_ids, plan.params)
+        result = await until_done(future, request)
+    except Exception as exc:
+        return failure(exc)
+    if result is None:
+        return _error(499, "the client closed the request", "invalid_request_error")
+    choices = [plan.choice(i, c) for i, c in enumerate(result.choices)]
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(result.prompt_tokens, sum(c.completion_tokens for c in result.choices)),
+    }
+
+
+async def answer_completions(
+    model: str, engine: ChatEngine, body: CompletionRequest, request: Request
+) -> Any:
+    """/v1/completions for one engine: a JSON answer, an event stream, or the error."""
+    try:
+        prompts = completion_prompts(engine, body.prompt)
+        params = SamplingParams(
+            max_new_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            n=body.n,
+            stop=body.stop or [],
+            seed=body.seed,
+            logprobs=body.logprobs is not None,
+            top_logprobs=body.logprobs or 0,
+            echo=body.echo,
+        )
+        if body.stream and len(prompts) > 1:
+            raise RequestError("stream takes a single prompt.", "prompt")
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            streams = start_streams(engine, prompts[0], params)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = completion_events(
+                engine, model, prompts[0], params, streams, completion_id, created, include_usage
+            )
+            return StreamingResponse(events, media_type="text/event-stream")
+        futures = [engine.submit_ids(ids, params) for ids in prompts]
+        results = [await until_done(f, request) for f in futures]
+    except Exception as exc:
+        return failure(exc)
+    if any(r is None for r in results):
+        return _error(499, "the client closed the request", "invalid_request_error")
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for ids, result in zip(prompts, results, strict=True):
+        prompt_tokens += result.prompt_tokens
+        for c in result.choices:
+            completion_tokens += c.completion_tokens
+            choices.append(completion_choice(engine, len(choices), ids, c, body.echo, body.logprobs))
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 async def until_done(future: Future[ChatResult], request: Request) -> ChatResult | None:

@@ -20,7 +20,16 @@ from sftflow.errors import SftflowError
 from sftflow.model.loader import check_safe_weights, is_quantized, new_token_ids
 
 if TYPE_CHECKING:
-    from sftflow.config import FinetuningArguments, ModelArguments
+    from torch import nn
+    from transformers import (
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+
+    from sftflow.config.args import FinetuningArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ def check_adapter_dir(path: str, allow_pickle: bool) -> None:
     check_safe_weights(adapter, "adapter", allow_pickle)
 
 
-def linear_module_names(model: Any) -> list[str]:
+def linear_module_names(model: nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target (the output head excluded)."""
     import torch
 
@@ -61,10 +70,10 @@ def linear_module_names(model: Any) -> list[str]:
 
 
 def apply_finetuning(
-    model: Any,
+    model: PreTrainedModel,
     model_args: ModelArguments,
     finetuning_args: FinetuningArguments,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     gradient_checkpointing: bool = False,
     gradient_checkpointing_kwargs: dict | None = None,
     task_type: str = "CAUSAL_LM",
@@ -143,7 +152,7 @@ def apply_finetuning(
     return model
 
 
-def enable_gradient_checkpointing(model: Any, kwargs: dict | None = None) -> None:
+def enable_gradient_checkpointing(model: PreTrainedModel, kwargs: dict | None = None) -> None:
     """Turn on activation recomputation, with the input-grad hook that frozen embeddings need.
 
     With LoRA or freeze the embedding output does not require grad; without the hook, reentrant
@@ -165,7 +174,7 @@ def _float32() -> Any:
 
 
 def _apply_lora(
-    model: Any,
+    model: PreTrainedModel,
     model_args: ModelArguments,
     args: FinetuningArguments,
     new_ids: list[int],
@@ -263,7 +272,7 @@ def _linear() -> Any:
     return torch.nn.Linear
 
 
-def _apply_oft(model: Any, args: FinetuningArguments, task_type: str) -> Any:
+def _apply_oft(model: PreTrainedModel, args: FinetuningArguments, task_type: str) -> Any:
     """PEFT OFT adapters (orthogonal block-diagonal rotations of each target weight's input side)."""
     from peft import OFTConfig, get_peft_model
 
@@ -299,7 +308,7 @@ def pissa_converted_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "pissa_converted"
 
 
-def save_pissa_converted(model: Any, output_dir: str | Path, init_dir: str | Path) -> Path:
+def save_pissa_converted(model: nn.Module, output_dir: str | Path, init_dir: str | Path) -> Path:
     """Save the trained PiSSA adapter of `model` as a plain LoRA (rank 2r) that works on the original,
     unmodified base: PEFT subtracts the initial adapter saved in `init_dir`. Returns the dir written."""
     out = pissa_converted_dir(output_dir)
@@ -318,13 +327,25 @@ def method_callbacks(finetuning: FinetuningArguments, output_dir: str | Path) ->
         the trained adapter converted to a plain LoRA on the original base (pissa_converted/) at the end."""
 
         def on_train_begin(
-            self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            model: nn.Module | None = None,
+            **kwargs: Any,
         ) -> None:
             init = Path(output_dir) / "pissa_init"
             if state.is_world_process_zero and not (init / "adapter_config.json").is_file():
                 model.save_pretrained(str(init))
 
-        def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        def on_train_end(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            model: nn.Module | None = None,
+            **kwargs: Any,
+        ) -> None:
             if state.is_world_process_zero:
                 path = save_pissa_converted(model, output_dir, Path(output_dir) / "pissa_init")
                 logger.info("pissa_convert: the adapter as a plain LoRA on the original base is in %s", path)
@@ -332,7 +353,7 @@ def method_callbacks(finetuning: FinetuningArguments, output_dir: str | Path) ->
     return [PissaConvert()]
 
 
-def merge_adapters(model: Any, paths: list[str], allow_pickle: bool = False) -> Any:
+def merge_adapters(model: PreTrainedModel, paths: list[str], allow_pickle: bool = False) -> Any:
     """Load each adapter in turn and merge it into the weights (the stacking order of the list).
 
     Raises:
@@ -356,7 +377,7 @@ def merge_adapters(model: Any, paths: list[str], allow_pickle: bool = False) -> 
 
 
 def freeze_layers(
-    model: Any, n: int, modules: list[str], extra: list[str] | None, layer_ids: list[int] | None = None
+    model: nn.Module, n: int, modules: list[str], extra: list[str] | None, layer_ids: list[int] | None = None
 ) -> None:
     """Train only the last n decoder layers (first n if n < 0), or the layers `layer_ids`, optionally only
     some of their modules.
@@ -401,7 +422,7 @@ def freeze_layers(
             module.requires_grad_(True)
 
 
-def _decoder_layers(model: Any) -> Any:
+def _decoder_layers(model: nn.Module) -> Any:
     import torch
 
     for module in model.modules():
@@ -411,14 +432,14 @@ def _decoder_layers(model: Any) -> Any:
     raise SftflowError("freeze tuning needs a model with a `layers` list of decoder blocks.")
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
+def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit weight counts as the number of values it packs."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     return trainable, total
 
 
-def _numel(param: Any) -> int:
+def _numel(param: nn.Parameter) -> int:
     quant_state = getattr(param, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         import math

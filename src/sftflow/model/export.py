@@ -23,10 +23,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftflow.data.encode import IGNORE_INDEX, encode_sft, stop_token_ids
+from sftflow.data.loader import load_conversations
+from sftflow.data.template import apply_template
 from sftflow.errors import SftflowError
+from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
+from sftflow.model.loader import is_quantized, load_model, load_tokenizer, model_path, resolve_dtype
+from sftflow.model.modelfile import fixed_system_prompt, write_modelfile
 
 if TYPE_CHECKING:
-    from sftflow.config import DataArguments, ModelArguments
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from sftflow.config.args import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +62,6 @@ def export_model(
             that would not stop on the trained end-of-turn token, a model GGUF export does not support, or
             export_hub_model_id while offline.
     """
-
-    from sftflow.data.encode import stop_token_ids
-    from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
-    from sftflow.model.loader import is_quantized, load_model, model_path, resolve_dtype
 
     if not model_args.export_dir:
         raise SftflowError("export_dir is required (e.g. export_dir: saves/merged).")
@@ -116,7 +120,7 @@ def export_model(
     return export_dir
 
 
-def trained_end_token(tokenizer: Any) -> int:
+def trained_end_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id training labels as the end of an answer: the last trained label of a probe conversation
     encoded exactly as training encodes it. Without a chat template (a pt-stage model) it is eos, which the
     pt stage writes after every text.
@@ -126,8 +130,6 @@ def trained_end_token(tokenizer: Any) -> int:
             too), rejects both probe conversations, or there is neither a chat template nor eos.
     """
     from jinja2 import TemplateError
-
-    from sftflow.data.encode import IGNORE_INDEX, encode_sft
 
     if not getattr(tokenizer, "chat_template", None):
         if tokenizer.eos_token_id is None:
@@ -184,8 +186,8 @@ def prove_hf_stops(export_dir: Path, end_id: int) -> None:
 
 
 def _export_gguf(
-    model: Any,
-    tokenizer: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     export_dir: Path,
     quantization: str,
     end_id: int,
@@ -194,7 +196,6 @@ def _export_gguf(
 ) -> None:
     """Write, read back and prove model-<quantization>.gguf, then the Modelfile beside it."""
     from sftflow.model.gguf import check_gguf, gguf_file_name, write_gguf
-    from sftflow.model.modelfile import write_modelfile
 
     start = time.perf_counter()
     path = export_dir / gguf_file_name(quantization)
@@ -229,8 +230,6 @@ def _fixed_system(data_args: DataArguments | None) -> str | None:
     """The system prompt every training row shares, when the config names the training data."""
     if data_args is None or not data_args.dataset:
         return None
-    from sftflow.data.loader import load_conversations
-    from sftflow.model.modelfile import fixed_system_prompt
 
     return fixed_system_prompt(load_conversations(data_args.dataset, data_args, seed=0)["messages"])
 
@@ -278,8 +277,6 @@ def _prepare_export_dir(export_dir: Path, overwrite: bool) -> None:
 def _export_tokenizer(model_args: ModelArguments, paths: list[str], data_args: DataArguments | None) -> Any:
     """The tokenizer saved with the last adapter (it carries the chat template and tokens used in
     training), else the base model's; `template` from the config replaces the chat template."""
-    from sftflow.data.template import apply_template
-    from sftflow.model.loader import load_tokenizer
 
     source = None
     if paths and (Path(paths[-1]).expanduser() / "tokenizer_config.json").is_file():

@@ -35,6 +35,7 @@ from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def gguf_file_name(quantization: str) -> str:
     return f"model-{quantization}.gguf"
 
 
-def pre_tokenizer_name(tokenizer: Any) -> str:
+def pre_tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
     """The `tokenizer.ggml.pre` value llama.cpp needs to split text as this tokenizer does.
 
     Raises:
@@ -140,7 +141,7 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
     )
 
 
-def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
+def _tokenizer_json(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise SftflowError(
@@ -149,7 +150,9 @@ def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
     return json.loads(backend.to_str())
 
 
-def vocab_for_gguf(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+def vocab_for_gguf(
+    tokenizer: PreTrainedTokenizerBase, vocab_size: int
+) -> tuple[list[str], list[int], list[str]]:
     """Tokens (by id, `vocab_size` of them), their GGUF token types, and the BPE merges as "a b" strings.
 
     Ids the tokenizer lacks (an embedding padded past the vocab) become unused `[PADn]` tokens; added
@@ -195,7 +198,9 @@ def permute_for_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def llama_tensors(state_dict: dict[str, torch.Tensor], config: Any) -> list[tuple[str, np.ndarray]]:
+def llama_tensors(
+    state_dict: dict[str, torch.Tensor], config: PretrainedConfig
+) -> list[tuple[str, np.ndarray]]:
     """The model's tensors under their GGUF names, as fp32 numpy arrays, q/k permuted for llama.cpp.
 
     Raises:
@@ -241,7 +246,7 @@ def tensor_type(
     return qtype
 
 
-def check_supported(config: Any) -> None:
+def check_supported(config: PretrainedConfig) -> None:
     """Refuse a checkpoint this writer cannot express exactly.
 
     Raises:
@@ -262,7 +267,7 @@ def check_supported(config: Any) -> None:
         raise SftflowError(f"GGUF export does not write rope scaling {rope.get('rope_type')!r}: {fix}.")
 
 
-def _rope_parameters(config: Any) -> dict[str, Any]:
+def _rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     if "rope_theta" not in rope and getattr(config, "rope_theta", None) is not None:
         rope["rope_theta"] = config.rope_theta
@@ -270,7 +275,12 @@ def _rope_parameters(config: Any) -> dict[str, Any]:
 
 
 def write_gguf(
-    model: Any, tokenizer: Any, path: Path, quantization: str, end_of_turn_id: int, name: str
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    quantization: str,
+    end_of_turn_id: int,
+    name: str,
 ) -> GGUFSummary:
     """Write `model` (a merged LlamaForCausalLM) and `tokenizer` to `path` as a GGUF of type `quantization`.
 
@@ -360,7 +370,7 @@ def write_gguf(
     )
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether encoding text prepends bos (llama.cpp's add_bos_token must do the same)."""
     if tokenizer.bos_token_id is None:
         return False
@@ -384,7 +394,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_gguf(summary: GGUFSummary, tokenizer: Any) -> dict[str, Any]:
+def check_gguf(summary: GGUFSummary, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Read the written file back and prove a runtime would tokenize like training and stop on its end of turn.
 
     Returns:
@@ -419,7 +429,7 @@ def check_gguf(summary: GGUFSummary, tokenizer: Any) -> dict[str, Any]:
     return meta
 
 
-def top1_predictions(model: Any, sequences: list[tuple[list[int], list[int]]]) -> list[Any]:
+def top1_predictions(model: PreTrainedModel, sequences: list[tuple[list[int], list[int]]]) -> list[Any]:
     """The model's most likely next token at the trained (answer) positions of each sequence, teacher-forced.
 
     Args:

@@ -11,7 +11,9 @@ from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapte
 from sftflow.model.loader import is_quantized, load_chat_tokenizer, load_model
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from torch import nn
+
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def load_for_inference(args: RunArgs) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def onednn_linear(model: Any) -> int:
+def onednn_linear(model: nn.Module) -> int:
     """Run a CPU model's float32 `nn.Linear` layers through oneDNN (torch.utils.mkldnn.MkldnnLinear, weights
     converted once) for generation; returns how many were swapped. All or nothing: 0 for a model that is
     not float32 on a CPU, a quantized one, no oneDNN, or a model whose logits on a probe input change by

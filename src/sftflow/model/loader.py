@@ -20,7 +20,10 @@ from sftflow.data.template import apply_template
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
-    from sftflow.config import DataArguments, ModelArguments
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from sftflow.config.args import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +227,7 @@ def load_chat_tokenizer(
     return tokenizer
 
 
-def head_name(model: Any) -> str:
+def head_name(model: PreTrainedModel) -> str:
     """The attribute name of a sequence-classification model's head (`score` for decoder LMs).
 
     Raises:
@@ -236,7 +239,7 @@ def head_name(model: Any) -> str:
     raise SftflowError(f"{type(model).__name__} has no reward head named {' or '.join(HEAD_NAMES)}.")
 
 
-def new_token_ids(tokenizer: Any, model_args: ModelArguments) -> list[int]:
+def new_token_ids(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments) -> list[int]:
     """Ids of `new_special_tokens` (the embedding rows that train with them)."""
     if not model_args.new_special_tokens:
         return []
@@ -275,7 +278,11 @@ def check_attn_implementation(name: str) -> None:
         )
 
 
-def load_model(model_args: ModelArguments, tokenizer: Any = None, head: Literal["lm", "score"] = "lm") -> Any:
+def load_model(
+    model_args: ModelArguments,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    head: Literal["lm", "score"] = "lm",
+) -> Any:
     """Load the model (optionally 4/8-bit quantized) in the resolved dtype.
 
     Args:
@@ -324,7 +331,7 @@ def load_model(model_args: ModelArguments, tokenizer: Any = None, head: Literal[
     return model
 
 
-def resize_embeddings(model: Any, vocab_size: int) -> None:
+def resize_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
     """Grow the input (and tied/untied output) embeddings to `vocab_size` rows; never shrink them."""
     current = model.get_input_embeddings().weight.shape[0]
     if vocab_size > current:
@@ -332,7 +339,7 @@ def resize_embeddings(model: Any, vocab_size: int) -> None:
         logger.info("resized the embeddings from %d to %d rows for the new tokens", current, vocab_size)
 
 
-def is_quantized(model_path_or_config: Any) -> bool:
+def is_quantized(model_path_or_config: str | PretrainedConfig) -> bool:
     """Whether a model (or a local model dir's config.json) holds quantized weights."""
     if isinstance(model_path_or_config, (str, Path)):
         config_file = Path(model_path_or_config) / "config.json"
@@ -344,7 +351,7 @@ def is_quantized(model_path_or_config: Any) -> bool:
     )
 
 
-def bnb_config(model_args: ModelArguments, compute_dtype: Any) -> Any:
+def bnb_config(model_args: ModelArguments, compute_dtype: torch.dtype) -> Any:
     """The BitsAndBytesConfig for `quantization_bit`, after checking bitsandbytes runs on this device.
 
     Raises:
@@ -363,7 +370,7 @@ def bnb_config(model_args: ModelArguments, compute_dtype: Any) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def check_bitsandbytes(bits: int, compute_dtype: Any) -> None:
+def check_bitsandbytes(bits: int, compute_dtype: torch.dtype) -> None:
     """Run one tiny quantize/dequantize on the device the model will use, so a bitsandbytes build that
     cannot run there fails here with a fix rather than deep inside a kernel mid-load.
 

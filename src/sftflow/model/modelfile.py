@@ -20,9 +20,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from sftflow.data.template import render
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
 
 SENTINELS = {
     "system": "SFTFLOWSYSTEMX",
@@ -103,13 +109,12 @@ def _strip_suffix(text: str, suffix: str, what: str) -> str:
     return text[: len(text) - len(suffix)]
 
 
-def chat_pieces(tokenizer: Any) -> ChatPieces:
+def chat_pieces(tokenizer: PreTrainedTokenizerBase) -> ChatPieces:
     """Cut the tokenizer's chat template into `ChatPieces` and prove they re-render it.
 
     Raises:
         SftflowError: the template cannot be written as literal pieces around each message.
     """
-    from sftflow.data.template import render
 
     s = SENTINELS
     user1, answer1, user2 = (
@@ -215,7 +220,7 @@ def go_template(pieces: ChatPieces) -> str:
     )
 
 
-def fixed_system_prompt(conversations: Any) -> str | None:
+def fixed_system_prompt(conversations: Dataset) -> str | None:
     """The system message every conversation starts with, or None when they differ or some have none."""
     seen: str | None = None
     for messages in conversations:
@@ -255,7 +260,11 @@ def modelfile_text(gguf_name: str, pieces: ChatPieces, stops: list[str], system:
 
 
 def write_modelfile(
-    path: Path, gguf_name: str, tokenizer: Any, stops: list[str], system: str | None = None
+    path: Path,
+    gguf_name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    stops: list[str],
+    system: str | None = None,
 ) -> str:
     """Write the Modelfile for `gguf_name` (a file beside `path`) and return its text.
 

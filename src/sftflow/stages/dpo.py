@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from trl import DPOConfig, DPOTrainer
 
-from sftflow.errors import SftflowError
 from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer, load_model
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
 from sftflow.train.optim import build_optimizer
-from sftflow.train.preference import pair_rows, simpo_trainer
+from sftflow.train.preference import orpo_trainer, simpo_trainer
 from sftflow.train.steps import (
     RunResult,
     build_model,
@@ -35,7 +34,11 @@ from sftflow.train.steps import (
 from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from datasets import Dataset
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.config.parser import RunArgs
 
 # pref_loss -> DPOConfig.loss_type
 DPO_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge"}
@@ -72,11 +75,10 @@ def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         *method_callbacks(finetuning, output_dir),
         *(callbacks or []),
     ]
-    if finetuning.pref_loss == "orpo":
-        trainer = orpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
-    elif finetuning.pref_loss == "simpo":
+    if finetuning.pref_loss in ("orpo", "simpo"):  # reference-free: TRL's experimental ORPO / CPO trainer
+        build = orpo_trainer if finetuning.pref_loss == "orpo" else simpo_trainer
         eval_pairs = completions(eval_set) if eval_set is not None else None
-        trainer = simpo_trainer(args, model, tokenizer, completions(train_set), eval_pairs, trainer_callbacks)
+        trainer = build(args, model, tokenizer, completions(train_set), eval_pairs, trainer_callbacks)
     else:
         trainer = dpo_trainer(args, model, tokenizer, train_set, eval_set, trainer_callbacks)
     result = RunResult(output_dir)
@@ -94,7 +96,7 @@ def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     return result
 
 
-def completions(pairs: Any) -> Any:
+def completions(pairs: Dataset) -> Any:
     """TRL's preference columns from `tokenize_pairs`: the shared prompt ids and each trained answer.
 
     >>> from datasets import Dataset
@@ -121,12 +123,17 @@ class PretokenizedDPOTrainer(Resilience, DPOTrainer):
 
     reference_forward = True  # each step runs the reference (adapter disabled, or the frozen copy)
 
-    def _prepare_dataset(self, dataset: Any, *unused: Any) -> Any:
+    def _prepare_dataset(self, dataset: Dataset, *unused: Any) -> Any:
         return dataset
 
 
 def dpo_trainer(
-    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
 ) -> Any:
     """TRL's DPOTrainer on sftflow's tokenization, with pref_beta, pref_loss (+ pref_ftx) and the
     memory-wise reference (the base with the adapter disabled under LoRA)."""
@@ -164,45 +171,3 @@ def dpo_trainer(
         # the adapter disabled (identical for a fresh adapter, and never saved beside it)
         peft_model.delete_adapter("ref")
     return trainer
-
-
-def orpo_trainer(
-    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
-) -> Any:
-    """TRL's experimental ORPOTrainer (no reference model) on sftflow's tokenization; pref_beta is ORPO's
-    lambda (the weight of the odds-ratio term).
-
-    Raises:
-        SftflowError: this TRL has no experimental ORPO trainer.
-    """
-    try:
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    except ImportError as exc:
-        raise SftflowError(
-            f"pref_loss: orpo needs TRL's experimental ORPO trainer (trl.experimental.orpo), which this TRL "
-            f"does not have ({exc}). Install a TRL that ships it, or use pref_loss: sigmoid, ipo or hinge."
-        ) from None
-
-    class PretokenizedORPOTrainer(Resilience, ORPOTrainer):
-        """ORPOTrainer with `Resilience` that builds its rows from sftflow's ids instead of tokenizing text."""
-
-        def tokenize_row(self, feature: dict, model: Any = None) -> dict:
-            return pair_rows(feature)
-
-    config = trl_args(
-        ORPOConfig,
-        args.training,
-        beta=args.finetuning.pref_beta,
-        max_length=args.data.cutoff_len,  # rows are already within cutoff_len
-        remove_unused_columns=False,
-    )
-    return PretokenizedORPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=completions(train_set),
-        eval_dataset=completions(eval_set) if eval_set is not None else None,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        optimizers=(build_optimizer(model, args.finetuning, config), None),  # None: the Trainer's own
-        skip_nan=args.finetuning.skip_nan,
-    )

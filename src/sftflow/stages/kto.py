@@ -36,7 +36,11 @@ from sftflow.train.steps import (
 from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from datasets import Dataset
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase, TrainingArguments
+
+    from sftflow.config.parser import RunArgs
 
 
 def run_kto(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
@@ -82,7 +86,7 @@ def run_kto(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     return result
 
 
-def kto_completions(examples: Any) -> Any:
+def kto_completions(examples: Dataset) -> Any:
     """TRL's unpaired-preference columns from the kto form: the prompt ids (before the trained answer), the
     trained answer's ids and the label.
 
@@ -122,7 +126,13 @@ class PretokenizedKTOTrainer(Resilience, KTOTrainer):
     TRL's `_prepare_dataset` is replaced by adding the KL completions only (tests/test_methods_kto.py checks the
     loss against the KTO formula on the same batch)."""
 
-    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+    def _prepare_dataset(
+        self,
+        dataset: Dataset,
+        processing_class: PreTrainedTokenizerBase,
+        args: TrainingArguments,
+        dataset_name: str,
+    ) -> Any:
         if not self.calculate_KL:
             return dataset
         kl = mismatched_completions(dataset["completion_ids"], args.per_device_train_batch_size)
@@ -130,7 +140,12 @@ class PretokenizedKTOTrainer(Resilience, KTOTrainer):
 
 
 def kto_trainer(
-    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
 ) -> PretokenizedKTOTrainer:
     """TRL's KTOTrainer on sftflow's tokenization, with pref_beta, kto_chosen_weight / kto_rejected_weight
     and the memory-wise reference (the base with the adapter disabled under LoRA)."""

@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
     from sftflow.train.steps import RunResult
 
 # stage -> (module, recipe function)

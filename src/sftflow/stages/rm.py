@@ -31,7 +31,10 @@ from sftflow.train.steps import (
 from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from sftflow.config.parser import RunArgs
 
 
 def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
@@ -100,7 +103,7 @@ class ResilientRewardTrainer(Resilience, RewardTrainer):
     throughput logs (`Resilience`); its tokens/s counts the chosen and the rejected sequence of each pair."""
 
 
-def score_pairs(trainer: Any, dataset: Any) -> tuple[list[float], list[float]]:
+def score_pairs(trainer: Trainer, dataset: Dataset) -> tuple[list[float], list[float]]:
     """The reward of each chosen and rejected sequence of `dataset`, in dataset order."""
     import torch
 

@@ -32,7 +32,7 @@ from sftflow.train.steps import (
 from sftflow.train.trainer import SftflowTrainer
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from sftflow.config.parser import RunArgs
 
 
 def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:

@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow.errors import SftflowError
+from sftflow.model.inference import load_for_inference
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,12 @@ def _scores(results: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, fl
 
 
 def run_harness(
-    model: Any, tokenizer: Any, tasks: list[str], task_dir: Path, limit: int | None, batch_size: int
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    task_dir: Path,
+    limit: int | None,
+    batch_size: int,
 ) -> dict[str, Any]:
     """lm-eval's simple_evaluate on a loaded model (HFLM wraps it; nothing is downloaded)."""
     import lm_eval
@@ -103,7 +112,6 @@ def evaluate(
         import lm_eval
     except ImportError:
         raise SftflowError("sftflow eval needs lm-evaluation-harness: pip install 'sftflow[eval]'.") from None
-    from sftflow.model.inference import load_for_inference
 
     if not tasks:
         raise SftflowError(f"--tasks is empty; try --tasks {local_tasks()[0]}.")

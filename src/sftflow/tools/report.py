@@ -18,9 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sftflow.config.parser import SFTFLOW_CLASSES, TRAINING_DEFAULTS
 from sftflow.data.audit import DATA_STATS, read_stats
 from sftflow.errors import SftflowError
 from sftflow.infer.predict import read_answers, read_jsonl, read_pair_scores
+from sftflow.tools.evaluate import RESULT_FILE
+from sftflow.train.plotting import plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +146,6 @@ def section(anchor: str, title: str, body: str) -> str:
 
 def config_defaults() -> dict[str, Any]:
     """Every sftflow key's default (the HF training keys in sftflow_args.yaml are the ones a user set)."""
-    from sftflow.config.parser import SFTFLOW_CLASSES, TRAINING_DEFAULTS
 
     out: dict[str, Any] = dict(TRAINING_DEFAULTS)
     for cls in SFTFLOW_CLASSES:
@@ -237,7 +239,6 @@ def length_histogram(hist: dict[str, list[int]], cutoff_len: int, work_dir: Path
 def curves_section(output_dir: Path, log: list[dict[str, Any]], work_dir: Path) -> str:
     """Every PNG the run wrote (loss curves drawn from trainer_log.jsonl when it wrote none); a series
     logged once is a number, not a one-dot chart."""
-    from sftflow.train.plotting import plot_losses
 
     pngs = sorted(output_dir.glob("*.png"), key=lambda p: (p.name != "training_loss.png", p.name))
     if not pngs and log:
@@ -330,7 +331,6 @@ def samples_section(output_dir: Path, limit: int = MAX_SAMPLES) -> str:
 
 def lm_eval_section(output_dir: Path) -> str:
     """`sftflow eval`'s results (eval_harness.json): each task's metrics, base vs tuned."""
-    from sftflow.tools.evaluate import RESULT_FILE
 
     result = read_json(output_dir / RESULT_FILE)
     if not result.get("tuned"):

@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 
 NAME = "sftflow_sdpa"
 
@@ -29,11 +34,11 @@ _NOT_PLAIN = ("sliding_window", "softcap", "s_aux", "position_bias")
 
 
 def segment_sdpa(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: Any,
@@ -86,7 +91,7 @@ def segment_sdpa(
     gather, scatter, rows, width = segment_index(starts, max_length, total=query.shape[2])
     heads, dim = query.shape[1], query.shape[3]
 
-    def padded(x: Any) -> Any:  # (1, h, T, d) -> (rows, h, width, d)
+    def padded(x: torch.Tensor) -> Any:  # (1, h, T, d) -> (rows, h, width, d)
         return x[0].index_select(1, gather).view(x.shape[1], rows, width, dim).transpose(0, 1)
 
     out, _ = sdpa_attention_forward(
@@ -103,14 +108,14 @@ def segment_sdpa(
     return out.reshape(rows * width, heads, dim).index_select(0, scatter).unsqueeze(0), None
 
 
-def per_example_calls(query: Any) -> bool:
+def per_example_calls(query: torch.Tensor) -> bool:
     """One sdpa call per example (CPU: no FLOP on padding, calls are cheap) or one batched call over a
     right-padded layout (accelerators, where each call is a kernel launch)."""
     return query.device.type == "cpu"
 
 
 def segment_index(
-    starts: Any, max_length: int | None = None, total: int | None = None
+    starts: torch.Tensor, max_length: int | None = None, total: int | None = None
 ) -> tuple[Any, Any, int, int]:
     """Indices between a flattened row and its right-padded (rows, width) layout.
 
@@ -138,7 +143,7 @@ def segment_index(
     return gather, scatter, rows, width
 
 
-def sequence_starts(position_ids: Any) -> tuple[Any, int]:
+def sequence_starts(position_ids: torch.Tensor) -> tuple[Any, int]:
     """`cu_seq_lens` and the longest example of a flattened row, read from its position ids: an example
     starts wherever the position does not follow on from the previous one (as transformers reads packed
     rows).
@@ -168,7 +173,7 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def segment_attention(model: Any) -> Iterator[bool]:
+def segment_attention(model: nn.Module) -> Iterator[bool]:
     """Run a model that uses transformers' sdpa on `sftflow_sdpa` inside the block, then put sdpa back.
 
     Results are the same as sdpa's; only padding-free rows that carry `cu_seq_lens_q` cost less. Models
@@ -195,7 +200,7 @@ def segment_attention(model: Any) -> Iterator[bool]:
             base.set_attn_implementation("sdpa")
 
 
-def uses_segment_attention(model: Any) -> bool:
+def uses_segment_attention(model: nn.Module) -> bool:
     """Whether the (possibly DDP/PEFT-wrapped) model runs `sftflow_sdpa`."""
     inner = model
     for attr in ("module", "base_model", "model"):

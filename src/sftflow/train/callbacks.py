@@ -8,11 +8,18 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +39,9 @@ class JsonlLogCallback(TrainerCallback):
         self.path = Path(output_dir) / "trainer_log.jsonl"
         self.start = time.time()
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not self.path.is_file():
             return
         kept = [
@@ -42,7 +51,14 @@ class JsonlLogCallback(TrainerCallback):
         ]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         entry = {
@@ -70,7 +86,7 @@ class GracefulStopCallback(TrainerCallback):
         self._received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: stop now
         self._received = signum
@@ -79,7 +95,9 @@ class GracefulStopCallback(TrainerCallback):
             signal.Signals(signum).name,
         )
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.stopped_by, self.step, self._received = None, None, None
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
@@ -89,7 +107,9 @@ class GracefulStopCallback(TrainerCallback):
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         received = self._received
         if args.world_size > 1:
             received = _max_across_ranks(received or 0, args.device) or None
@@ -98,13 +118,15 @@ class GracefulStopCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
 
-def _max_across_ranks(value: int, device: Any) -> int:
+def _max_across_ranks(value: int, device: torch.device) -> int:
     import torch
     import torch.distributed as dist
 

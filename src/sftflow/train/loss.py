@@ -31,16 +31,23 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.data.encode import IGNORE_INDEX
+from sftflow.train.attention import sequence_starts, uses_segment_attention
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.autograd.function import FunctionCtx
+
 
 # Inputs the flattened forward knows how to carry; any other key (pixel_values, ...) means: use the
 # model's own loss instead.
 _FLATTENABLE = {"input_ids", "attention_mask", "labels", "position_ids"}
 
 
-def supports_fast_loss(model: Any, inputs: dict[str, Any]) -> bool:
+def supports_fast_loss(model: nn.Module, inputs: dict[str, Any]) -> bool:
     """True when `causal_lm_loss` applies: the model's forward takes `logits_to_keep` (transformers causal
     LMs do; PEFT/DDP wrappers pass it through) and the batch holds only token inputs and labels."""
     if "labels" not in inputs or not set(inputs) <= _FLATTENABLE:
@@ -53,14 +60,14 @@ def supports_fast_loss(model: Any, inputs: dict[str, Any]) -> bool:
     return hasattr(inner, "get_output_embeddings") and _takes_logits_to_keep(inner)
 
 
-def _takes_logits_to_keep(model: Any) -> bool:
+def _takes_logits_to_keep(model: nn.Module) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def shift_labels(labels: Any) -> Any:
+def shift_labels(labels: torch.Tensor) -> Any:
     """The target of each position: the label of the next token in the same row (-100 at the end).
 
     >>> import torch
@@ -110,9 +117,9 @@ def flatten_batch(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def causal_lm_loss(
-    model: Any,
+    model: nn.Module,
     inputs: dict[str, Any],
-    num_items_in_batch: Any = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
     fused_head: bool = True,
     dft: bool = False,
 ) -> tuple[Any, Any]:
@@ -134,8 +141,6 @@ def causal_lm_loss(
     """
     import torch
     import torch.nn.functional as F
-
-    from sftflow.train.attention import sequence_starts, uses_segment_attention
 
     flat = flatten_batch(inputs)
     targets = flat["targets"][0]
@@ -182,7 +187,7 @@ def causal_lm_loss(
 _HEAD_CHECKED: Any = weakref.WeakKeyDictionary()
 
 
-def output_head(model: Any) -> Any:
+def output_head(model: nn.Module) -> Any:
     """The model's output head when it is a plain, bias-free `nn.Linear` (not wrapped by LoRA or
     modules_to_save), else None: only then can the loss multiply the hidden states by its weight itself."""
     import torch
@@ -201,7 +206,11 @@ def output_head(model: Any) -> Any:
 
 
 def linear_cross_entropy(
-    hidden: Any, weight: Any, targets: Any, chunk_elements: int = 2**25, dft: bool = False
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_elements: int = 2**25,
+    dft: bool = False,
 ) -> Any:
     """sum over rows of cross_entropy(hidden @ weight.T, targets), without keeping the logits (`dft`: each
     row's cross-entropy times its constant probability exp(-cross_entropy)).
@@ -230,7 +239,14 @@ def _linear_cross_entropy_function() -> Any:
 
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, rows: int, dft: bool) -> Any:
+        def forward(
+            ctx: FunctionCtx,
+            hidden: torch.Tensor,
+            weight: torch.Tensor,
+            targets: torch.Tensor,
+            rows: int,
+            dft: bool,
+        ) -> Any:
             ctx.weight_dtype = weight.dtype
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -259,7 +275,7 @@ def _linear_cross_entropy_function() -> Any:
             return total
 
         @staticmethod
-        def backward(ctx: Any, grad_total: Any) -> Any:
+        def backward(ctx: FunctionCtx, grad_total: torch.Tensor) -> Any:
             grad_hidden, grad_weight = ctx.saved_tensors
             scale = grad_total.float()
             return (

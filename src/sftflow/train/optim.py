@@ -22,7 +22,12 @@ import torch
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
-    from sftflow.config import FinetuningArguments
+    from collections.abc import Callable
+
+    from torch import nn
+    from transformers import Seq2SeqTrainingArguments
+
+    from sftflow.config.args import FinetuningArguments
 
 # method key -> the pip package it needs (and the extra that installs it)
 PACKAGES = {
@@ -52,7 +57,7 @@ def optimizer_method(finetuning: FinetuningArguments) -> str | None:
 
 
 def build_optimizer(
-    model: Any, finetuning: FinetuningArguments, training: Any
+    model: nn.Module, finetuning: FinetuningArguments, training: Seq2SeqTrainingArguments
 ) -> torch.optim.Optimizer | None:
     """The optimizer of the run's method over the trainable parameters of `model`, or None (plain `optim`).
 
@@ -95,7 +100,7 @@ def _require(method: str) -> None:
         )
 
 
-def _trainable(model: Any) -> list[tuple[str, Any]]:
+def _trainable(model: nn.Module) -> list[tuple[str, Any]]:
     return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
 
 
@@ -110,7 +115,9 @@ def _decay_groups(named: list[tuple[str, Any]], weight_decay: float) -> list[dic
     ]
 
 
-def loraplus_optimizer(model: Any, finetuning: FinetuningArguments, training: Any, adam: dict) -> Any:
+def loraplus_optimizer(
+    model: nn.Module, finetuning: FinetuningArguments, training: Seq2SeqTrainingArguments, adam: dict
+) -> Any:
     """PEFT's LoRA+ optimizer: AdamW whose LoRA B matrices (and 1-D params) learn at ratio x lr."""
     from peft.optimizers import create_loraplus_optimizer
 
@@ -131,7 +138,7 @@ def loraplus_optimizer(model: Any, finetuning: FinetuningArguments, training: An
     )
 
 
-def _outer_params(model: Any) -> set[int]:
+def _outer_params(model: nn.Module) -> set[int]:
     """ids of the embedding and output-head parameters (kept out of Muon even though they are 2-D)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     ids = set()
@@ -160,7 +167,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {"lr": lr})
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -181,7 +188,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw.load_state_dict(state_dict["adamw"])
 
 
-def muon_optimizer(model: Any, weight_decay: float, adam: dict) -> MuonWithAdamW:
+def muon_optimizer(model: nn.Module, weight_decay: float, adam: dict) -> MuonWithAdamW:
     """Muon on the trainable 2-D weights outside the embeddings and output head; AdamW on the rest.
 
     Raises:
@@ -196,7 +203,7 @@ def muon_optimizer(model: Any, weight_decay: float, adam: dict) -> MuonWithAdamW
     return MuonWithAdamW(muon, _decay_groups(rest, weight_decay), adam["lr"], weight_decay, adam)
 
 
-def _target_linears(model: Any, targets: list[str], key: str) -> list[tuple[str, Any]]:
+def _target_linears(model: nn.Module, targets: list[str], key: str) -> list[tuple[str, Any]]:
     """The trainable weights of the linear layers named in `targets` (all: every linear but the head)."""
     head = model.get_output_embeddings()
     found = []
@@ -213,7 +220,7 @@ def _target_linears(model: Any, targets: list[str], key: str) -> list[tuple[str,
 
 
 def low_rank_optimizer(
-    model: Any, finetuning: FinetuningArguments, method: str, weight_decay: float, adam: dict
+    model: nn.Module, finetuning: FinetuningArguments, method: str, weight_decay: float, adam: dict
 ) -> Any:
     """GaLoreAdamW / APOLLOAdamW with the target linear weights in a projected param group."""
     name = "galore" if method == "use_galore" else "apollo"
@@ -259,7 +266,9 @@ def low_rank_optimizer(
     return cls(groups, lr=adam["lr"], betas=adam["betas"], eps=adam["eps"], **extra)
 
 
-def badam_optimizer(model: Any, finetuning: FinetuningArguments, weight_decay: float, adam: dict) -> Any:
+def badam_optimizer(
+    model: nn.Module, finetuning: FinetuningArguments, weight_decay: float, adam: dict
+) -> Any:
     """BAdam: block coordinate descent with Adam on one block at a time.
 
     Raises:
@@ -295,7 +304,7 @@ def badam_optimizer(model: Any, finetuning: FinetuningArguments, weight_decay: f
     )
 
 
-def adam_mini_optimizer(model: Any, weight_decay: float, adam: dict) -> Any:
+def adam_mini_optimizer(model: nn.Module, weight_decay: float, adam: dict) -> Any:
     """Adam-mini over the trainable parameters, told the attention shape (it partitions by head)."""
     from adam_mini import Adam_mini
 

@@ -16,10 +16,18 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftflow.data.encode import IGNORE_INDEX
 from sftflow.errors import SftflowError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from sftflow.config.args import FinetuningArguments
+
 
 ATTN = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
@@ -61,7 +69,7 @@ class ModelShape:
     head: str = "lm"  # "lm": the vocabulary output head; "score": one reward output per sequence
 
     @classmethod
-    def from_config(cls, config: Any, head: str = "lm") -> ModelShape:
+    def from_config(cls, config: PretrainedConfig, head: str = "lm") -> ModelShape:
         """Read the sizes from a `transformers.PretrainedConfig` (its text part for multimodal models).
 
         Raises:
@@ -94,7 +102,7 @@ class ModelShape:
         )
 
     @classmethod
-    def from_model(cls, model: Any) -> ModelShape:
+    def from_model(cls, model: nn.Module) -> ModelShape:
         """The shape of a loaded (possibly PEFT-wrapped) model: its config, the vocabulary its embedding
         holds (resized for new tokens) and its head (a `*ForSequenceClassification` model: score)."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -158,7 +166,7 @@ class TrainSetup:
     head: bool = False  # the output head trains (full tuning; a reward model's score head always)
 
     @classmethod
-    def from_args(cls, shape: ModelShape, finetuning: Any) -> TrainSetup:
+    def from_args(cls, shape: ModelShape, finetuning: FinetuningArguments) -> TrainSetup:
         """The setup `sftflow.train.steps.build_model` builds for these arguments.
 
         Raises:
@@ -185,7 +193,7 @@ class TrainSetup:
         )
 
     @classmethod
-    def from_model(cls, shape: ModelShape, model: Any) -> TrainSetup:
+    def from_model(cls, shape: ModelShape, model: nn.Module) -> TrainSetup:
         """The setup of a built model, from which of its parameters require gradients (LoRA: the
         `lora_A` weights give targets and rank).
 
@@ -281,8 +289,8 @@ def flops_per_token(shape: ModelShape, setup: TrainSetup, seq: float, gradient_c
 
 
 def matmul_rates(
-    device: Any = None,
-    dtype: Any = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
     size: tuple[int, int, int] | None = None,
     runs: int = 9,
     cpu_time: bool = False,
@@ -323,8 +331,8 @@ def matmul_rates(
 
 
 def sustained_matmul_flops(
-    device: Any = None,
-    dtype: Any = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
     size: tuple[int, int, int] | None = None,
     runs: int = 9,
     cpu_time: bool = False,
@@ -342,7 +350,7 @@ def known_gpu_flops(name: str) -> float | None:
     return None
 
 
-def peak_memory_bytes(device: Any = None) -> int:
+def peak_memory_bytes(device: torch.device | None = None) -> int:
     """Peak allocated GPU memory on a CUDA device, else the peak resident set size of this process."""
     import resource
     import sys
@@ -402,7 +410,7 @@ class ThroughputMeter:
     - peak_memory_gb: the peak resident set size of the process (CPU) or the peak allocated GPU memory.
     """
 
-    def __init__(self, model: Any, reference_forward: bool = False) -> None:
+    def __init__(self, model: nn.Module, reference_forward: bool = False) -> None:
         self.reference_forward = reference_forward
         try:
             self.shape: ModelShape | None = ModelShape.from_model(model)

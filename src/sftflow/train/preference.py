@@ -1,14 +1,18 @@
-"""SimPO (`stage: dpo` with `pref_loss: simpo`): TRL's experimental CPOTrainer with `loss_type="simpo"` on
-sftflow's tokenized pairs, with `Resilience`.
+"""The reference-free preference trainers of `stage: dpo`: ORPO (`pref_loss: orpo`) and SimPO
+(`pref_loss: simpo`), TRL's experimental ORPOTrainer and CPOTrainer on sftflow's tokenized pairs, with
+`Resilience`. Both build their rows from sftflow's prompt/chosen/rejected ids (`pair_rows`) instead of
+tokenizing text, and neither loads a reference model.
 
-SimPO needs no reference model: its reward is the length-normalised log-probability of an answer,
-beta x mean log p(answer | prompt), and the loss is -log sigmoid(reward(chosen) - reward(rejected) - gamma)
-with the target margin gamma = `simpo_gamma`. `cpo_alpha` (the weight of CPO's NLL term on the chosen
-answers) is `pref_ftx`, 0 by default: plain SimPO.
+ORPO adds an odds-ratio term, weighted by `pref_beta` (ORPO's lambda), to the NLL of the chosen answers.
+SimPO's reward is the length-normalised log-probability of an answer, beta x mean log p(answer | prompt),
+and the loss is -log sigmoid(reward(chosen) - reward(rejected) - gamma) with the target margin
+gamma = `simpo_gamma`. `cpo_alpha` (the weight of CPO's NLL term on the chosen answers) is `pref_ftx`,
+0 by default: plain SimPO.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from sftflow.data.encode import IGNORE_INDEX
@@ -18,7 +22,11 @@ from sftflow.train.steps import trl_args
 from sftflow.train.trainer import Resilience
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from datasets import Dataset
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase, TrainingArguments
+
+    from sftflow.config.parser import RunArgs
 
 
 def pair_rows(feature: dict) -> dict:
@@ -37,8 +45,89 @@ def pair_rows(feature: dict) -> dict:
     return out
 
 
+def experimental_trainer(name: str, pref_loss: str, others: str) -> tuple[type, type]:
+    """TRL's experimental `<NAME>Config` and `<NAME>Trainer` from `trl.experimental.<name>`.
+
+    Raises:
+        SftflowError: this TRL does not ship them; the message names the pref_loss values `others` that work.
+    """
+    try:
+        module = importlib.import_module(f"trl.experimental.{name}")
+        upper = name.upper()
+        return getattr(module, f"{upper}Config"), getattr(module, f"{upper}Trainer")
+    except (ImportError, AttributeError) as exc:
+        raise SftflowError(
+            f"pref_loss: {pref_loss} needs TRL's experimental {name.upper()} trainer (trl.experimental.{name}), "
+            f"which this TRL does not have ({exc}). Install a TRL that ships it, or use pref_loss: {others}."
+        ) from None
+
+
+def pretokenized(trainer_class: type) -> type:
+    """`trainer_class` (TRL's ORPO or CPO trainer) with `Resilience`, building its rows from sftflow's ids
+    (`pair_rows`) instead of tokenizing text."""
+
+    class Pretokenized(Resilience, trainer_class):
+        def tokenize_row(self, feature: dict, model: nn.Module | None = None) -> dict:
+            return pair_rows(feature)
+
+    Pretokenized.__name__ = Pretokenized.__qualname__ = f"Pretokenized{trainer_class.__name__}"
+    return Pretokenized
+
+
+def _build(
+    trainer_class: type,
+    config: TrainingArguments,
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
+) -> Any:
+    return pretokenized(trainer_class)(
+        model=model,
+        args=config,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        optimizers=(build_optimizer(model, args.finetuning, config), None),  # None: the Trainer's own
+        skip_nan=args.finetuning.skip_nan,
+    )
+
+
+def orpo_trainer(
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
+) -> Any:
+    """TRL's experimental ORPOTrainer with beta = pref_beta (ORPO's lambda, the weight of the odds-ratio
+    term), on pairs in `completions` form (prompt_ids, chosen_ids, rejected_ids).
+
+    Raises:
+        SftflowError: this TRL has no experimental ORPO trainer.
+    """
+    config_class, trainer_class = experimental_trainer("orpo", "orpo", "sigmoid, ipo or hinge")
+    config = trl_args(
+        config_class,
+        args.training,
+        beta=args.finetuning.pref_beta,
+        max_length=args.data.cutoff_len,  # rows are already within cutoff_len
+        remove_unused_columns=False,
+    )
+    return _build(trainer_class, config, args, model, tokenizer, train_set, eval_set, callbacks)
+
+
 def simpo_trainer(
-    args: RunArgs, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, callbacks: list[Any]
+    args: RunArgs,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    callbacks: list[Any],
 ) -> Any:
     """TRL's experimental CPOTrainer with loss_type simpo, beta = pref_beta, gamma = simpo_gamma and
     cpo_alpha = pref_ftx, on pairs in `completions` form (prompt_ids, chosen_ids, rejected_ids).
@@ -46,23 +135,10 @@ def simpo_trainer(
     Raises:
         SftflowError: this TRL has no experimental CPO trainer.
     """
-    try:
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-    except ImportError as exc:
-        raise SftflowError(
-            f"pref_loss: simpo needs TRL's experimental CPO trainer (trl.experimental.cpo), which this TRL does "
-            f"not have ({exc}). Install a TRL that ships it, or use pref_loss: sigmoid, ipo, hinge or orpo."
-        ) from None
-
-    class PretokenizedCPOTrainer(Resilience, CPOTrainer):
-        """CPOTrainer with `Resilience` that builds its rows from sftflow's ids instead of tokenizing text."""
-
-        def tokenize_row(self, feature: dict, model: Any = None) -> dict:
-            return pair_rows(feature)
-
+    config_class, trainer_class = experimental_trainer("cpo", "simpo", "sigmoid, ipo, hinge or orpo")
     finetuning = args.finetuning
     config = trl_args(
-        CPOConfig,
+        config_class,
         args.training,
         loss_type="simpo",
         beta=finetuning.pref_beta,
@@ -71,13 +147,4 @@ def simpo_trainer(
         max_length=args.data.cutoff_len,  # rows are already within cutoff_len
         remove_unused_columns=False,
     )
-    return PretokenizedCPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        optimizers=(build_optimizer(model, finetuning, config), None),
-        skip_nan=finetuning.skip_nan,
-    )
+    return _build(trainer_class, config, args, model, tokenizer, train_set, eval_set, callbacks)

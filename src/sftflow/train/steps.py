@@ -19,11 +19,14 @@ from sftflow.data.inspect import log_examples
 from sftflow.data.prepare import Prepared, prepare, shuffled
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import apply_finetuning
-from sftflow.model.loader import load_model
+from sftflow.model.loader import head_name, load_model
 from sftflow.train.checkpoints import resolve_resume, resume_word
+from sftflow.train.plotting import plot_losses
 
 if TYPE_CHECKING:
-    from sftflow.config import RunArgs
+    from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, Trainer
+
+    from sftflow.config.parser import RunArgs
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ def prepare_output_dir(output_dir: Path, args: RunArgs) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def prepare_data(args: RunArgs, tokenizer: Any) -> Prepared:
+def prepare_data(args: RunArgs, tokenizer: PreTrainedTokenizerBase) -> Prepared:
     """The data step of the run's stage (main process first, the others then read the cache), the first
     examples logged, data_stats.json written, and the training split shuffled (seeded)."""
     training, data = args.training, args.data
@@ -90,11 +93,10 @@ def prepare_data(args: RunArgs, tokenizer: Any) -> Prepared:
     return prepared
 
 
-def build_model(args: RunArgs, tokenizer: Any, head: str = "lm") -> Any:
+def build_model(args: RunArgs, tokenizer: PreTrainedTokenizerBase, head: str = "lm") -> Any:
     """The model of model_name_or_path (embeddings resized for new_special_tokens; `head="score"`: the
     one-output reward model) with LoRA / freeze / full tuning applied and, when asked, gradient
     checkpointing with the input-grad hook that frozen embeddings need. A reward head always trains."""
-    from sftflow.model.loader import head_name
 
     model = load_model(args.model, tokenizer, head=head)
     finetuning, task_type = args.finetuning, "CAUSAL_LM"
@@ -117,7 +119,7 @@ def build_model(args: RunArgs, tokenizer: Any, head: str = "lm") -> Any:
     )
 
 
-def record(trainer: Any, split: str, metrics: dict[str, float], result: RunResult) -> None:
+def record(trainer: Trainer, split: str, metrics: dict[str, float], result: RunResult) -> None:
     """Log `metrics`, save them to `{split}_results.json` (and all_results.json), and keep them in `result`."""
     trainer.log_metrics(split, metrics)
     trainer.save_metrics(split, metrics)
@@ -125,11 +127,10 @@ def record(trainer: Any, split: str, metrics: dict[str, float], result: RunResul
 
 
 def train_and_save(
-    trainer: Any, args: RunArgs, tokenizer: Any, resume: str | None, result: RunResult
+    trainer: Trainer, args: RunArgs, tokenizer: PreTrainedTokenizerBase, resume: str | None, result: RunResult
 ) -> None:
     """Train, then save the adapter/model, the trainer state, the train metrics (with non-pad tokens/s), the
     tokenizer (with the template used), sftflow_args.yaml and the loss plot. Any stage's Trainer works."""
-    from sftflow.train.plotting import plot_losses
 
     output_dir = Path(args.training.output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
@@ -149,10 +150,9 @@ def train_and_save(
             result.plots = plot_losses(trainer.state.log_history, output_dir)
 
 
-def evaluate(trainer: Any, args: RunArgs, result: RunResult, perplexity: bool) -> dict[str, float]:
+def evaluate(trainer: Trainer, args: RunArgs, result: RunResult, perplexity: bool) -> dict[str, float]:
     """Evaluate on the held-out set (with `perplexity`, exp(eval_loss) too), save eval_results.json and
     redraw the loss plots with the eval loss. Returns the eval metrics."""
-    from sftflow.train.plotting import plot_losses
 
     metrics = trainer.evaluate(metric_key_prefix="eval")
     if perplexity and "eval_loss" in metrics:
@@ -163,7 +163,7 @@ def evaluate(trainer: Any, args: RunArgs, result: RunResult, perplexity: bool) -
     return metrics
 
 
-def trl_args(config_class: type, training: Any, **overrides: Any) -> Any:
+def trl_args(config_class: type, training: Seq2SeqTrainingArguments, **overrides: Any) -> Any:
     """A TRL config (a `TrainingArguments` subclass) holding every training key of this run.
 
     TRL's configs change some defaults (bf16 on, gradient checkpointing on, learning_rate 1e-6,

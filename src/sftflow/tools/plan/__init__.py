@@ -18,7 +18,7 @@ The parts: `memory` (bytes of the largest step), `estimate` (rows, FLOPs, device
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sftflow.data.audit import DataAudit
 from sftflow.data.prepare import prepare
@@ -41,10 +41,14 @@ from sftflow.tools.plan.measure import check_measurable, measure_steps
 from sftflow.tools.plan.memory import GIB, step_memory
 from sftflow.train.perf import ModelShape, TrainSetup
 
+if TYPE_CHECKING:
+    from sftflow.config.parser import RunArgs
+
+
 __all__ = ["Plan", "build_plan", "format_plan", "measure_steps"]
 
 
-def build_plan(args: Any, measure_steps_count: int = 0) -> Plan:
+def build_plan(args: RunArgs, measure_steps_count: int = 0) -> Plan:
     """Predict memory and time, audit the data and gather advice for the run `args` describes.
 
     Raises:

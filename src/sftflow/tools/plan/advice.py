@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sftflow.data.packing import packed_row_lengths
 from sftflow.tools.plan.estimate import Advice, Plan, padded_tokens
 from sftflow.tools.plan.memory import GIB
+
+if TYPE_CHECKING:
+    from sftflow.config.parser import RunArgs
+
 
 # what a training row is, per stage, in the advice's words
 UNITS = {"pt": "rows", "sft": "examples", "rm": "pairs", "dpo": "pairs"}
 BATCH = "per_device_train_batch_size:"
 
 
-def advise(plan: Plan, args: Any) -> list[Advice]:
+def advise(plan: Plan, args: RunArgs) -> list[Advice]:
     """Concrete config changes, each with the reason, for what looks off."""
     memory, data = memory_advice(plan, args), data_advice(plan, args)
     if any(a.change.startswith(BATCH) for a in memory):  # one batch change: the one that fits
@@ -22,7 +26,7 @@ def advise(plan: Plan, args: Any) -> list[Advice]:
     return [*memory, *data, *device_advice(plan)]
 
 
-def memory_advice(plan: Plan, args: Any) -> list[Advice]:
+def memory_advice(plan: Plan, args: RunArgs) -> list[Advice]:
     """When the run does not fit: a batch that fits, checkpointing, LoRA (dpo: no reference copy), QLoRA."""
     memory, device = plan.memory, plan.device
     if plan.fits:
@@ -59,7 +63,7 @@ def memory_advice(plan: Plan, args: Any) -> list[Advice]:
     return out
 
 
-def data_advice(plan: Plan, args: Any) -> list[Advice]:
+def data_advice(plan: Plan, args: RunArgs) -> list[Advice]:
     """cutoff_len, lost end-of-turn tokens, padding, duplicates, conflicting and empty answers."""
     audit, stage = plan.audit, plan.stage
     unit = UNITS.get(stage, "examples")
@@ -112,7 +116,7 @@ def data_advice(plan: Plan, args: Any) -> list[Advice]:
     return out
 
 
-def padding_advice(plan: Plan, args: Any) -> list[Advice]:
+def padding_advice(plan: Plan, args: RunArgs) -> list[Advice]:
     """Over 25% padding computed: packing (sft) or half the batch with twice the accumulation. Padding-free
     rows (sft with fast_loss, pt) compute no padding."""
     audit, rows, batch, seed = plan.audit, plan.rows, plan.batch_size, args.training.seed

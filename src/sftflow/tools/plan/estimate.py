@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sftflow.data.audit import DataAudit
 from sftflow.data.packing import packed_row_lengths
@@ -26,6 +26,11 @@ from sftflow.train.perf import (
     matmul_rates,
     sustained_matmul_flops,
 )
+
+if TYPE_CHECKING:
+    from sftflow.config.args import ModelArguments
+    from sftflow.config.parser import RunArgs
+
 
 # The share of a GPU's dense bf16 peak a fine-tuning run typically reaches (model FLOPs utilisation).
 GPU_MFU = 0.35
@@ -149,7 +154,7 @@ def padded_tokens(lengths: list[int], batch_size: int, seed: int) -> int:
     return sum(len(b) * max(b) for b in batches(lengths, batch_size, seed))
 
 
-def dtype_name_and_bytes(model_args: Any, device: Device) -> tuple[str, int]:
+def dtype_name_and_bytes(model_args: ModelArguments, device: Device) -> tuple[str, int]:
     """The dtype `load_model` will use on this device."""
     if model_args.dtype != "auto":
         name = model_args.dtype
@@ -169,7 +174,7 @@ def training_rows(audit: DataAudit, packing: bool) -> list[int]:
     return audit.lengths
 
 
-def padding_free(args: Any) -> bool:
+def padding_free(args: RunArgs) -> bool:
     """Whether the stage's trainer computes padding-free rows: sft with fast_loss, and pt (its recipe
     always trains with the trained-token loss)."""
     return args.finetuning.stage == "pt" or (args.finetuning.stage == "sft" and args.finetuning.fast_loss)
@@ -186,7 +191,7 @@ def computed_tokens(plan_rows: list[int], audit: DataAudit, batch: int, seed: in
 REFERENCE_FREE = ("orpo", "simpo")  # pref_loss values that train without a reference model
 
 
-def reference_kind(args: Any) -> str:
+def reference_kind(args: RunArgs) -> str:
     """dpo's reference model, as stages/dpo.py builds it (none for orpo and simpo)."""
     if args.finetuning.stage != "dpo" or args.finetuning.pref_loss in REFERENCE_FREE:
         return ""

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sftflow.data.collator import SftCollator
 from sftflow.data.prepare import prepare
 from sftflow.errors import SftflowError
 from sftflow.model.loader import load_chat_tokenizer
 from sftflow.train.perf import ModelShape, TrainSetup, flops_per_token
 from sftflow.train.steps import build_model
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+    from sftflow.config.parser import RunArgs
+
 
 MEASURED_STAGES = ("sft", "pt")
 
@@ -24,7 +32,23 @@ def check_measurable(stage: str) -> None:
         )
 
 
-def measure_steps(args: Any, steps: int, warmup: int = 1) -> dict[str, float]:
+def worst_batches(args: RunArgs, tokenizer: PreTrainedTokenizerBase, steps: int) -> tuple[Dataset, int, int]:
+    """The training data of `steps` steps in which every batch is the largest one the data can form: the
+    longest example, batch (per device x accumulation) times. Returns it, the batch and the sequence length.
+
+    Raises:
+        SftflowError: there is no training data.
+    """
+    dataset = prepare(args.finetuning.stage, args.data, tokenizer, args.training.seed, True).train
+    if dataset is None:
+        raise SftflowError("--measure needs training data: set dataset and do_train: true.")
+    batch = args.training.per_device_train_batch_size * args.training.gradient_accumulation_steps
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    return dataset.select([longest] * batch * steps), batch, lengths[longest]
+
+
+def measure_steps(args: RunArgs, steps: int, warmup: int = 1) -> dict[str, float]:
     """Train `warmup + steps` real steps on the longest examples (the worst batches) and measure.
 
     The tokenizer, data and model are built as `sftflow train` builds them (`load_chat_tokenizer`, the
@@ -47,21 +71,9 @@ def measure_steps(args: Any, steps: int, warmup: int = 1) -> dict[str, float]:
     import torch
     from transformers import Trainer, TrainerCallback
 
-    from sftflow.data.collator import SftCollator
-
-    stage = args.finetuning.stage
-    check_measurable(stage)
+    check_measurable(args.finetuning.stage)
     tokenizer = load_chat_tokenizer(args.model, args.data)
-    dataset = prepare(stage, args.data, tokenizer, args.training.seed, True).train
-    if dataset is None:
-        raise SftflowError("--measure needs training data: set dataset and do_train: true.")
-    batch = args.training.per_device_train_batch_size * args.training.gradient_accumulation_steps
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
-    # every batch is the largest one the data can form: the longest example, batch times
-    dataset = dataset.select([longest] * batch * (steps + warmup))
-    seq = lengths[longest]
-
+    dataset, batch, seq = worst_batches(args, tokenizer, steps + warmup)
     model = build_model(args, tokenizer)
     on_gpu = torch.cuda.is_available()
     process = psutil.Process()

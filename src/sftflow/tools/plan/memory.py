@@ -5,9 +5,15 @@ the tensors autograd saves in a tiny model). Formulas: docs/plan.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sftflow.train.perf import ATTN, LINEARS, MLP_IN, ModelShape, TrainSetup
+
+if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments
+
+    from sftflow.config.args import ModelArguments
+
 
 GIB = 1024**3
 QUANTIZED_BYTES = {4: 4.127 / 8, 8: 1.0}  # NF4 with double-quantized absmax; int8 with a scale per row
@@ -219,8 +225,8 @@ def step_memory(
     batch: int,
     seq: int,
     dtype_bytes: int,
-    training: Any,
-    model_args: Any,
+    training: Seq2SeqTrainingArguments,
+    model_args: ModelArguments,
     reference_model: bool,
     runtime: int,
     on_cpu: bool,
