@@ -191,7 +191,6 @@ def test_function_local_imports_keep_a_heavy_library_out():
         for line, target in function_imports(module)
         if target in TREES and not heavy_at_import(target) - heavy_at_import(module)
     ]
-    hidden = _unknown("function-local imports", hidden)
     assert not hidden, "\n".join(hidden)
 
 
@@ -220,15 +219,6 @@ def _public_face(module: str) -> bool:
     return PATHS[module].name == "__init__.py"
 
 
-def _unknown(rule: str, breaks: list[str]) -> list[str]:
-    """The breaks (each "path:line ...") outside KNOWN_INFER[rule], and the listed files now clean."""
-    known = KNOWN_INFER.get(rule, set())
-    files = {b.split(":", 1)[0] for b in breaks}
-    return [b for b in breaks if b.split(":", 1)[0] not in known] + [
-        f"{f} no longer breaks {rule}: remove it from KNOWN_INFER" for f in sorted(known - files)
-    ]
-
-
 def test_names_come_from_the_module_that_defines_them():
     """No re-export hubs: each `from sftflow.X import name` names something X defines, and a module's
     __all__ lists only names it defines."""
@@ -251,7 +241,6 @@ def test_names_come_from_the_module_that_defines_them():
                     f"{where}:{node.lineno} lists {name} in __all__ but does not define it"
                     for name in sorted(listed - defined_names(module))
                 ]
-    breaks = _unknown("re-exports", breaks)
     assert not breaks, "\n".join(breaks)
 
 
@@ -276,7 +265,6 @@ def test_engine_helpers_take_no_engine():
                     if a.arg == "engine"
                     or (a.annotation is not None and "ChatEngine" in ast.unparse(a.annotation))
                 ]
-    breaks = _unknown("engine back-reference", breaks)
     assert not breaks, "\n".join(breaks)
 
 
@@ -295,8 +283,7 @@ def test_no_function_is_over_100_lines():
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
         and (n := fn.end_lineno - fn.lineno + 1 - len(fn.decorator_list)) > MAX_FUNCTION_LINES
     ]
-    breaks = _unknown("function length", long)
-    assert not breaks, "\n".join(breaks)
+    assert not long, "\n".join(long)
 
 
 def test_no_module_is_over_800_lines():
