@@ -147,6 +147,7 @@ CONTEXT: dict[str, dict[str, Any]] = {
     **{k: {"quantization_bit": 4} for k in ("quantization_type", "double_quantization")},
     "buffer_size": {"streaming": True, "max_steps": 5},
     "template_file": {"template": "qa"},
+    "preserve_thinking": {"mask_history": True},
     **{k: {"save_steps": 5} for k in ("save_total_limit", "save_only_model", "save_on_each_node")},
     "eval_steps": {"val_size": 0.1},
     "label_smoothing_factor": {"fast_loss": False},
