@@ -25,15 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
 def run_stage(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     """Run the recipe of `args.finetuning.stage` and return its result.
 
-    `callbacks` are extra `transformers.TrainerCallback`s, added after sftflow's own. The recipe claims
-    output_dir (`sftflow.config.run_lock`); the claim ends with the run, or with the process if it dies.
+    `callbacks` are extra `transformers.TrainerCallback`s, added after sftflow's own.
     """
-    from sftflow.config.run_lock import holds, release
-
     module, function = STAGES[args.finetuning.stage]
-    held_before = holds(args.training.output_dir)
-    try:
-        return getattr(importlib.import_module(module), function)(args, callbacks=callbacks)
-    finally:
-        if not held_before:
-            release(args.training.output_dir)
+    return getattr(importlib.import_module(module), function)(args, callbacks=callbacks)

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sftflow.config.run_lock import check_job_owner, check_writable_dir, claim, is_lock_file
+from sftflow.config.run_lock import check_job_owner, check_writable_dir, claim, holds, is_lock_file, release
 from sftflow.data.audit import write_stats
 from sftflow.data.inspect import log_examples
 from sftflow.data.prepare import Prepared, prepare, shuffled
@@ -49,6 +51,22 @@ class RunResult:
     plots: list[Path] = field(default_factory=list)
     sample: dict[str, str] | None = None  # one held-out question with tuned and base answers
     report: Path | None = None  # report.html
+
+
+def owns_output_dir(recipe: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """A stage recipe that gives its claim on output_dir back when it returns or raises (`start_run` takes
+    it; a process that dies loses it anyway), unless the caller held the dir before."""
+
+    @functools.wraps(recipe)
+    def run(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
+        held_before = holds(args.training.output_dir)
+        try:
+            return recipe(args, callbacks=callbacks)
+        finally:
+            if not held_before:
+                release(args.training.output_dir)
+
+    return run
 
 
 def start_run(args: RunArgs) -> tuple[Path, str | None]:
