@@ -259,6 +259,25 @@ def test_a_record_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
     assert not run_lock.holds(run)
 
 
+def test_without_file_locks_a_live_owner_record_still_refuses(tmp_path, monkeypatch):
+    from sftflow.config import run_lock
+
+    holder = hold_lock(tmp_path / "run")
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")  # a filesystem without flock
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    try:
+        with pytest.raises(SftflowError, match=f"is in use by pid {holder.pid} on host"):
+            run_lock.claim(tmp_path / "run", "sftflow export")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_lock.claim(tmp_path / "run", "sftflow export").pid == os.getpid()  # its owner is gone
+    run_lock.release(tmp_path / "run")
+
+
 def test_ranks_of_one_job_accept_their_own_owner_and_refuse_another(tmp_path, monkeypatch):
     from sftflow.config import run_lock
 

@@ -119,6 +119,12 @@ def claim(directory: str | Path, command: str, key: str = "output_dir") -> Owner
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. some network filesystems
+                _refuse_live_record(path, key, fd)
+                logger.warning(
+                    "%s: its filesystem has no file locks; the owner record alone guards it.", path
+                )
+                break
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
@@ -208,6 +214,21 @@ def _in_use(path: Path, key: str, owner: Owner | None) -> str:
         f"{key} {path} is in use by {who}; wait for it to finish or stop it, or choose another {key}. "
         "overwrite_output_dir never writes over a dir another process owns."
     )
+
+
+def _refuse_live_record(path: Path, key: str, fd: int) -> None:
+    """Without flock: refuse when the record names a live process on this host other than this one."""
+    owner = read_owner(path)
+    if owner is None or owner.host != socket.gethostname() or owner.pid == os.getpid():
+        return
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass  # alive, another user's
+    os.close(fd)
+    raise SftflowError(_in_use(path, key, owner))
 
 
 def _open_lock(path: Path, key: str) -> int:

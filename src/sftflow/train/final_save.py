@@ -49,7 +49,9 @@ def weights_bytes(model: Any) -> int:
 
 
 def human_bytes(n: float) -> str:
-    """>>> human_bytes(1536), human_bytes(3 * 10**9)
+    """`n` bytes for a message.
+
+    >>> human_bytes(1536), human_bytes(3 * 10**9)
     ('1.5 KiB', '2.8 GiB')
     """
     for unit in ("B", "KiB", "MiB", "GiB"):
