@@ -69,5 +69,7 @@ def test_generation_config_of_an_exact_request(generator):
 def test_serve_batching_accepts_dynamic_and_refuses_continuous():
     keys = {"model_name_or_path": "m"}
     assert args_from_dict({**keys, "serve_batching": "dynamic"}, False).generating.serve_batching == "dynamic"
-    with pytest.raises(SftflowError, match="serve_batching: continuous .* was removed: .* Use serve_batching: dynamic"):
+    with pytest.raises(
+        SftflowError, match="serve_batching: continuous .* was removed: .* Use serve_batching: dynamic"
+    ):
         args_from_dict({**keys, "serve_batching": "continuous"}, False)

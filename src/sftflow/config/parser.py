@@ -24,6 +24,7 @@ import yaml
 from sftflow.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
 from sftflow.config.coerce import coerce, type_name
 from sftflow.config.compat import ALIASES, refusal, resolve_compat
+from sftflow.config.files import check_config_files
 from sftflow.config.methods import check_stage_name
 from sftflow.config.refused import REFUSED
 from sftflow.config.validate import check_effect, check_ranges, check_stage, check_training
@@ -258,6 +259,7 @@ def build_training_args(user: dict[str, Any]) -> Any:
     """
     cls = training_args_class()
     base = {**TRAINING_DEFAULTS, **implied_training_keys(user)}
+    check_config_files(user)
     try:
         return cls(**{**base, **user})
     except (ValueError, TypeError, ImportError) as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow import __version__
+from sftflow.data.content import file_digest
 from sftflow.data.loader import data_files
 from sftflow.data.registry import ONLINE, get_dataset_spec, read_registry
 
@@ -45,15 +46,6 @@ NOT_IN_KEY = {
 
 def default_cache_root() -> Path:
     return Path(os.environ.get("SFTFLOW_CACHE", Path.home() / ".cache" / "sftflow")) / "tokenized"
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftflow.data.content import content_cache_dir, file_digest
 from sftflow.data.converters import RowError, Stage, convert_row
 from sftflow.data.registry import DatasetSpec, get_dataset_spec
 from sftflow.errors import SftflowError
@@ -250,8 +251,17 @@ def _load_file(
 
     builder = FILE_BUILDERS[path.suffix]
     where = f"{spec.where}, file {path}"
+    digest = file_digest(path)
     try:
-        raw = load_dataset(builder, data_files=[str(path)], split="train")
+        raw = load_dataset(
+            builder, data_files=[str(path)], split="train", cache_dir=content_cache_dir(digest)
+        )
+        if file_digest(path) != digest:
+            raise SftflowError(
+                f"{where}: the file changed while it was read. Run again once nothing writes to it."
+            )
+    except SftflowError:
+        raise
     except Exception as exc:  # datasets/pyarrow raise many types for malformed files
         if builder != "json":
             raise SftflowError(

@@ -95,9 +95,8 @@ def prepare(
     cache = None
     if use_cache and not data.streaming:
         splits = ["train", "eval"] if do_train else ["eval"]
-        cache = TokenizedCache.for_key(
-            cache_key(data, form, seed, splits, tokenizer), data.tokenized_cache_dir
-        )
+        key = cache_key(data, form, seed, splits, tokenizer)
+        cache = TokenizedCache.for_key(key, data.tokenized_cache_dir)
         hit = None if data.overwrite_cache else cache.load()
         if hit is not None:
             parts, meta = hit
@@ -128,7 +127,12 @@ def prepare(
         "datasets": {name: dataclasses.asdict(count) for name, count in report.datasets.items()},
         "splits": {split: numbers for split, numbers in stats.items() if numbers},  # streams: uncounted
     }
-    if cache is not None:
+    if cache is not None and cache_key(data, form, seed, splits, tokenizer) != key:
+        logger.warning(
+            "a data file changed while the data step ran; its tokenized data is not cached (the next run "
+            "reads the files again)."
+        )
+    elif cache is not None:
         cache.save({"train": tokenized["train"], "eval": tokenized["eval"], "held_out": held_out}, meta)
     return Prepared(stage, tokenized["train"], tokenized["eval"], held_out, meta)
 

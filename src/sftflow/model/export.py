@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftflow.config.run_lock import LOCK_NAME, check_writable_dir, is_lock_file, owned
 from sftflow.data.encode import IGNORE_INDEX, encode_sft, stop_token_ids
 from sftflow.data.loader import load_conversations
 from sftflow.data.template import apply_template
@@ -79,45 +80,78 @@ def export_model(
     if model_args.export_hub_model_id:
         _check_hub_online(model_args.export_hub_model_id)
     export_dir = Path(model_args.export_dir).expanduser()
-    _prepare_export_dir(export_dir, overwrite)
     allow_pickle = not model_args.use_safetensors
     paths = adapter_paths(model_args.adapter_name_or_path)
-    for path in paths:
-        check_adapter_dir(path, allow_pickle)
+    refuse_overlap(export_dir, [base, *paths])  # before anything in export_dir is deleted
+    with owned(export_dir, "sftflow export", key="export_dir"):
+        _prepare_export_dir(export_dir, overwrite)
+        for path in paths:
+            check_adapter_dir(path, allow_pickle)
 
-    tokenizer = _export_tokenizer(model_args, paths, data_args)
-    end_id = trained_end_token(tokenizer)
-    merge_args = dataclasses.replace(model_args, dtype="float32")
-    model = load_model(merge_args, tokenizer)
-    if is_quantized(model):
-        raise SftflowError(
-            f"model_name_or_path {base} loaded as a quantized model; export needs full precision."
+        tokenizer = _export_tokenizer(model_args, paths, data_args)
+        end_id = trained_end_token(tokenizer)
+        merge_args = dataclasses.replace(model_args, dtype="float32")
+        model = load_model(merge_args, tokenizer)
+        if is_quantized(model):
+            raise SftflowError(
+                f"model_name_or_path {base} loaded as a quantized model; export needs full precision."
+            )
+        model = merge_adapters(model, paths, allow_pickle)
+        stops = sorted(stop_token_ids(tokenizer) | _as_set(model.generation_config.eos_token_id))
+        if model_args.export_format == "gguf":  # from the fp32 merge, before the cast below
+            _export_gguf(
+                model, tokenizer, export_dir, model_args.export_quantization, end_id, stops, data_args
+            )
+
+        out_dtype = resolve_dtype(model_args.dtype) if model_args.dtype != "auto" else _checkpoint_dtype(base)
+        model.to(out_dtype)
+        model.config.use_cache = True  # training runs turn it off; generation wants it
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(export_dir, max_shard_size=int(model_args.export_size * 10**9))
+        tokenizer.save_pretrained(export_dir)
+        shards = sorted(p.name for p in export_dir.glob("*.safetensors"))
+        logger.info(
+            "wrote %s: %d safetensors file(s), %s, %d adapter(s) merged, eos %s",
+            export_dir,
+            len(shards),
+            str(out_dtype).replace("torch.", ""),
+            len(paths),
+            stops,
         )
-    model = merge_adapters(model, paths, allow_pickle)
-    stops = sorted(stop_token_ids(tokenizer) | _as_set(model.generation_config.eos_token_id))
-    if model_args.export_format == "gguf":  # from the fp32 merge, before the cast below
-        _export_gguf(model, tokenizer, export_dir, model_args.export_quantization, end_id, stops, data_args)
+        prove_hf_stops(export_dir, end_id)
+        if model_args.export_hub_model_id:
+            _push_to_hub(export_dir, model_args.export_hub_model_id)
+        return export_dir
 
-    out_dtype = resolve_dtype(model_args.dtype) if model_args.dtype != "auto" else _checkpoint_dtype(base)
-    model.to(out_dtype)
-    model.config.use_cache = True  # training runs turn it off; generation wants it
-    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(export_dir, max_shard_size=int(model_args.export_size * 10**9))
-    tokenizer.save_pretrained(export_dir)
-    shards = sorted(p.name for p in export_dir.glob("*.safetensors"))
-    logger.info(
-        "wrote %s: %d safetensors file(s), %s, %d adapter(s) merged, eos %s",
-        export_dir,
-        len(shards),
-        str(out_dtype).replace("torch.", ""),
-        len(paths),
-        stops,
-    )
-    prove_hf_stops(export_dir, end_id)
-    if model_args.export_hub_model_id:
-        _push_to_hub(export_dir, model_args.export_hub_model_id)
-    return export_dir
+
+def refuse_overlap(export_dir: Path, sources: list[str]) -> None:
+    """Refuse an export_dir that is, holds or sits inside a model or adapter the export reads: preparing
+    it would delete those weights before they are read.
+
+    Raises:
+        SftflowError: export_dir overlaps a source (named), or is a file.
+    """
+    check_writable_dir(export_dir, "export_dir")
+    target = export_dir.expanduser().resolve()
+    for source in sources:
+        path = Path(source).expanduser()
+        if not path.exists():
+            continue  # a hub id: nothing local to overwrite
+        path = path.resolve()
+        if target == path:
+            how = "is"
+        elif target in path.parents:
+            how = "contains"
+        elif path in target.parents:
+            how = "is inside"
+        else:
+            continue
+        raise SftflowError(
+            f"export_dir {export_dir} {how} {path}, which the export reads (the base model or an adapter): "
+            "writing the merged model there would delete or mix with the weights it merges. Choose a new "
+            f"directory, e.g. export_dir: {path.parent / (path.name + '-merged')}."
+        )
 
 
 def trained_end_token(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -252,7 +286,12 @@ def _push_to_hub(export_dir: Path, repo_id: str) -> None:
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(export_dir), commit_message="sftflow export")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(export_dir),
+            commit_message="sftflow export",
+            ignore_patterns=[LOCK_NAME],  # this export's own claim on the dir
+        )
     except Exception as exc:  # network, auth and permission errors all leave the local export intact  # noqa: BLE001
         raise SftflowError(
             f"could not upload {export_dir} to the hub repo {repo_id}: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
@@ -262,7 +301,7 @@ def _push_to_hub(export_dir: Path, repo_id: str) -> None:
 
 
 def _prepare_export_dir(export_dir: Path, overwrite: bool) -> None:
-    if export_dir.is_dir() and any(export_dir.iterdir()):
+    if export_dir.is_dir() and any(not is_lock_file(p) for p in export_dir.iterdir()):
         if not overwrite:
             raise SftflowError(
                 f"export_dir {export_dir} already holds files. Set overwrite_output_dir: true to replace them, or "

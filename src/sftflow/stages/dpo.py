@@ -26,6 +26,7 @@ from sftflow.train.steps import (
     build_model,
     evaluate,
     format_summary,
+    owns_output_dir,
     prepare_data,
     start_run,
     train_and_save,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 DPO_LOSSES = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge"}
 
 
+@owns_output_dir
 def run_dpo(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     """Run the dpo recipe described by `args` and write everything under `output_dir`.
 

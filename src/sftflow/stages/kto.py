@@ -28,6 +28,7 @@ from sftflow.train.steps import (
     build_model,
     evaluate,
     format_summary,
+    owns_output_dir,
     prepare_data,
     start_run,
     train_and_save,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from sftflow.config.parser import RunArgs
 
 
+@owns_output_dir
 def run_kto(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     """Run the kto recipe described by `args` and write everything under `output_dir`.
 

@@ -22,6 +22,7 @@ from sftflow.train.steps import (
     build_model,
     evaluate,
     format_summary,
+    owns_output_dir,
     prepare_data,
     record,
     start_run,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from sftflow.config.parser import RunArgs
 
 
+@owns_output_dir
 def run_rm(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     """Run the rm recipe described by `args` and write everything under `output_dir`.
 

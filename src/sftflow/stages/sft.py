@@ -24,6 +24,7 @@ from sftflow.train.steps import (
     build_model,
     evaluate,
     format_summary,
+    owns_output_dir,
     prepare_data,
     record,
     start_run,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from sftflow.config.parser import RunArgs
 
 
+@owns_output_dir
 def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     """Run the sft recipe described by `args` and write everything under `output_dir`.
 

@@ -3,17 +3,21 @@ train and save, evaluate, record metrics, print the summary, and build TRL confi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from sftflow.config.run_lock import check_job_owner, check_writable_dir, claim, holds, is_lock_file, release
 from sftflow.data.audit import write_stats
 from sftflow.data.inspect import log_examples
 from sftflow.data.prepare import Prepared, prepare, shuffled
@@ -21,6 +25,16 @@ from sftflow.errors import SftflowError
 from sftflow.model.adapter import apply_finetuning
 from sftflow.model.loader import head_name, load_model
 from sftflow.train.checkpoints import resolve_resume, resume_word
+from sftflow.train.final_save import (
+    COMPLETION_MARKER,
+    publish,
+    remove_final_staging,
+    save_metrics_atomically,
+    staged,
+    staging_dir,
+    weights_bytes,
+    write_metrics,
+)
 from sftflow.train.plotting import plot_losses
 
 if TYPE_CHECKING:
@@ -42,6 +56,22 @@ class RunResult:
     report: Path | None = None  # report.html
 
 
+def owns_output_dir(recipe: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """A stage recipe that gives its claim on output_dir back when it returns or raises (`start_run` takes
+    it; a process that dies loses it anyway), unless the caller held the dir before."""
+
+    @functools.wraps(recipe)
+    def run(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
+        held_before = holds(args.training.output_dir)
+        try:
+            return recipe(args, callbacks=callbacks)
+        finally:
+            if not held_before:
+                release(args.training.output_dir)
+
+    return run
+
+
 def start_run(args: RunArgs) -> tuple[Path, str | None]:
     """The first step of every stage: prepare output_dir, settle (or refuse) the checkpoint to resume from
     before anything heavy loads, warn about a single-process multi-GPU launch, and set the seed (before the
@@ -52,9 +82,11 @@ def start_run(args: RunArgs) -> tuple[Path, str | None]:
     from sftflow.train.trainer import check_launch, launch_advice
 
     training = args.training
-    output_dir = Path(training.output_dir)
+    output_dir = check_writable_dir(training.output_dir, "output_dir")
     check_launch(os.environ, training.world_size)  # before any rank touches output_dir
-    prepare_output_dir(output_dir, args)
+    with training.main_process_first(desc="claiming output_dir"):
+        claim_output_dir(output_dir, training.process_index)
+        prepare_output_dir(output_dir, args)
     resume = resolve_resume(output_dir, training.resume_from_checkpoint) if training.do_train else None
     if advice := launch_advice(torch.cuda.device_count(), os.environ):
         logger.warning(advice)
@@ -62,10 +94,25 @@ def start_run(args: RunArgs) -> tuple[Path, str | None]:
     return output_dir, resume
 
 
+def claim_output_dir(output_dir: Path, process_index: int) -> None:
+    """Own output_dir before anything in it is deleted or written (`sftflow.config.run_lock`): rank 0
+    claims it; under torchrun the other ranks (after rank 0, see `start_run`) accept their own job's claim
+    and stop when another writer owns the dir.
+
+    Raises:
+        SftflowError: another live process owns output_dir, or it cannot be created.
+    """
+    if process_index == 0:
+        claim(output_dir, "sftflow train")
+    else:
+        check_job_owner(output_dir)
+
+
 def prepare_output_dir(output_dir: Path, args: RunArgs) -> None:
     """Refuse to write over an earlier run unless asked; start a fresh trainer_log.jsonl and drop the
-    earlier run's checkpoints (so a later resume cannot pick one of them up)."""
-    if output_dir.is_dir() and any(output_dir.iterdir()):
+    earlier run's checkpoints (so a later resume cannot pick one of them up) and its completion marker
+    (so the dir does not look finished while the new run trains). Its lock file is not a run's output."""
+    if output_dir.is_dir() and any(not is_lock_file(p) for p in output_dir.iterdir()):
         resuming = resume_word(args.training.resume_from_checkpoint) is not None
         if not (args.finetuning.overwrite_output_dir or resuming):
             raise SftflowError(
@@ -74,9 +121,16 @@ def prepare_output_dir(output_dir: Path, args: RunArgs) -> None:
             )
         if not resuming and args.training.process_index == 0:
             (output_dir / "trainer_log.jsonl").unlink(missing_ok=True)
+            (output_dir / COMPLETION_MARKER).unlink(missing_ok=True)
+            remove_final_staging(output_dir)
             for old in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".tmp-checkpoint-*")]:
                 shutil.rmtree(old, ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SftflowError(
+            f"output_dir {output_dir} cannot be created: {exc.strerror or exc}. Choose a writable directory."
+        ) from None
 
 
 def prepare_data(args: RunArgs, tokenizer: PreTrainedTokenizerBase) -> Prepared:
@@ -122,7 +176,8 @@ def build_model(args: RunArgs, tokenizer: PreTrainedTokenizerBase, head: str = "
 def record(trainer: Trainer, split: str, metrics: dict[str, float], result: RunResult) -> None:
     """Log `metrics`, save them to `{split}_results.json` (and all_results.json), and keep them in `result`."""
     trainer.log_metrics(split, metrics)
-    trainer.save_metrics(split, metrics)
+    if trainer.is_world_process_zero():  # as Trainer.save_metrics, but each file whole or not at all
+        save_metrics_atomically(trainer.args.output_dir, split, metrics)
     result.metrics.update(metrics)
 
 
@@ -130,24 +185,43 @@ def train_and_save(
     trainer: Trainer, args: RunArgs, tokenizer: PreTrainedTokenizerBase, resume: str | None, result: RunResult
 ) -> None:
     """Train, then save the adapter/model, the trainer state, the train metrics (with non-pad tokens/s), the
-    tokenizer (with the template used), sftflow_args.yaml and the loss plot. Any stage's Trainer works."""
+    tokenizer (with the template used), sftflow_args.yaml and the loss plot. Any stage's Trainer works.
+
+    The final files are written into a staging dir and renamed into place once all are written, the
+    completion marker all_results.json last (`sftflow.train.final_save`).
+
+    Raises:
+        SftflowError: a write failed (a full disk: with about how many bytes the save needs).
+    """
 
     output_dir = Path(args.training.output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    trainer.save_state()
     metrics = dict(train_output.metrics)
     if trainer.state.num_input_tokens_seen and metrics.get("train_runtime"):
         # non-pad tokens per second of the whole train() call (what a user waits for)
         metrics["train_tokens_per_second"] = round(
             trainer.state.num_input_tokens_seen / metrics["train_runtime"], 2
         )
-    record(trainer, "train", metrics, result)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output_dir)
-        (output_dir / "sftflow_args.yaml").write_text(yaml.safe_dump(args.to_yaml_dict(), sort_keys=False))
-        if args.finetuning.plot_loss:
-            result.plots = plot_losses(trainer.state.log_history, output_dir)
+    trainer.log_metrics("train", metrics)
+    result.metrics.update(metrics)
+    needed = weights_bytes(trainer.model)
+    saving, zero = trainer.args.should_save, trainer.is_world_process_zero()
+    with staged(output_dir, needed) if saving else contextlib.nullcontext(staging_dir(output_dir)) as stage:
+        trainer.accelerator.wait_for_everyone()  # the staging dir exists before any rank saves into it
+        trainer.save_model(str(stage))  # every rank: DeepSpeed / FSDP gather the weights together
+        trainer.accelerator.wait_for_everyone()
+        if zero:
+            trainer.state.save_to_json(str(stage / "trainer_state.json"))
+            tokenizer.save_pretrained(stage)
+            (stage / "sftflow_args.yaml").write_text(yaml.safe_dump(args.to_yaml_dict(), sort_keys=False))
+            write_metrics(output_dir, stage, "train", metrics)
+            if args.finetuning.plot_loss:
+                plots = plot_losses(trainer.state.log_history, stage)
+    if saving:
+        publish(stage, output_dir, needed, last=("sftflow_args.yaml", COMPLETION_MARKER))
+        if zero and args.finetuning.plot_loss:
+            result.plots = [output_dir / Path(p).relative_to(stage) for p in plots]
+    trainer.accelerator.wait_for_everyone()
 
 
 def evaluate(trainer: Trainer, args: RunArgs, result: RunResult, perplexity: bool) -> dict[str, float]:

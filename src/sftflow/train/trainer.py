@@ -28,6 +28,7 @@ from sftflow.errors import SftflowError
 from sftflow.train.attention import segment_attention
 from sftflow.train.callbacks import GracefulStopCallback, TrainingInterrupted
 from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume, resume_word
+from sftflow.train.final_save import as_os_error, save_error, weights_bytes
 from sftflow.train.loss import causal_lm_loss, supports_fast_loss
 from sftflow.train.perf import ThroughputMeter, sequence_lengths
 
@@ -243,6 +244,11 @@ class Resilience:
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as exc:  # a full disk: one line, and no half checkpoint left behind
+            if (os_error := as_os_error(exc)) is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            raise save_error(os_error, run_dir, weights_bytes(model) * 3, where=f"saving {name}") from None
         finally:
             self._staging_dir = None
         best = self.state.best_model_checkpoint
