@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TOY_ROWS, write_alpaca
+
 CHATML = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -89,22 +91,6 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def write_alpaca(path: Path, rows: list[dict]) -> None:
-    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-TOY_ROWS = [
-    {
-        "system": "Be brief.",
-        "instruction": f"What is {a} plus {b}?",
-        "input": "",
-        "output": f"{a} plus {b} is {a + b}. Wren",
-    }
-    for a in range(1, 7)
-    for b in range(1, 4)
-]
 
 
 @pytest.fixture

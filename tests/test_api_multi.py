@@ -13,17 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import QUESTION, free_port, make_run_dir, post, serve, wait_ready
 from sftflow.cli import parse
 from sftflow.cli.api import build_parser, served_runs
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.engine import SamplingParams, load_engine
-from test_infer_api import free_port, post, serve, wait_ready
-from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
-
-QUESTION = [{"role": "user", "content": "What is two plus two?"}]
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
+from helpers import TOOL_TEMPLATE, make_run_dir, serve
 from sftflow.infer.requests import ChatResult, Completion
 from sftflow.infer.tools import ToolCallStream, parse_tool_calls
-from test_infer_api import serve
-from test_infer_api_openai import TOOL_TEMPLATE
-from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
 

@@ -56,8 +56,7 @@ def _config(tmp_path, model_dir, data_dir) -> list[str]:
 
 
 def test_preview_and_preprocess_commands(tmp_path, tiny_model_dir, tiny_tokenizer, toy_data_dir, capsys):
-    from tests.conftest import TOY_ROWS
-
+    from helpers import TOY_ROWS
     from sftflow.cli import main
     from sftflow.data.converters import alpaca_to_messages
     from sftflow.data.encode import encode_sft

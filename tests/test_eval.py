@@ -8,10 +8,9 @@ import json
 
 import pytest
 
+from helpers import make_run_dir, serve
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
-from test_infer_api import serve
-from test_infer_engine import make_run_dir
 
 pytest.importorskip("lm_eval")
 

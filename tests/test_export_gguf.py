@@ -108,7 +108,7 @@ def f16_export(tiny_model_dir, adapter, toy_data_dir_module, tmp_path_factory) -
 
 @pytest.fixture(scope="module")
 def toy_data_dir_module(tmp_path_factory) -> Path:
-    from conftest import TOY_ROWS, write_alpaca
+    from helpers import TOY_ROWS, write_alpaca
 
     path = tmp_path_factory.mktemp("toy-data")
     write_alpaca(path / "train.json", TOY_ROWS)

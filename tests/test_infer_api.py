@@ -4,83 +4,22 @@ validation, the API key, concurrent requests, and the `sftflow api` command itse
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import QUESTION, free_port, make_run_dir, post, serve, wait_ready
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import SamplingParams, load_engine
-from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-
-QUESTION = [{"role": "user", "content": "What is two plus two?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base_url: str, timeout: float = 60, key: str | None = None, proc=None) -> None:
-    """Poll GET /v1/models until it answers 200, for at most `timeout` seconds."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{proc.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(
-                urllib.request.Request(f"{base_url}/models", headers=headers), timeout=2
-            ):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise AssertionError(f"server at {base_url} not ready after {timeout} s")
-
-
-@contextlib.contextmanager
-def serve(app, key: str | None = None) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_ready(base_url, key=key)
-        yield base_url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def post(base_url: str, body: bytes | dict, key: str | None = None) -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(f"{base_url}/chat/completions", data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            text = response.read().decode()
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        text, status = exc.read().decode(), exc.code
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from collections import deque
 
 import pytest
 
+from helpers import QUESTION, make_run_dir
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import SamplingParams, load_engine
-from test_infer_engine import QUESTION, make_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import make_run_dir
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import SamplingParams, load_engine
 from sftflow.model.inference import onednn_linear
-from test_infer_engine import make_run_dir
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 

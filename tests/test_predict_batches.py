@@ -32,7 +32,7 @@ HELD_OUT = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from conftest import TOY_ROWS
+    from helpers import TOY_ROWS
 
     path = tmp_path_factory.mktemp("data")
     held_out = [{"system": "Be brief.", **row} for row in HELD_OUT]

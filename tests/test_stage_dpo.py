@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-from tests.test_stage_rm import pair_config
 
+from helpers import pair_config
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
 
