@@ -52,10 +52,12 @@ def client(server):
     return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
 
 
+@pytest.mark.integration
 def test_models_lists_every_run(client):
     assert [m.id for m in client.models.list().data] == ["tuned", "base"]
 
 
+@pytest.mark.integration
 def test_model_picks_the_run(client, engines):
     scores = {}
     for name, engine in engines.items():
@@ -76,6 +78,7 @@ def test_model_picks_the_run(client, engines):
     assert max(abs(a - b) for a, b in zip(scores["tuned"], scores["base"], strict=True)) > 1e-3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["gpt-4o", "sftflow"])  # 'sftflow' names the only run; here there are two
 def test_unknown_model_is_404_listing_the_runs(client, model):
     with pytest.raises(openai.NotFoundError) as info:
@@ -87,12 +90,14 @@ def test_unknown_model_is_404_listing_the_runs(client, model):
         client.completions.create(model=model, prompt="Hi", max_tokens=1)
 
 
+@pytest.mark.integration
 def test_a_request_without_model_is_refused_when_several_runs_are_served(server):
     status, error = post(server, {"messages": QUESTION, "max_tokens": 1})
     assert status == 400 and error["error"]["param"] == "model"
     assert "'tuned', 'base'" in error["error"]["message"]
 
 
+@pytest.mark.integration
 def test_health_reports_each_run(server, engines):
     with urllib.request.urlopen(server.removesuffix("/v1") + "/health", timeout=10) as response:
         body = json.loads(response.read())
@@ -155,6 +160,7 @@ def test_bad_run_lists_are_refused(run_dir, tiny_model_dir, argv, message):
         runs_of(argv)
 
 
+@pytest.mark.integration
 def test_duplicate_names_exit_2_before_loading(run_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sftflow.cli", "api", str(run_dir), "--run", str(run_dir)],
@@ -167,6 +173,7 @@ def test_duplicate_names_exit_2_before_loading(run_dir, tmp_path):
     assert "both be served as model" in proc.stderr and "--run NAME=RUN_DIR" in proc.stderr
 
 
+@pytest.mark.integration
 def test_sftflow_api_command_serves_two_runs(run_dir, tiny_model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "API_PORT": str(port), "TOKENIZERS_PARALLELISM": "false"}

@@ -37,9 +37,13 @@ CHROMIUM_ARGS = [
 ]
 pytest.importorskip("gradio", reason="the board extra is not installed (pip install -e .[board])")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).is_file(), reason=f"no {CHROMIUM} (apt-get install chromium; make install-dev does)"
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).is_file(),
+        reason=f"no {CHROMIUM} (apt-get install chromium; make install-dev does as root)",
+    ),
+]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TOY_ROWS, as_overrides, train_config
 from sftflow.data.audit import histogram, percentiles, summarize
 from sftflow.data.inspect import render_marked, trained_spans
 
@@ -44,19 +45,11 @@ def test_statistics_from_the_per_example_facts():
 
 
 def _config(tmp_path, model_dir, data_dir) -> list[str]:
-    return [
-        f"model_name_or_path={model_dir}",
-        f"dataset_dir={data_dir}",
-        "dataset=toy",
-        "cutoff_len=64",
-        f"output_dir={tmp_path / 'out'}",
-        "do_train=true",
-        f"tokenized_cache_dir={tmp_path / 'cache'}",
-    ]
+    cache = str(tmp_path / "cache")
+    return as_overrides(train_config(model_dir, data_dir, tmp_path / "out", tokenized_cache_dir=cache))
 
 
 def test_preview_and_preprocess_commands(tmp_path, tiny_model_dir, tiny_tokenizer, toy_data_dir, capsys):
-    from helpers import TOY_ROWS
     from sftflow.cli import main
     from sftflow.data.converters import alpaca_to_messages
     from sftflow.data.encode import encode_sft
@@ -78,7 +71,7 @@ def test_preview_and_preprocess_commands(tmp_path, tiny_model_dir, tiny_tokenize
     assert written == expected  # dataset order
 
     # a config that does not train still preprocesses its training data
-    config = [c for c in _config(tmp_path, tiny_model_dir, toy_data_dir) if c != "do_train=true"]
+    config = [c for c in _config(tmp_path, tiny_model_dir, toy_data_dir) if c != "do_train=True"]
     assert main(["preprocess", *config, "--output", str(path)]) == 0
     assert [json.loads(line) for line in path.read_text().splitlines()] == expected
 

@@ -40,6 +40,7 @@ def log_losses(out: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in entries if "loss" in e}
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun is not installed",

@@ -268,6 +268,7 @@ func main() {
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (apt-get install golang-go)")
 def test_go_text_template_renders_the_modelfile_like_training(tiny_model_dir, tmp_path):
     """Go's own text/template (what Ollama runs) renders every built-in template's Modelfile TEMPLATE to the

@@ -79,6 +79,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     return root, done
 
 
+@pytest.mark.integration
 def test_sigkill_after_checkpoint_resumes_exactly(runs):
     root, done = runs
     returncode, _, stderr = done["kill_after_save"]
@@ -101,6 +102,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(runs):
     assert state["global_step"] == MAX_STEPS
 
 
+@pytest.mark.integration
 def test_kill_mid_save_leaves_no_visible_checkpoint_and_resume_skips_it(runs):
     root, done = runs
     returncode, _, stderr = done["kill_mid_save"]
@@ -118,6 +120,7 @@ def test_kill_mid_save_leaves_no_visible_checkpoint_and_resume_skips_it(runs):
     assert losses(out) == losses(root / "reference")
 
 
+@pytest.mark.integration
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs):
     root, done = runs
     returncode, stdout, stderr = done["sigterm"]

@@ -91,6 +91,7 @@ def pair_runs(tmp_path_factory, tiny_model_dir):
     return root, data, done
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_after_checkpoint_resumes_exactly(pair_runs, stage):
     root, _, done = pair_runs
@@ -110,6 +111,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(pair_runs, stage):
     assert len(set(expected.values())) > 1  # the weights moved: equal losses are not a constant
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_training_logs_carry_throughput(pair_runs, stage):
     root, _, _ = pair_runs
@@ -120,6 +122,7 @@ def test_training_logs_carry_throughput(pair_runs, stage):
         assert entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 and entry["peak_memory_gb"] > 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(pair_runs, tiny_model_dir, tmp_path, stage):
     from transformers import TrainerCallback
@@ -151,6 +154,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(pair_runs, tiny_model
     assert max_diff(adapter(out), adapter(root / stage)) <= 1e-6
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_nan_loss_stops_naming_the_step(pair_runs, tiny_model_dir, tmp_path, stage):
     _, data, _ = pair_runs

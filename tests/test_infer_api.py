@@ -47,11 +47,13 @@ def client(server):
     return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
 
 
+@pytest.mark.integration
 def test_models_lists_the_served_model(client, engine):
     models = client.models.list()
     assert [m.id for m in models.data] == [engine.model_name]
 
 
+@pytest.mark.integration
 def test_plain_completion_with_the_openai_client(client, engine):
     response = client.chat.completions.create(
         model=engine.model_name, messages=QUESTION, max_tokens=6, temperature=1.0, seed=7
@@ -67,6 +69,7 @@ def test_plain_completion_with_the_openai_client(client, engine):
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
+@pytest.mark.integration
 def test_n_and_stop(client):
     response = client.chat.completions.create(
         model="sftflow", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1, n=3
@@ -89,6 +92,7 @@ def test_n_and_stop(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.integration
 def test_streaming_with_the_openai_client(client, engine):
     plain = client.chat.completions.create(
         model="sftflow", messages=QUESTION, max_tokens=8, temperature=1.0, seed=2
@@ -114,6 +118,7 @@ def test_streaming_with_the_openai_client(client, engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == plain.usage.total_tokens
 
 
+@pytest.mark.integration
 def test_streamed_n_answers_are_told_apart_by_index(client):
     stream = client.chat.completions.create(
         model="sftflow", messages=QUESTION, max_tokens=5, temperature=1.0, seed=4, n=2, stream=True
@@ -127,6 +132,7 @@ def test_streamed_n_answers_are_told_apart_by_index(client):
     assert finished == [0, 1] and all(texts)
 
 
+@pytest.mark.integration
 def test_sse_wire_format_ends_with_done(server):
     status, text = post(server, {"messages": QUESTION, "max_tokens": 3, "stream": True})
     assert status == 200
@@ -137,6 +143,7 @@ def test_sse_wire_format_ends_with_done(server):
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
@@ -166,11 +173,13 @@ def test_invalid_requests_get_400_in_openai_shape(server, body, param, message):
     assert message in error["error"]["message"]
 
 
+@pytest.mark.integration
 def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="sftflow", messages=[{"role": "wizard", "content": "hi"}])
 
 
+@pytest.mark.integration
 def test_concurrent_requests_do_not_mix(client, engine):
     prompts = [[{"role": "user", "content": f"Tell me about number {i}."}] for i in range(6)]
     expected = [
@@ -197,6 +206,7 @@ def test_concurrent_requests_do_not_mix(client, engine):
     assert [results.get(i) for i in range(6)] == expected
 
 
+@pytest.mark.integration
 def test_api_key_is_required_when_set(engine):
     from sftflow.infer.api import create_app
 
@@ -226,6 +236,7 @@ def test_host_and_port_come_from_flags_then_env(monkeypatch):
         host_and_port(None, None)
 
 
+@pytest.mark.integration
 def test_sftflow_api_command_serves_a_run_dir(run_dir, tmp_path):
     """`sftflow api RUN_DIR` with API_PORT and API_KEY from the environment, used by the openai client."""
     port = free_port()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from helpers import as_overrides
 from sftflow.config import FinetuningArguments, ModelArguments
 from sftflow.model.adapter import apply_finetuning, llama_pro_layers, save_pissa_converted
 from sftflow.model.loader import load_model
@@ -188,7 +189,7 @@ def test_sft_with_pissa_convert_writes_an_adapter_for_the_original_base(
         "plot_loss": False,
         "tokenized_cache_dir": tmp_path / "cache",
     }
-    run_stage(load_args(None, [f"{k}={v}" for k, v in config.items()]))
+    run_stage(load_args(None, as_overrides(config)))
     out = tmp_path / "out"
     base = lambda: load_model(ModelArguments(model_name_or_path=str(tiny_model_dir)))  # noqa: E731
     converted = PeftModel.from_pretrained(base(), out / "pissa_converted")
