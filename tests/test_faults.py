@@ -195,6 +195,7 @@ def test_train_resolves_true_itself_and_passes_a_resolved_path_on(tmp_path):
         assert trainer.given == expected, given
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_naming_the_step(tmp_path, tiny_model_dir, toy_data_dir):
     config = fault_config(
         tmp_path / "run.yaml", tiny_model_dir, toy_data_dir, tmp_path / "out", save_strategy="no"
@@ -206,6 +207,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path, tiny_model_dir, toy_data_dir):
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.integration
 def test_skip_nan_skips_the_batch_and_keeps_training(tmp_path, tiny_model_dir, toy_data_dir, caplog):
     config = fault_config(
         tmp_path / "run.yaml", tiny_model_dir, toy_data_dir, tmp_path / "out", save_strategy="no"
@@ -221,6 +223,7 @@ def test_skip_nan_skips_the_batch_and_keeps_training(tmp_path, tiny_model_dir, t
     assert all(logged[s] == logged[s] for s in (1, 2, 5, 6, 7, 8))  # finite losses around the skipped steps
 
 
+@pytest.mark.integration
 def test_oom_message_names_the_knobs(tmp_path, tiny_model_dir, toy_data_dir):
     import torch
     from transformers import TrainerCallback
@@ -249,6 +252,7 @@ def test_launch_advice_for_several_gpus_without_torchrun():
     assert launch_advice(1, {}) is None and launch_advice(0, {}) is None
 
 
+@pytest.mark.integration
 def test_overwrite_output_dir_drops_old_checkpoints(tmp_path, tiny_model_dir, toy_data_dir):
     out = tmp_path / "out"
     (out / "checkpoint-50").mkdir(parents=True)

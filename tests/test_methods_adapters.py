@@ -4,6 +4,7 @@ blocks; NEFTune noise is on in training and off in eval."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import as_overrides
@@ -163,6 +164,7 @@ def test_neftune_noise_is_on_in_training_and_off_in_eval(tmp_path, tiny_model_di
     assert {flag for training, flag in seen if not training} == {True}  # clean in eval
 
 
+@pytest.mark.integration
 def test_sft_with_pissa_convert_writes_an_adapter_for_the_original_base(
     tmp_path, tiny_model_dir, toy_data_dir
 ):

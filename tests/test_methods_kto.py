@@ -137,6 +137,7 @@ def test_kto_loss_matches_the_kto_formula_on_the_same_batch(tmp_path, tiny_model
     ]
 
 
+@pytest.mark.integration
 def test_kto_run_trains_evaluates_and_writes_the_stage_outputs(tmp_path, tiny_model_dir):
     from sftflow.stages.registry import run_stage
 

@@ -153,6 +153,7 @@ def test_methods_that_do_not_fit_are_refused(tiny_model_dir, tiny_tokenizer, key
         setup(tiny_model_dir, tiny_tokenizer, **keys)
 
 
+@pytest.mark.integration
 def test_sft_hands_the_method_optimizer_to_the_trainer(tmp_path, tiny_model_dir, toy_data_dir):
     from transformers import TrainerCallback
 

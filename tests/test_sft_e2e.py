@@ -113,6 +113,7 @@ def test_cli_train_eval_predict_writes_every_output(tmp_path, tiny_model_dir, to
     )
 
 
+@pytest.mark.integration
 def test_generate_only_sees_prompts(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch):
     from transformers import AutoTokenizer, GenerationMixin
 

@@ -37,6 +37,7 @@ def pt_config(tmp_path: Path, model_dir: Path, **overrides) -> dict:
     return train_config(model_dir, tmp_path, tmp_path / "out", **values)
 
 
+@pytest.mark.integration
 def test_pt_trains_every_token_and_writes_the_sft_outputs(tmp_path, tiny_model_dir):
     from sftflow.stages.registry import run_stage
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import pair_config
 from sftflow.config import load_args
+
+pytestmark = pytest.mark.integration  # both tests run the rm recipe
 
 
 def test_rm_learns_the_preference_and_saves_the_score_head(tmp_path, tiny_model_dir):
