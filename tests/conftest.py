@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TOY_ROWS, write_alpaca
+from helpers import TOY_ROWS, make_run_dir, write_alpaca
 
 CHATML = (
     "{% for message in messages %}"
@@ -104,6 +104,14 @@ def toy_data_dir(tmp_path) -> Path:
     }
     (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished LoRA run dir on the tiny model (helpers.make_run_dir), made once and shared by the
+    inference modules; read-only: a module that writes into its run dir, or needs other settings, makes
+    its own."""
+    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="session")

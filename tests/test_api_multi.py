@@ -9,11 +9,10 @@ import os
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from helpers import QUESTION, free_port, make_run_dir, post, serve, wait_ready
+from helpers import QUESTION, free_port, post, serve, wait_ready
 from sftflow.cli import parse
 from sftflow.cli.api import build_parser, served_runs
 from sftflow.config.run_dir import infer_args
@@ -21,11 +20,6 @@ from sftflow.errors import SftflowError
 from sftflow.infer.engine import SamplingParams, load_engine
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +101,7 @@ def test_health_reports_each_run(server, engines):
     ]
 
 
+@pytest.mark.integration
 def test_one_run_keeps_its_aliases_and_health_fields(engines):
     from sftflow.infer.api import create_app
 

@@ -13,10 +13,11 @@ from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 
 pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.integration  # lm-eval end to end on a run dir, and against a server
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
+def run_dir(tiny_model_dir, tmp_path_factory):  # its own: `sftflow eval` writes into the run dir
     return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 

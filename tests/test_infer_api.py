@@ -10,21 +10,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from helpers import QUESTION, free_port, make_run_dir, post, serve, wait_ready
+from helpers import QUESTION, free_port, post, serve, wait_ready
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import SamplingParams, load_engine
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from sftflow.infer.engine import SamplingParams, load_engine
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llguidance")
+pytestmark = pytest.mark.integration  # every test talks to a uvicorn server
 
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {

@@ -14,8 +14,7 @@ from sftflow.infer.engine import SamplingParams, load_engine
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir, tmp_path_factory):
-    run_dir = make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
+def engine(run_dir):
     engine = load_engine(infer_args(str(run_dir), ["serve_max_queue=8"]), batched=True)
     assert engine._dynamic is not None  # the default serve_batching
     yield engine

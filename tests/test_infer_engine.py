@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
-from helpers import QUESTION, make_run_dir
+from helpers import QUESTION
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.chat import fit_history
@@ -22,11 +21,6 @@ from sftflow.infer.engine import (
     load_engine,
     validate_messages,
 )
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,9 @@ PROMPTS = [[{"role": "user", "content": f"Question number {i}?" + " And why" * i
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir, tmp_path_factory):
-    run_dir = str(make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run")))
-    fast = load_engine(infer_args(run_dir, []), batched=True)
-    plain = load_engine(infer_args(run_dir, ["onednn_linear=false"]), batched=True)
+def engines(run_dir):
+    fast = load_engine(infer_args(str(run_dir), []), batched=True)
+    plain = load_engine(infer_args(str(run_dir), ["onednn_linear=false"]), batched=True)
     yield fast, plain
     fast.close()
     plain.close()

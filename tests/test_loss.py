@@ -156,6 +156,7 @@ def one_step_lora_update(tmp_path, model_dir, tokenizer, batch, accumulation, pa
     return weights, log
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_batch_8_equals_batch_1_times_accumulation_8(tmp_path, tiny_model_dir, tiny_tokenizer, packed):
     big, big_log = one_step_lora_update(tmp_path, tiny_model_dir, tiny_tokenizer, 8, 1, packed, True)

@@ -98,6 +98,7 @@ def one_step_dft_update(tmp_path, model_dir, tokenizer, batch, accumulation):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, log["loss"]
 
 
+@pytest.mark.integration
 def test_dft_batch_8_equals_batch_1_times_accumulation_8(tmp_path, tiny_model_dir, tiny_tokenizer):
     from helpers import assert_close, lora_model
 
