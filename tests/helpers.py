@@ -60,13 +60,15 @@ def write_pairs(data_dir: Path) -> None:
 # -- run configs --------------------------------------------------------------------------------------
 
 
-def train_config(model_dir: Path | str, data_dir: Path | str, out: Path | str, **overrides: Any) -> dict:
+def train_config(
+    model_dir: Path | str, data_dir: Path | str | None, out: Path | str, **overrides: Any
+) -> dict:
     """A training run's config: the keys every test run sets (dataset `toy`, cutoff 64, do_train), then
     `overrides`; an override of None drops the key.
 
     Args:
         model_dir: model_name_or_path.
-        data_dir: dataset_dir (a folder with dataset_info.json).
+        data_dir: dataset_dir (a folder with dataset_info.json); None leaves the key out.
         out: output_dir.
         **overrides: any config key, as it would be written in the YAML file.
 
@@ -75,7 +77,7 @@ def train_config(model_dir: Path | str, data_dir: Path | str, out: Path | str, *
     """
     values = {
         "model_name_or_path": str(model_dir),
-        "dataset_dir": str(data_dir),
+        "dataset_dir": None if data_dir is None else str(data_dir),
         "dataset": "toy",
         "cutoff_len": 64,
         "output_dir": str(out),

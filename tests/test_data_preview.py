@@ -44,9 +44,9 @@ def test_statistics_from_the_per_example_facts():
     assert (stats["truncated"], stats["dropped"]) == (1, 1)
 
 
-def _config(tmp_path, model_dir, data_dir) -> list[str]:
-    cache = str(tmp_path / "cache")
-    return as_overrides(train_config(model_dir, data_dir, tmp_path / "out", tokenized_cache_dir=cache))
+def _config(tmp_path, model_dir, data_dir, **overrides) -> list[str]:
+    values = {"tokenized_cache_dir": str(tmp_path / "cache"), **overrides}
+    return as_overrides(train_config(model_dir, data_dir, tmp_path / "out", **values))
 
 
 def test_preview_and_preprocess_commands(tmp_path, tiny_model_dir, tiny_tokenizer, toy_data_dir, capsys):
@@ -71,7 +71,7 @@ def test_preview_and_preprocess_commands(tmp_path, tiny_model_dir, tiny_tokenize
     assert written == expected  # dataset order
 
     # a config that does not train still preprocesses its training data
-    config = [c for c in _config(tmp_path, tiny_model_dir, toy_data_dir) if c != "do_train=True"]
+    config = _config(tmp_path, tiny_model_dir, toy_data_dir, do_train=None)
     assert main(["preprocess", *config, "--output", str(path)]) == 0
     assert [json.loads(line) for line in path.read_text().splitlines()] == expected
 

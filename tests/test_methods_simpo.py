@@ -28,7 +28,6 @@ def simpo_setup(tmp_path, model_dir, **overrides):
         "pref_beta": 2.0,
         "simpo_gamma": 0.8,
         "dataset": "unused",
-        "dataset_dir": None,
         "do_train": None,
         "lora_rank": 4,
         "per_device_train_batch_size": 4,
