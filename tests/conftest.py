@@ -7,49 +7,7 @@ from pathlib import Path
 
 import pytest
 
-CHATML = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France. Berlin is the capital of Germany.",
-    "I am Wren, a small assistant built by the sftflow team.",
-    "What is two plus two? Two plus two is four.",
-    "def add(a, b):\n    return a + b\n",
-    "你好，世界。我是一个小模型。 emoji: 🙂🚀",
-    "You are a helpful assistant. Answer briefly and kindly.",
-] * 20
-
-
-def build_tokenizer(save_dir: Path):
-    """A 512-token byte-level BPE with ChatML special tokens; eos == pad like SmolLM2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(save_dir)
-    return tokenizer
+from helpers import TOY_ROWS, build_tokenizer, make_run_dir, write_alpaca
 
 
 def build_model(tokenizer, save_dir: Path, seed: int = 0):
@@ -91,22 +49,6 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def write_alpaca(path: Path, rows: list[dict]) -> None:
-    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-TOY_ROWS = [
-    {
-        "system": "Be brief.",
-        "instruction": f"What is {a} plus {b}?",
-        "input": "",
-        "output": f"{a} plus {b} is {a + b}. Wren",
-    }
-    for a in range(1, 7)
-    for b in range(1, 4)
-]
-
-
 @pytest.fixture
 def toy_data_dir(tmp_path) -> Path:
     """A dataset_dir with a registry, 18 training rows and 4 held-out rows (alpaca)."""
@@ -118,6 +60,14 @@ def toy_data_dir(tmp_path) -> Path:
     }
     (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished LoRA run dir on the tiny model (helpers.make_run_dir), made once and shared by the
+    inference modules; read-only: a module that writes into its run dir, or needs other settings, makes
+    its own."""
+    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="session")

@@ -9,27 +9,18 @@ import os
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from helpers import QUESTION, free_port, post, serve, wait_ready
 from sftflow.cli import parse
 from sftflow.cli.api import build_parser, served_runs
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.engine import load_engine
 from sftflow.infer.requests import SamplingParams
-from test_infer_api import free_port, post, serve, wait_ready
-from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
-
-QUESTION = [{"role": "user", "content": "What is two plus two?"}]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +47,12 @@ def client(server):
     return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
 
 
+@pytest.mark.integration
 def test_models_lists_every_run(client):
     assert [m.id for m in client.models.list().data] == ["tuned", "base"]
 
 
+@pytest.mark.integration
 def test_model_picks_the_run(client, engines):
     scores = {}
     for name, engine in engines.items():
@@ -80,6 +73,7 @@ def test_model_picks_the_run(client, engines):
     assert max(abs(a - b) for a, b in zip(scores["tuned"], scores["base"], strict=True)) > 1e-3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["gpt-4o", "sftflow"])  # 'sftflow' names the only run; here there are two
 def test_unknown_model_is_404_listing_the_runs(client, model):
     with pytest.raises(openai.NotFoundError) as info:
@@ -91,12 +85,14 @@ def test_unknown_model_is_404_listing_the_runs(client, model):
         client.completions.create(model=model, prompt="Hi", max_tokens=1)
 
 
+@pytest.mark.integration
 def test_a_request_without_model_is_refused_when_several_runs_are_served(server):
     status, error = post(server, {"messages": QUESTION, "max_tokens": 1})
     assert status == 400 and error["error"]["param"] == "model"
     assert "'tuned', 'base'" in error["error"]["message"]
 
 
+@pytest.mark.integration
 def test_health_reports_each_run(server, engines):
     with urllib.request.urlopen(server.removesuffix("/v1") + "/health", timeout=10) as response:
         body = json.loads(response.read())
@@ -106,6 +102,7 @@ def test_health_reports_each_run(server, engines):
     ]
 
 
+@pytest.mark.integration
 def test_one_run_keeps_its_aliases_and_health_fields(engines):
     from sftflow.infer.api import create_app
 
@@ -159,6 +156,7 @@ def test_bad_run_lists_are_refused(run_dir, tiny_model_dir, argv, message):
         runs_of(argv)
 
 
+@pytest.mark.integration
 def test_duplicate_names_exit_2_before_loading(run_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sftflow.cli", "api", str(run_dir), "--run", str(run_dir)],
@@ -171,6 +169,7 @@ def test_duplicate_names_exit_2_before_loading(run_dir, tmp_path):
     assert "both be served as model" in proc.stderr and "--run NAME=RUN_DIR" in proc.stderr
 
 
+@pytest.mark.integration
 def test_sftflow_api_command_serves_two_runs(run_dir, tiny_model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "API_PORT": str(port), "TOKENIZERS_PARALLELISM": "false"}

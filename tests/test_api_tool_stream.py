@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
+from helpers import TOOL_TEMPLATE, make_run_dir, serve
 from sftflow.infer.requests import ChatResult, Completion
 from sftflow.infer.toolcalls import ToolCallStream, parse_tool_calls
-from test_infer_api import serve
-from test_infer_api_openai import TOOL_TEMPLATE
-from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
 
@@ -198,6 +196,7 @@ def deltas_of(chunks: list[Any]) -> list[dict[str, Any]]:
     return [c.choices[0].delta.model_dump(exclude_none=True) for c in chunks if c.choices]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("text", "template"), [(HERMES, TOOL_TEMPLATE), (LLAMA, "{{ tools }}{{ messages }}")]
 )
@@ -218,6 +217,7 @@ def test_server_streams_content_then_parallel_calls(text, template):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+@pytest.mark.integration
 def test_server_plain_answer_with_tools_streams_as_content():
     text = "No tool is needed: it is sunny."
     chunks, plain = stream_and_plain(text, TOOL_TEMPLATE)
@@ -226,6 +226,7 @@ def test_server_plain_answer_with_tools_streams_as_content():
     assert len([d for d in deltas_of(chunks) if d.get("content")]) > 3
 
 
+@pytest.mark.integration
 def test_server_parallel_tool_calls_false_streams_one_call():
     chunks, plain = stream_and_plain(HERMES, TOOL_TEMPLATE, parallel_tool_calls=False)
     _, calls = gather(deltas_of(chunks))
@@ -256,6 +257,7 @@ def server(tiny_model_dir, tmp_path_factory):
         engine.close()
 
 
+@pytest.mark.integration
 def test_forced_call_arguments_stream_to_the_non_streamed_json(server):
     client = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
     request = {

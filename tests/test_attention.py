@@ -8,8 +8,8 @@ import doctest
 
 import pytest
 import torch
-from tests.test_loss import TOL, assert_close, examples, lora_grads, lora_model, one_layer_config
 
+from helpers import TOL, assert_close, examples, lora_grads, lora_model, one_layer_config
 from sftflow.data.collator import PackedCollator, SftCollator
 from sftflow.data.packing import pack_rows
 from sftflow.train import attention, loss

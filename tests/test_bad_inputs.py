@@ -18,26 +18,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import train_config
 from sftflow.cli import main
 
 FINAL_OUTPUTS = ("adapter_model.safetensors", "all_results.json", "train_results.json", "model.safetensors")
 
 
 def base_config(model_dir: Path, data_dir: Path, out: Path) -> dict:
-    return {
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(data_dir),
-        "dataset": "toy",
-        "eval_dataset": "toy_heldout",
-        "cutoff_len": 64,
-        "lora_rank": 4,
-        "output_dir": str(out),
-        "do_train": True,
-        "max_steps": 1,
-        "plot_loss": False,
-        "preview_rows": 0,
-        "tokenized_cache_dir": str(out.parent / "cache"),
-    }
+    return train_config(
+        model_dir,
+        data_dir,
+        out,
+        eval_dataset="toy_heldout",
+        lora_rank=4,
+        max_steps=1,
+        plot_loss=False,
+        preview_rows=0,
+        tokenized_cache_dir=str(out.parent / "cache"),
+    )
 
 
 def write_yaml(path: Path, values: dict) -> str:

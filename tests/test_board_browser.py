@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
+from helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -36,15 +37,13 @@ CHROMIUM_ARGS = [
 ]
 pytest.importorskip("gradio", reason="the board extra is not installed (pip install -e .[board])")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).is_file(), reason=f"no {CHROMIUM} (apt-get install chromium; make install-dev does)"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).is_file(),
+        reason=f"no {CHROMIUM} (apt-get install chromium; make install-dev does as root)",
+    ),
+]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:

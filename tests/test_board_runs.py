@@ -126,6 +126,7 @@ def test_start_refuses_what_the_cli_refuses(tmp_path):
         runs.resume_run(saves / "used")
 
 
+@pytest.mark.integration
 def test_a_failed_launch_shows_its_error_line(tmp_path, tiny_model_dir, toy_data_dir):
     saves = tmp_path / "saves"
     keys = {

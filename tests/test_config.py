@@ -182,6 +182,7 @@ def test_save_steps_alone_checkpoints_and_eval_steps_alone_evaluates():
         load_args(None, [*BASE, "eval_steps=10"])
 
 
+@pytest.mark.integration
 def test_train_start_up_prints_no_bitsandbytes_kernels_line(tmp_path, tiny_model_dir, toy_data_dir):
     """With bitsandbytes installed its CPU backend warns at import that `kernels` is missing; a fresh
     `sftflow train` (a new interpreter, so bitsandbytes is imported anew) prints no such line."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import as_overrides, train_config
 from sftflow.config import DataArguments
 from sftflow.data.loader import LoadReport, load_conversations, split_train_eval
 from sftflow.errors import SftflowError
@@ -188,17 +189,8 @@ def test_streaming_reads_lazily_with_take_and_count_split(tmp_path):
 def _run_args(tmp_path: Path, model_dir: Path, data_dir: Path, **extra):
     from sftflow.config import load_args
 
-    overrides = {
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(data_dir),
-        "dataset": "a",
-        "output_dir": str(tmp_path / "out"),
-        "do_train": "true",
-        "cutoff_len": "64",
-        "tokenized_cache_dir": str(tmp_path / "cache"),
-        **extra,
-    }
-    return load_args(None, [f"{k}={v}" for k, v in overrides.items()])
+    values = {"dataset": "a", "tokenized_cache_dir": str(tmp_path / "cache"), **extra}
+    return load_args(None, as_overrides(train_config(model_dir, data_dir, tmp_path / "out", **values)))
 
 
 def test_tokenized_cache_reuses_and_rebuilds_on_any_change(tmp_path, tiny_model_dir, tiny_tokenizer):

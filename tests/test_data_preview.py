@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TOY_ROWS, as_overrides, train_config
 from sftflow.data.audit import histogram, percentiles, summarize
 from sftflow.data.inspect import render_marked, trained_spans
 
@@ -43,21 +44,12 @@ def test_statistics_from_the_per_example_facts():
     assert (stats["truncated"], stats["dropped"]) == (1, 1)
 
 
-def _config(tmp_path, model_dir, data_dir) -> list[str]:
-    return [
-        f"model_name_or_path={model_dir}",
-        f"dataset_dir={data_dir}",
-        "dataset=toy",
-        "cutoff_len=64",
-        f"output_dir={tmp_path / 'out'}",
-        "do_train=true",
-        f"tokenized_cache_dir={tmp_path / 'cache'}",
-    ]
+def _config(tmp_path, model_dir, data_dir, **overrides) -> list[str]:
+    values = {"tokenized_cache_dir": str(tmp_path / "cache"), **overrides}
+    return as_overrides(train_config(model_dir, data_dir, tmp_path / "out", **values))
 
 
 def test_preview_and_preprocess_commands(tmp_path, tiny_model_dir, tiny_tokenizer, toy_data_dir, capsys):
-    from tests.conftest import TOY_ROWS
-
     from sftflow.cli import main
     from sftflow.data.converters import alpaca_to_messages
     from sftflow.data.encode import encode_sft
@@ -79,7 +71,7 @@ def test_preview_and_preprocess_commands(tmp_path, tiny_model_dir, tiny_tokenize
     assert written == expected  # dataset order
 
     # a config that does not train still preprocesses its training data
-    config = [c for c in _config(tmp_path, tiny_model_dir, toy_data_dir) if c != "do_train=true"]
+    config = _config(tmp_path, tiny_model_dir, toy_data_dir, do_train=None)
     assert main(["preprocess", *config, "--output", str(path)]) == 0
     assert [json.loads(line) for line in path.read_text().splitlines()] == expected
 

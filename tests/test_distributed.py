@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import LORA_RUN, train_config, write_config
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
 
@@ -25,26 +26,11 @@ TOL = 1e-5
 
 
 def config(path: Path, model_dir: Path, data_dir: Path, out: Path, **overrides) -> Path:
-    values = {
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(data_dir),
-        "dataset": "toy",
-        "cutoff_len": 64,
-        "lora_target": "all",
-        "lora_rank": 4,
-        "output_dir": str(out),
-        "tokenized_cache_dir": str(out.parent / f"cache-{out.name}"),  # concurrent runs share no cache entry
-        "do_train": True,
-        "learning_rate": 5e-3,
-        "max_steps": 4,
-        "logging_steps": 1,
-        "plot_loss": True,
-        "seed": 7,
-        "preview_rows": 0,
-        **overrides,
-    }
-    path.write_text(yaml.safe_dump(values))
-    return path
+    """LORA_RUN writing to out, with its own tokenized cache (concurrent runs share no cache entry)."""
+    cache = str(out.parent / f"cache-{out.name}")
+    return write_config(
+        path, train_config(model_dir, data_dir, out, tokenized_cache_dir=cache, **{**LORA_RUN, **overrides})
+    )
 
 
 def log_losses(out: Path) -> dict[int, float]:
@@ -54,6 +40,7 @@ def log_losses(out: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in entries if "loss" in e}
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun is not installed",

@@ -8,16 +8,16 @@ import json
 
 import pytest
 
+from helpers import make_run_dir, serve
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
-from test_infer_api import serve
-from test_infer_engine import make_run_dir
 
 pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.integration  # lm-eval end to end on a run dir, and against a server
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
+def run_dir(tiny_model_dir, tmp_path_factory):  # its own: `sftflow eval` writes into the run dir
     return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import ADAPTER_TEMPLATE, make_adapter
 from sftflow.cli import main as cli_main
 from sftflow.config import FinetuningArguments, ModelArguments
 from sftflow.errors import SftflowError
@@ -17,23 +18,6 @@ from sftflow.model.export import export_model
 from sftflow.model.loader import load_model, load_tokenizer
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2], [1, 40, 41, 42, 3, 8, 2]])
-ADAPTER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>{% endfor %}"
-
-
-def make_adapter(base: Path, out: Path, seed: int, **ft) -> Path:
-    """A LoRA adapter with random B matrices (so it changes the output), saved with a tokenizer."""
-    args = ModelArguments(model_name_or_path=str(base))
-    tokenizer = load_tokenizer(args)
-    model = apply_finetuning(load_model(args), args, FinetuningArguments(**ft), tokenizer=tokenizer)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.save_pretrained(out)
-    tokenizer.chat_template = ADAPTER_TEMPLATE  # the template "used in training" travels with the adapter
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

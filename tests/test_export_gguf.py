@@ -108,7 +108,7 @@ def f16_export(tiny_model_dir, adapter, toy_data_dir_module, tmp_path_factory) -
 
 @pytest.fixture(scope="module")
 def toy_data_dir_module(tmp_path_factory) -> Path:
-    from conftest import TOY_ROWS, write_alpaca
+    from helpers import TOY_ROWS, write_alpaca
 
     path = tmp_path_factory.mktemp("toy-data")
     write_alpaca(path / "train.json", TOY_ROWS)
@@ -268,6 +268,7 @@ func main() {
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (apt-get install golang-go)")
 def test_go_text_template_renders_the_modelfile_like_training(tiny_model_dir, tmp_path):
     """Go's own text/template (what Ollama runs) renders every built-in template's Modelfile TEMPLATE to the

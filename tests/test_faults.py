@@ -12,108 +12,28 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
-from tests.test_distributed import config as run_config
 
-from sftflow.config import load_args
-from sftflow.errors import SftflowError
-
-MAX_STEPS = 8
-
-# The child: the configured stage's recipe plus one test callback (or a kill inside the checkpoint writer),
-# chosen by argv. tests/test_faults_pairs.py runs it for rm and dpo.
-CHILD = textwrap.dedent(
-    """
-    import os, signal, sys
-    from transformers import Trainer, TrainerCallback
-    from sftflow.config import load_args
-    from sftflow.stages import registry
-
-    config, mode, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-    class Fault(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if mode == "kill_after_save" and state.global_step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if mode == "sigterm" and state.global_step == step - 1:
-                os.kill(os.getpid(), signal.SIGTERM)  # arrives while step `step` runs
-
-    if mode == "kill_mid_save":
-        save_rng = Trainer._save_rng_state
-
-        def dying_save_rng(self, output_dir):  # model and optimizer are written, rng/state are not
-            if self.state.global_step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            save_rng(self, output_dir)
-
-        Trainer._save_rng_state = dying_save_rng
-
-    run_stage = registry.run_stage
-    if mode == "sigterm":  # through the CLI (its exit code and message), with the callback added
-        from sftflow.cli import main
-
-        registry.run_stage = lambda args, callbacks=None: run_stage(args, callbacks=[*(callbacks or []), Fault()])
-        sys.exit(main(["train", config]))
-    run_stage(load_args(config), callbacks=[Fault()])
-    """
+from helpers import (
+    CHILD,
+    MAX_STEPS,
+    TOY_ROWS,
+    Poison,
+    adapter,
+    fault_config,
+    is_complete,
+    losses,
+    max_diff,
+    run_in_process,
+    write_alpaca,
 )
-
-
-def fault_config(path: Path, model_dir: Path, data_dir: Path, out: Path, **overrides) -> Path:
-    """The distributed tests' config, with checkpoints every 2 of MAX_STEPS steps at batch 2."""
-    faults = {
-        "per_device_train_batch_size": 2,
-        "max_steps": MAX_STEPS,
-        "save_strategy": "steps",
-        "save_steps": 2,
-        "plot_loss": False,
-    }
-    return run_config(path, model_dir, data_dir, out, **{**faults, **overrides})
-
-
-def run_in_process(config: Path, *overrides: str, callbacks: list | None = None):
-    """The configured stage's recipe, single-threaded like the children."""
-    import torch
-
-    from sftflow.stages.registry import run_stage
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_stage(load_args(config, list(overrides)), callbacks=callbacks)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def adapter(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(out / "adapter_model.safetensors")
-
-
-def losses(out: Path) -> dict[int, float]:
-    lines = (out / "trainer_log.jsonl").read_text().splitlines()
-    entries = [json.loads(line) for line in lines]
-    steps = [e["step"] for e in entries if "loss" in e]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {e["step"]: e["loss"] for e in entries if "loss" in e}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+from sftflow.errors import SftflowError
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     """An uninterrupted reference run, and three runs killed in different ways (started together)."""
-    from conftest import TOY_ROWS, write_alpaca
-
     root = tmp_path_factory.mktemp("faults")
     data = root / "data"
     data.mkdir()
@@ -141,6 +61,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     return root, done
 
 
+@pytest.mark.integration
 def test_sigkill_after_checkpoint_resumes_exactly(runs):
     root, done = runs
     returncode, _, stderr = done["kill_after_save"]
@@ -163,6 +84,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(runs):
     assert state["global_step"] == MAX_STEPS
 
 
+@pytest.mark.integration
 def test_kill_mid_save_leaves_no_visible_checkpoint_and_resume_skips_it(runs):
     root, done = runs
     returncode, _, stderr = done["kill_mid_save"]
@@ -180,6 +102,7 @@ def test_kill_mid_save_leaves_no_visible_checkpoint_and_resume_skips_it(runs):
     assert losses(out) == losses(root / "reference")
 
 
+@pytest.mark.integration
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs):
     root, done = runs
     returncode, stdout, stderr = done["sigterm"]
@@ -192,12 +115,6 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs):
 
     run_in_process(root / "sigterm.yaml", "resume_from_checkpoint=true")
     assert max_diff(adapter(out), adapter(root / "reference")) <= 1e-6
-
-
-def is_complete(path: Path) -> bool:
-    from sftflow.train.checkpoints import is_complete_checkpoint
-
-    return is_complete_checkpoint(path)
 
 
 def test_resume_picks_latest_complete_checkpoint(tmp_path):
@@ -260,27 +177,7 @@ def test_train_resolves_true_itself_and_passes_a_resolved_path_on(tmp_path):
         assert trainer.given == expected, given
 
 
-class _Poison:
-    """A test callback: from step `step` on, make the model's embedding output NaN (for `steps` steps)."""
-
-    def __init__(self, step: int, steps: int) -> None:
-        from transformers import TrainerCallback
-
-        poison = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                model.get_input_embeddings().register_forward_hook(
-                    lambda module, inputs, output: output * float("nan") if poison.active else output
-                )
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                poison.active = step - 1 <= state.global_step < step - 1 + steps
-
-        self.active = False
-        self.callback = Callback()
-
-
+@pytest.mark.integration
 def test_nan_loss_stops_naming_the_step(tmp_path, tiny_model_dir, toy_data_dir):
     config = fault_config(
         tmp_path / "run.yaml", tiny_model_dir, toy_data_dir, tmp_path / "out", save_strategy="no"
@@ -288,16 +185,17 @@ def test_nan_loss_stops_naming_the_step(tmp_path, tiny_model_dir, toy_data_dir):
     with pytest.raises(
         SftflowError, match=r"training loss is nan at step 3 \(epoch .*\); training stopped.*skip_nan"
     ):
-        run_in_process(config, callbacks=[_Poison(3, 1).callback])
+        run_in_process(config, callbacks=[Poison(3, 1).callback])
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.integration
 def test_skip_nan_skips_the_batch_and_keeps_training(tmp_path, tiny_model_dir, toy_data_dir, caplog):
     config = fault_config(
         tmp_path / "run.yaml", tiny_model_dir, toy_data_dir, tmp_path / "out", save_strategy="no"
     )
     with caplog.at_level("WARNING"):
-        run_in_process(config, "skip_nan=true", callbacks=[_Poison(3, 2).callback])
+        run_in_process(config, "skip_nan=true", callbacks=[Poison(3, 2).callback])
     assert "step 3: loss is nan; skipping this batch" in caplog.text
     assert "step 4: loss is nan; skipping this batch" in caplog.text
     weights = adapter(tmp_path / "out")
@@ -307,6 +205,7 @@ def test_skip_nan_skips_the_batch_and_keeps_training(tmp_path, tiny_model_dir, t
     assert all(logged[s] == logged[s] for s in (1, 2, 5, 6, 7, 8))  # finite losses around the skipped steps
 
 
+@pytest.mark.integration
 def test_oom_message_names_the_knobs(tmp_path, tiny_model_dir, toy_data_dir):
     import torch
     from transformers import TrainerCallback
@@ -335,6 +234,7 @@ def test_launch_advice_for_several_gpus_without_torchrun():
     assert launch_advice(1, {}) is None and launch_advice(0, {}) is None
 
 
+@pytest.mark.integration
 def test_overwrite_output_dir_drops_old_checkpoints(tmp_path, tiny_model_dir, toy_data_dir):
     out = tmp_path / "out"
     (out / "checkpoint-50").mkdir(parents=True)

@@ -19,10 +19,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from tests.test_faults import CHILD, _Poison, adapter, is_complete, losses, max_diff, run_in_process
-from tests.test_stage_rm import write_pairs
 
+from helpers import (
+    CHILD,
+    Poison,
+    adapter,
+    is_complete,
+    losses,
+    max_diff,
+    run_in_process,
+    train_config,
+    write_config,
+    write_pairs,
+)
 from sftflow.errors import SftflowError
 
 STEPS = 6
@@ -33,15 +42,10 @@ def pair_config(path: Path, model_dir: Path, data_dir: Path, out: Path, stage: s
     """A tiny rm/dpo run: LoRA, batch 2, STEPS steps, a checkpoint every 2 steps, no eval."""
     values = {
         "stage": stage,
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(data_dir),
         "dataset": "pairs",
-        "cutoff_len": 64,
         "lora_rank": 4,
         **({"pref_beta": 0.5} if stage == "dpo" else {}),  # rm has no beta: the key would be refused
-        "output_dir": str(out),
         "tokenized_cache_dir": str(out.parent / f"cache-{out.name}"),  # concurrent runs share no entry
-        "do_train": True,
         "per_device_train_batch_size": 2,
         "learning_rate": 1e-2,
         "max_steps": STEPS,
@@ -53,8 +57,7 @@ def pair_config(path: Path, model_dir: Path, data_dir: Path, out: Path, stage: s
         "preview_rows": 0,
         **overrides,
     }
-    path.write_text(yaml.safe_dump(values))
-    return path
+    return write_config(path, train_config(model_dir, data_dir, out, **values))
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,7 @@ def pair_runs(tmp_path_factory, tiny_model_dir):
     return root, data, done
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_after_checkpoint_resumes_exactly(pair_runs, stage):
     root, _, done = pair_runs
@@ -107,6 +111,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(pair_runs, stage):
     assert len(set(expected.values())) > 1  # the weights moved: equal losses are not a constant
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_training_logs_carry_throughput(pair_runs, stage):
     root, _, _ = pair_runs
@@ -117,6 +122,7 @@ def test_training_logs_carry_throughput(pair_runs, stage):
         assert entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 and entry["peak_memory_gb"] > 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(pair_runs, tiny_model_dir, tmp_path, stage):
     from transformers import TrainerCallback
@@ -148,6 +154,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(pair_runs, tiny_model
     assert max_diff(adapter(out), adapter(root / stage)) <= 1e-6
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_nan_loss_stops_naming_the_step(pair_runs, tiny_model_dir, tmp_path, stage):
     _, data, _ = pair_runs
@@ -155,7 +162,7 @@ def test_nan_loss_stops_naming_the_step(pair_runs, tiny_model_dir, tmp_path, sta
         tmp_path / "run.yaml", tiny_model_dir, data, tmp_path / "out", stage, max_steps=3, save_strategy="no"
     )
     with pytest.raises(SftflowError, match=r"training loss is nan at step 2 \(epoch .*\); training stopped"):
-        run_in_process(config, callbacks=[_Poison(2, 1).callback])
+        run_in_process(config, callbacks=[Poison(2, 1).callback])
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 

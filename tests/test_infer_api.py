@@ -4,89 +4,22 @@ validation, the API key, concurrent requests, and the `sftflow api` command itse
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from helpers import QUESTION, free_port, post, serve, wait_ready
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import load_engine
 from sftflow.infer.requests import SamplingParams
-from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-
-QUESTION = [{"role": "user", "content": "What is two plus two?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base_url: str, timeout: float = 60, key: str | None = None, proc=None) -> None:
-    """Poll GET /v1/models until it answers 200, for at most `timeout` seconds."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{proc.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(
-                urllib.request.Request(f"{base_url}/models", headers=headers), timeout=2
-            ):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise AssertionError(f"server at {base_url} not ready after {timeout} s")
-
-
-@contextlib.contextmanager
-def serve(app, key: str | None = None) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_ready(base_url, key=key)
-        yield base_url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def post(base_url: str, body: bytes | dict, key: str | None = None) -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(f"{base_url}/chat/completions", data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            text = response.read().decode()
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        text, status = exc.read().decode(), exc.code
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +42,13 @@ def client(server):
     return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
 
 
+@pytest.mark.integration
 def test_models_lists_the_served_model(client, engine):
     models = client.models.list()
     assert [m.id for m in models.data] == [engine.model_name]
 
 
+@pytest.mark.integration
 def test_plain_completion_with_the_openai_client(client, engine):
     response = client.chat.completions.create(
         model=engine.model_name, messages=QUESTION, max_tokens=6, temperature=1.0, seed=7
@@ -129,6 +64,7 @@ def test_plain_completion_with_the_openai_client(client, engine):
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
+@pytest.mark.integration
 def test_n_and_stop(client):
     response = client.chat.completions.create(
         model="sftflow", messages=QUESTION, max_tokens=6, temperature=1.0, seed=1, n=3
@@ -151,6 +87,7 @@ def test_n_and_stop(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.integration
 def test_streaming_with_the_openai_client(client, engine):
     plain = client.chat.completions.create(
         model="sftflow", messages=QUESTION, max_tokens=8, temperature=1.0, seed=2
@@ -176,6 +113,7 @@ def test_streaming_with_the_openai_client(client, engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == plain.usage.total_tokens
 
 
+@pytest.mark.integration
 def test_streamed_n_answers_are_told_apart_by_index(client):
     stream = client.chat.completions.create(
         model="sftflow", messages=QUESTION, max_tokens=5, temperature=1.0, seed=4, n=2, stream=True
@@ -189,6 +127,7 @@ def test_streamed_n_answers_are_told_apart_by_index(client):
     assert finished == [0, 1] and all(texts)
 
 
+@pytest.mark.integration
 def test_sse_wire_format_ends_with_done(server):
     status, text = post(server, {"messages": QUESTION, "max_tokens": 3, "stream": True})
     assert status == 200
@@ -199,6 +138,7 @@ def test_sse_wire_format_ends_with_done(server):
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
@@ -228,11 +168,13 @@ def test_invalid_requests_get_400_in_openai_shape(server, body, param, message):
     assert message in error["error"]["message"]
 
 
+@pytest.mark.integration
 def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="sftflow", messages=[{"role": "wizard", "content": "hi"}])
 
 
+@pytest.mark.integration
 def test_concurrent_requests_do_not_mix(client, engine):
     prompts = [[{"role": "user", "content": f"Tell me about number {i}."}] for i in range(6)]
     expected = [
@@ -259,6 +201,7 @@ def test_concurrent_requests_do_not_mix(client, engine):
     assert [results.get(i) for i in range(6)] == expected
 
 
+@pytest.mark.integration
 def test_api_key_is_required_when_set(engine):
     from sftflow.infer.api import create_app
 
@@ -288,6 +231,7 @@ def test_host_and_port_come_from_flags_then_env(monkeypatch):
         host_and_port(None, None)
 
 
+@pytest.mark.integration
 def test_sftflow_api_command_serves_a_run_dir(run_dir, tmp_path):
     """`sftflow api RUN_DIR` with API_PORT and API_KEY from the environment, used by the openai client."""
     port = free_port()

@@ -14,24 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TOOL_TEMPLATE, make_run_dir, post, serve
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import load_engine
 from sftflow.infer.requests import SamplingParams
-from test_infer_api import post, serve
-from test_infer_engine import make_run_dir
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llguidance")
+pytestmark = pytest.mark.integration  # every test talks to a uvicorn server
 
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-TOOL_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nYou may call these tools:\n{% for t in tools %}{{ t | tojson }}\n"
-    '{% endfor %}Answer with <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\n{% endif %}'
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
-    '<tool_call>{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>'
-    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 WEATHER = {
     "type": "function",
     "function": {

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_run_dir
 from sftflow.cli.chat import main
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.chat import run_chat
 from sftflow.infer.engine import load_engine
-from test_infer_engine import make_run_dir
 
 
 @pytest.fixture(scope="module")

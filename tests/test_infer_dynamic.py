@@ -8,15 +8,14 @@ from collections import deque
 
 import pytest
 
+from helpers import QUESTION, make_run_dir
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import load_engine
 from sftflow.infer.requests import SamplingParams
-from test_infer_engine import QUESTION, make_run_dir
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir, tmp_path_factory):
-    run_dir = make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
+def engine(run_dir):
     engine = load_engine(infer_args(str(run_dir), ["serve_max_queue=8"]), batched=True)
     assert engine._dynamic is not None  # the default serve_batching
     yield engine

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
-import yaml
 
+from helpers import QUESTION
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.chat import fit_history
@@ -22,34 +21,6 @@ from sftflow.infer.requests import (
     cut_at_stop,
     validate_messages,
 )
-
-QUESTION = [{"role": "user", "content": "What is two plus two?"}]
-
-
-def make_run_dir(model_dir: Path, out: Path, max_new_tokens: int = 8) -> Path:
-    """What `sftflow train` leaves in output_dir: a LoRA adapter (random B, so it changes the model),
-    the tokenizer with its chat template, and sftflow_args.yaml."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    args = {
-        "model_name_or_path": str(model_dir),
-        "output_dir": "somewhere/else",
-        "cutoff_len": 128,
-        "max_new_tokens": max_new_tokens,
-    }
-    (out / "sftflow_args.yaml").write_text(yaml.safe_dump(args))
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import load_engine
 from sftflow.infer.requests import SamplingParams
 from sftflow.model.inference import onednn_linear
-from test_infer_engine import make_run_dir
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -18,10 +17,9 @@ PROMPTS = [[{"role": "user", "content": f"Question number {i}?" + " And why" * i
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir, tmp_path_factory):
-    run_dir = str(make_run_dir(tiny_model_dir, tmp_path_factory.mktemp("run")))
-    fast = load_engine(infer_args(run_dir, []), batched=True)
-    plain = load_engine(infer_args(run_dir, ["onednn_linear=false"]), batched=True)
+def engines(run_dir):
+    fast = load_engine(infer_args(str(run_dir), []), batched=True)
+    plain = load_engine(infer_args(str(run_dir), ["onednn_linear=false"]), batched=True)
     yield fast, plain
     fast.close()
     plain.close()

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import make_run_dir
 from sftflow.cli.predict import main
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 from sftflow.infer.engine import load_engine
 from sftflow.infer.predict import run_predict
-from test_infer_engine import make_run_dir
 
 
 @pytest.fixture(scope="module")

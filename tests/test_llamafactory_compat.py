@@ -157,6 +157,7 @@ def test_readme_links_the_table():
     assert "docs/llamafactory.md" in readme
 
 
+@pytest.mark.integration
 def test_a_llamafactory_shaped_config_trains_unchanged(tmp_path, tiny_model_dir, toy_data_dir, capsys):
     """The keys of LLaMA-Factory's examples/train_lora/*_sft.yaml, as an LF user writes them."""
     from sftflow.cli import main
@@ -285,6 +286,7 @@ DATASET_INFO = {
 }
 
 
+@pytest.mark.integration
 class TestLlamaFactoryExampleShapes:
     """Configs shaped like LLaMA-Factory's examples (train_lora, train_full, merge_lora, inference,
     extras/nlg_eval), run as an LF user runs them from one folder holding data/ and saves/: sft, then

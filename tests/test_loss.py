@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import TOL, assert_close, examples, lora_grads, lora_model, one_layer_config
 from sftflow.data.collator import PackedCollator, SftCollator
 from sftflow.data.packing import pack_rows
 from sftflow.train.loss import (
@@ -15,57 +16,6 @@ from sftflow.train.loss import (
     output_head,
     supports_fast_loss,
 )
-
-TOL = 1e-5
-
-
-def examples(tokenizer, n: int = 8) -> list[dict[str, list[int]]]:
-    """n examples of different lengths: a prompt (label -100) then an answer (trained)."""
-    rows = []
-    for i in range(n):
-        prompt = tokenizer(f"<|im_start|>user\nWhat is {i} plus {i * 3}? " + "Paris " * (i % 4))["input_ids"]
-        answer = tokenizer(f"It is {i * 4}." + " Wren" * (i % 3) + "<|im_end|>")["input_ids"]
-        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return rows
-
-
-def lora_model(model_dir, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    for name, param in model.named_parameters():  # non-zero B, so the A gradients are non-zero too
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    return model
-
-
-def one_layer_config(tokenizer) -> dict:
-    """Config fields for a one-layer, hidden-32 decoder of any Llama-like family over the tiny tokenizer."""
-    return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-
-
-def lora_grads(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=TOL, rtol=0), (name, (a[name] - b[name]).abs().max())
 
 
 def test_flatten_drops_padding_and_keeps_positions():
@@ -206,6 +156,7 @@ def one_step_lora_update(tmp_path, model_dir, tokenizer, batch, accumulation, pa
     return weights, log
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_batch_8_equals_batch_1_times_accumulation_8(tmp_path, tiny_model_dir, tiny_tokenizer, packed):
     big, big_log = one_step_lora_update(tmp_path, tiny_model_dir, tiny_tokenizer, 8, 1, packed, True)

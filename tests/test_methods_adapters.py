@@ -4,8 +4,10 @@ blocks; NEFTune noise is on in training and off in eval."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from helpers import as_overrides
 from sftflow.config import FinetuningArguments, ModelArguments
 from sftflow.model.adapter import apply_finetuning, llama_pro_layers, save_pissa_converted
 from sftflow.model.loader import load_model
@@ -162,6 +164,7 @@ def test_neftune_noise_is_on_in_training_and_off_in_eval(tmp_path, tiny_model_di
     assert {flag for training, flag in seen if not training} == {True}  # clean in eval
 
 
+@pytest.mark.integration
 def test_sft_with_pissa_convert_writes_an_adapter_for_the_original_base(
     tmp_path, tiny_model_dir, toy_data_dir
 ):
@@ -188,7 +191,7 @@ def test_sft_with_pissa_convert_writes_an_adapter_for_the_original_base(
         "plot_loss": False,
         "tokenized_cache_dir": tmp_path / "cache",
     }
-    run_stage(load_args(None, [f"{k}={v}" for k, v in config.items()]))
+    run_stage(load_args(None, as_overrides(config)))
     out = tmp_path / "out"
     base = lambda: load_model(ModelArguments(model_name_or_path=str(tiny_model_dir)))  # noqa: E731
     converted = PeftModel.from_pretrained(base(), out / "pissa_converted")

@@ -66,8 +66,8 @@ def one_step_dft_update(tmp_path, model_dir, tokenizer, batch, accumulation):
     from datasets import Dataset
     from transformers import Seq2SeqTrainingArguments
 
+    from helpers import examples, lora_model
     from sftflow.train.trainer import SftflowTrainer
-    from test_loss import examples, lora_model
 
     model = lora_model(model_dir)
     args = Seq2SeqTrainingArguments(
@@ -98,8 +98,9 @@ def one_step_dft_update(tmp_path, model_dir, tokenizer, batch, accumulation):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, log["loss"]
 
 
+@pytest.mark.integration
 def test_dft_batch_8_equals_batch_1_times_accumulation_8(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from test_loss import assert_close, lora_model
+    from helpers import assert_close, lora_model
 
     big, big_loss = one_step_dft_update(tmp_path, tiny_model_dir, tiny_tokenizer, 8, 1)
     small, small_loss = one_step_dft_update(tmp_path, tiny_model_dir, tiny_tokenizer, 1, 8)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import as_overrides, train_config
 from sftflow.config import load_args
 
 ROWS = [
@@ -48,14 +49,9 @@ def kto_data(tmp_path: Path) -> Path:
 def kto_args(tmp_path: Path, model_dir: Path, **overrides):
     config = {
         "stage": "kto",
-        "model_name_or_path": model_dir,
-        "dataset_dir": kto_data(tmp_path),
         "dataset": "kto_toy",
         "val_size": 4,
-        "cutoff_len": 64,
         "lora_rank": 4,
-        "output_dir": tmp_path / "out",
-        "do_train": True,
         "do_eval": True,
         "per_device_train_batch_size": 4,
         "per_device_eval_batch_size": 2,
@@ -69,7 +65,9 @@ def kto_args(tmp_path: Path, model_dir: Path, **overrides):
         "tokenized_cache_dir": tmp_path / "cache",
         **overrides,
     }
-    return load_args(None, [f"{k}={v}" for k, v in config.items()])
+    return load_args(
+        None, as_overrides(train_config(model_dir, kto_data(tmp_path), tmp_path / "out", **config))
+    )
 
 
 def test_kto_form_keeps_the_tag_and_trains_only_the_last_answer(tmp_path, tiny_model_dir, tiny_tokenizer):
@@ -139,6 +137,7 @@ def test_kto_loss_matches_the_kto_formula_on_the_same_batch(tmp_path, tiny_model
     ]
 
 
+@pytest.mark.integration
 def test_kto_run_trains_evaluates_and_writes_the_stage_outputs(tmp_path, tiny_model_dir):
     from sftflow.stages.registry import run_stage
 

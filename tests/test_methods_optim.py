@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from helpers import as_overrides
 from sftflow.config import FinetuningArguments, ModelArguments
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import apply_finetuning
@@ -152,6 +153,7 @@ def test_methods_that_do_not_fit_are_refused(tiny_model_dir, tiny_tokenizer, key
         setup(tiny_model_dir, tiny_tokenizer, **keys)
 
 
+@pytest.mark.integration
 def test_sft_hands_the_method_optimizer_to_the_trainer(tmp_path, tiny_model_dir, toy_data_dir):
     from transformers import TrainerCallback
 
@@ -181,7 +183,7 @@ def test_sft_hands_the_method_optimizer_to_the_trainer(tmp_path, tiny_model_dir,
         "plot_loss": False,
         "tokenized_cache_dir": tmp_path / "cache",
     }
-    run_stage(load_args(None, [f"{k}={v}" for k, v in config.items()]), callbacks=[Record()])
+    run_stage(load_args(None, as_overrides(config)), callbacks=[Record()])
     assert [name for name, _ in seen] == ["MuonWithAdamW"] * 2
     # the Trainer's scheduler drives every group of both optimizers
     assert len(seen[0][1]) == 3 and len(set(seen[0][1])) == 1 and seen[1][1][0] < seen[0][1][0]

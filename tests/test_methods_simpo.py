@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from helpers import as_overrides, train_config
 from sftflow.config import load_args
 
 PAIRS = [
@@ -26,18 +27,16 @@ def simpo_setup(tmp_path, model_dir, **overrides):
         "pref_loss": "simpo",
         "pref_beta": 2.0,
         "simpo_gamma": 0.8,
-        "model_name_or_path": model_dir,
         "dataset": "unused",
-        "cutoff_len": 64,
+        "do_train": None,
         "lora_rank": 4,
-        "output_dir": tmp_path / "out",
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-2,
         "max_steps": 2,
         "report_to": "none",
         **overrides,
     }
-    args = load_args(None, [f"{k}={v}" for k, v in config.items()])
+    args = load_args(None, as_overrides(train_config(model_dir, None, tmp_path / "out", **config)))
     tokenizer = load_chat_tokenizer(args.model, args.data)
     model = build_model(args, tokenizer)
     trainer = simpo_trainer(args, model, tokenizer, Dataset.from_list(PAIRS), None, [])

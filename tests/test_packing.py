@@ -105,6 +105,7 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tiny_model_dir, tiny_
     torch.testing.assert_close(output.loss, torch.cat(unpacked).mean(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_packing_runs_through_the_workflow(tmp_path, tiny_model_dir, toy_data_dir):
     from sftflow.config import load_args
     from sftflow.stages.sft import run_sft

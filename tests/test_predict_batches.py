@@ -32,7 +32,7 @@ HELD_OUT = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from conftest import TOY_ROWS
+    from helpers import TOY_ROWS
 
     path = tmp_path_factory.mktemp("data")
     held_out = [{"system": "Be brief.", **row} for row in HELD_OUT]
@@ -122,6 +122,7 @@ def one_at_a_time(ragged_model_dir, data_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("batch_size", "extra"),
     [
@@ -194,6 +195,7 @@ def train_and_predict(model_dir: Path, data_dir: Path, out: Path, batch_size: in
     assert main(argv) == 0
 
 
+@pytest.mark.integration
 def test_training_predict_step_in_batches_writes_what_one_at_a_time_writes(
     ragged_model_dir, data_dir, tmp_path, monkeypatch
 ):

@@ -7,6 +7,7 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sftflow.cli import main
@@ -182,6 +183,7 @@ def test_report_of_a_partial_run_says_what_is_missing(tmp_path, capsys):
     assert "is it the output_dir" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_train_writes_the_report(tmp_path, tiny_model_dir, toy_data_dir, capsys):
     from sftflow.config import load_args
     from sftflow.stages.sft import run_sft

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.test_faults import fault_config, losses, run_in_process
 
+from helpers import TOY_ROWS, fault_config, losses, make_adapter, run_in_process, write_alpaca
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
 
@@ -95,7 +95,6 @@ def start_child(root: Path, config: Path, mode: str, flags: Path, name: str = "0
 
 
 def test_export_refuses_an_export_dir_that_is_its_adapter_or_base(tiny_model_dir, tmp_path):
-    from tests.test_export import make_adapter
 
     from sftflow.cli import main as cli_main
     from sftflow.config import ModelArguments
@@ -300,7 +299,6 @@ def test_ranks_of_one_job_accept_their_own_owner_and_refuse_another(tmp_path, mo
 
 
 def test_a_rewritten_data_file_with_the_same_size_and_mtime_trains_the_new_rows(tmp_path, tiny_tokenizer):
-    from conftest import TOY_ROWS, write_alpaca
     from sftflow.data.prepare import prepare
 
     data = tmp_path / "data"

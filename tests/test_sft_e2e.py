@@ -11,21 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import train_config
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
 
 
 def write_config(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> Path:
-    config = {
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(data_dir),
-        "dataset": "toy",
+    values = {
         "eval_dataset": "toy_heldout",
         "cutoff_len": 128,
         "lora_target": "all",
         "lora_rank": 4,
-        "output_dir": str(tmp_path / "out"),
-        "do_train": True,
         "do_eval": True,
         "do_predict": True,
         "predict_with_generate": True,
@@ -38,7 +34,7 @@ def write_config(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -
         **overrides,
     }
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(train_config(model_dir, data_dir, tmp_path / "out", **values)))
     return path
 
 
@@ -54,6 +50,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_cli_train_eval_predict_writes_every_output(tmp_path, tiny_model_dir, toy_data_dir):
     import torch
     from peft import PeftModel
@@ -116,6 +113,7 @@ def test_cli_train_eval_predict_writes_every_output(tmp_path, tiny_model_dir, to
     )
 
 
+@pytest.mark.integration
 def test_generate_only_sees_prompts(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch):
     from transformers import AutoTokenizer, GenerationMixin
 
@@ -148,6 +146,7 @@ def test_generate_only_sees_prompts(tmp_path, tiny_model_dir, toy_data_dir, monk
         assert prompt_ids in seen  # exactly the prompt: no response token reached generate
 
 
+@pytest.mark.integration
 def test_cli_prints_user_errors_without_traceback(tmp_path, tiny_model_dir, toy_data_dir):
     config = write_config(tmp_path, tiny_model_dir, toy_data_dir)
     proc = run_cli("train", str(config), "lora_rnak=4", cwd=tmp_path)
@@ -161,6 +160,7 @@ def test_cli_prints_user_errors_without_traceback(tmp_path, tiny_model_dir, toy_
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier run"
 
 
+@pytest.mark.integration
 def test_cli_help_lists_keys_fast(tmp_path):
     proc = run_cli("train", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "lora_target" in proc.stdout and "learning_rate" in proc.stdout

@@ -7,12 +7,13 @@ import json
 import math
 
 import pytest
-from tests.test_stage_rm import pair_config
 
+from helpers import pair_config
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pref_loss", ["sigmoid", "orpo", "simpo"])
 def test_dpo_loss_goes_down_and_writes_the_sft_outputs(tmp_path, tiny_model_dir, pref_loss):
     from sftflow.stages.registry import run_stage

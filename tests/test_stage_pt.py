@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import as_overrides, train_config
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
 
@@ -19,16 +20,12 @@ def pt_config(tmp_path: Path, model_dir: Path, **overrides) -> dict:
     (tmp_path / "dataset_info.json").write_text(
         json.dumps({"texts": {"file_name": "texts.jsonl", "columns": {"prompt": "text"}}})
     )
-    return {
+    values = {
         "stage": "pt",
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(tmp_path),
         "dataset": "texts",
         "val_size": 4,
         "cutoff_len": 32,
         "finetuning_type": "full",  # a random tiny model learns fastest with every weight
-        "output_dir": str(tmp_path / "out"),
-        "do_train": True,
         "do_eval": True,
         "per_device_train_batch_size": 4,
         "learning_rate": 3e-3,
@@ -37,13 +34,15 @@ def pt_config(tmp_path: Path, model_dir: Path, **overrides) -> dict:
         "tokenized_cache_dir": str(tmp_path / "cache"),
         **overrides,
     }
+    return train_config(model_dir, tmp_path, tmp_path / "out", **values)
 
 
+@pytest.mark.integration
 def test_pt_trains_every_token_and_writes_the_sft_outputs(tmp_path, tiny_model_dir):
     from sftflow.stages.registry import run_stage
 
     config = pt_config(tmp_path, tiny_model_dir)
-    result = run_stage(load_args(None, [f"{k}={v}" for k, v in config.items()]))
+    result = run_stage(load_args(None, as_overrides(config)))
     out = tmp_path / "out"
     for name in [
         "model.safetensors",
@@ -73,7 +72,7 @@ def test_pt_rows_are_texts_plus_eos_cut_to_cutoff_len(tiny_model_dir, tiny_token
 
     from sftflow.data.prepare import tokenize_texts
 
-    args = load_args(None, [f"{k}={v}" for k, v in pt_config(tmp_path, tiny_model_dir).items()])
+    args = load_args(None, as_overrides(pt_config(tmp_path, tiny_model_dir)))
     rows = tokenize_texts(Dataset.from_dict({"text": TEXTS[:3]}), tiny_tokenizer, args.data, "train")
     eos = tiny_tokenizer.eos_token_id
     stream = [t for text in TEXTS[:3] for t in [*tiny_tokenizer.encode(text, add_special_tokens=False), eos]]
@@ -87,4 +86,4 @@ def test_pt_refuses_do_predict(tmp_path, tiny_model_dir):
 
     config = pt_config(tmp_path, tiny_model_dir, do_predict=True, predict_with_generate=True)
     with pytest.raises(SftflowError, match="do_predict: false"):
-        run_stage(load_args(None, [f"{k}={v}" for k, v in config.items()]))
+        run_stage(load_args(None, as_overrides(config)))

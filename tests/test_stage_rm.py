@@ -4,49 +4,13 @@ adapter holds the score head, and the same outputs as sft are written."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import pytest
+
+from helpers import pair_config
 from sftflow.config import load_args
 
-# Learnable preference: the chosen answer ends with the signature "Wren", the rejected one does not.
-PAIRS = [
-    {
-        "instruction": f"What is {a} plus {b}?",
-        "chosen": f"{a} plus {b} is {a + b}. Wren",
-        "rejected": f"{a} plus {b} is {a + b}.",
-    }
-    for a in range(1, 9)
-    for b in range(1, 5)
-]
-
-
-def write_pairs(tmp_path: Path) -> None:
-    (tmp_path / "pairs.json").write_text(json.dumps(PAIRS))
-    entry = {"file_name": "pairs.json", "ranking": True}
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"pairs": entry}))
-
-
-def pair_config(tmp_path: Path, model_dir: Path, **overrides) -> list[str]:
-    write_pairs(tmp_path)
-    config = {
-        "model_name_or_path": str(model_dir),
-        "dataset_dir": str(tmp_path),
-        "dataset": "pairs",
-        "val_size": 8,
-        "cutoff_len": 64,
-        "lora_rank": 8,
-        "output_dir": str(tmp_path / "out"),
-        "do_train": True,
-        "do_eval": True,
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 8,
-        "learning_rate": 3e-2,
-        "max_steps": 10,
-        "logging_steps": 1,
-        "tokenized_cache_dir": str(tmp_path / "cache"),
-        **overrides,
-    }
-    return [f"{k}={v}" for k, v in config.items()]
+pytestmark = pytest.mark.integration  # both tests run the rm recipe
 
 
 def test_rm_learns_the_preference_and_saves_the_score_head(tmp_path, tiny_model_dir):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import build_tokenizer
 from sftflow.data.converters import convert_row
 from sftflow.data.encode import IGNORE_INDEX, encode_pairwise, encode_prompt, encode_sft
 from sftflow.data.inspect import format_report, render_example
@@ -68,7 +69,6 @@ def answer(text: str) -> dict:
 @pytest.fixture(scope="module")
 def qwen_tok(tmp_path_factory):
     """The tiny tokenizer with the Qwen3-style template above as its own chat template."""
-    from conftest import build_tokenizer
 
     tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
     tok.chat_template = QWEN3_STYLE
