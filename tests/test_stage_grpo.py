@@ -393,3 +393,14 @@ def test_grpo_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     steps = [json.loads(line)["step"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert steps.count(5) >= 1 and steps.count(3) == 1  # steps after the checkpoint appended once
     assert result.metrics["epoch"] > 0
+
+
+@pytest.mark.integration
+def test_grpo_evaluates_the_rewards_of_held_out_prompts(tmp_path, tiny_model_dir):
+    from sftflow.stages.registry import run_stage
+
+    result = run_stage(
+        grpo_args(tmp_path, tiny_model_dir, do_eval=True, val_size=4, per_device_eval_batch_size=4)
+    )
+    assert "eval_reward" in result.metrics and "eval_rewards/low_half/mean" in result.metrics
+    assert (tmp_path / "out" / "eval_results.json").is_file()
