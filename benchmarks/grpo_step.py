@@ -10,7 +10,8 @@ sftflow: the run's config (`--config`, default examples/grpo_demo.yaml) through 
 template, LoRA, Resilience). TRL: `GRPOTrainer(model=<the same model dir>, reward_funcs=<the same reward>,
 args=GRPOConfig(<only output_dir, num_generations, max_completion_length, per_device_train_batch_size,
 max_steps, learning_rate, lr schedule, seed>), peft_config=<the same LoRA>)` on the same conversational
-prompts: everything else is TRL's default (bf16, gradient checkpointing on, ...). sftflow's steps run first,
+prompts: everything else is TRL's default (bf16, gradient checkpointing on, ...; on a machine without CUDA
+`use_cpu: true`, which TRL's bf16 default needs there; `--trl-fp32` sets bf16: false). sftflow's steps run first,
 then TRL's (`--rounds` timed steps each, after one warm-up step); the median of each part is reported.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/grpo_step.py --rounds 3
@@ -89,6 +90,7 @@ def sftflow_trainer(config: str, out: Path, steps: int) -> tuple[Any, Any]:
             "logging_steps=1",
         ],
     )
+    out.mkdir(parents=True)
     tokenizer = load_chat_tokenizer(args.model, args.data)
     finetuning = args.finetuning
     rewards = load_rewards(
@@ -104,7 +106,8 @@ def sftflow_trainer(config: str, out: Path, steps: int) -> tuple[Any, Any]:
     return trainer, args
 
 
-def trl_trainer(args: Any, rewards: list[Any], out: Path, steps: int) -> Any:
+def trl_trainer(args: Any, rewards: list[Any], out: Path, steps: int, fp32: bool) -> Any:
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
@@ -130,6 +133,8 @@ def trl_trainer(args: Any, rewards: list[Any], out: Path, steps: int) -> Any:
         report_to="none",
         save_strategy="no",
         logging_steps=1,
+        use_cpu=not torch.cuda.is_available(),  # TRL's bf16 default refuses a GPU-less machine without it
+        **({"bf16": False} if fp32 else {}),
     )
     lora = LoraConfig(
         r=finetuning.lora_rank,
@@ -166,11 +171,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="timed steps per trainer (after 1 warm-up step)"
     )
+    parser.add_argument("--trl-fp32", action="store_true", help="TRL with bf16: false (sftflow's CPU dtype)")
     options = parser.parse_args()
     steps = options.rounds + 1
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(ROOT):
         ours, args = sftflow_trainer(options.config, Path(tmp) / "sftflow", steps)
-        theirs = trl_trainer(args, list(ours.reward_funcs), Path(tmp) / "trl", steps)
+        theirs = trl_trainer(args, list(ours.reward_funcs), Path(tmp) / "trl", steps, options.trl_fp32)
         results = {}
         for name, trainer in (("sftflow", ours), ("trl_defaults", theirs)):
             times = instrument(trainer)

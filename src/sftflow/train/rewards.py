@@ -50,13 +50,24 @@ RewardFunc = Callable[..., list[float | None]]
 TRL_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
 
 
-def answer_text(completion: str, words: tuple[str, str]) -> str:
+def text_of(completion: Any) -> str:
+    """A completion's text: sftflow passes text; TRL's conversational form is a list of messages.
+
+    >>> text_of("4"), text_of([{"role": "assistant", "content": "4"}])
+    ('4', '4')
+    """
+    if isinstance(completion, list):
+        return "".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def answer_text(completion: Any, words: tuple[str, str]) -> str:
     """The completion without its thought, stripped.
 
     >>> answer_text("<think>\\nhm\\n</think>\\n\\n 4 ", ("<think>", "</think>"))
     '4'
     """
-    return split_thought(completion, words)[1].strip()
+    return split_thought(text_of(completion), words)[1].strip()
 
 
 def final_answer(text: str) -> str:
@@ -64,7 +75,7 @@ def final_answer(text: str) -> str:
     "answer is", else the whole text.
 
     >>> final_answer(r"so \boxed{42}."), final_answer("The answer is 7."), final_answer("4")
-    ('42', '7.', '4')
+    ('42', ' 7.', '4')
     """
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     if boxed:
@@ -162,7 +173,7 @@ def builtin_rewards(
         return [float(regex.search(answer_text(c, words)) is not None) for c in completions]
 
     def think_format(completions: list[str], **kwargs: Any) -> list[float]:
-        return [float(think.match(c) is not None) for c in completions]
+        return [float(think.match(text_of(c)) is not None) for c in completions]
 
     def overlong_penalty(
         completions: list[str], completion_ids: list[list[int]], **kwargs: Any
