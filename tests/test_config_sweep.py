@@ -19,7 +19,7 @@ import yaml
 
 from sftflow.config.coerce import keywords
 from sftflow.config.parser import all_classes, args_from_dict, field_index, resolved_hints
-from sftflow.config.validate import RANGES
+from sftflow.config.validate import GRPO_KEYS, RANGES
 from sftflow.errors import SftflowError
 
 BASE = {"model_name_or_path": "some/model", "output_dir": "/tmp/sftflow-sweep-out"}
@@ -160,6 +160,8 @@ CONTEXT: dict[str, dict[str, Any]] = {
         for k in ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_revision", "hub_always_push")
     },
     "dataloader_persistent_workers": {"dataloader_num_workers": 1},
+    "reward_funcs": {"stage": "grpo"},
+    **{k: {"stage": "grpo", "reward_funcs": ["answer_match"]} for k in GRPO_KEYS if k != "reward_funcs"},
 }
 
 # context that other rules need (a valid combination), not refused as "no effect" without it
@@ -225,6 +227,10 @@ VALUES: dict[str, Any] = {
     "tf32": False,
     "quantization_method": "bnb",  # the only method that works (hqq is refused with the reason)
     "serve_batching": "dynamic",  # the one batched path (continuous was removed, issue #23)
+    "reward_funcs": ["length_target"],
+    "reward_weights": [0.5],
+    "reward_kwargs": {"answer_column": "gold"},
+    "num_generations": 2,  # the default batch (8) holds whole groups
 }
 # keys set to a value equal to HF's default but not sftflow's, or whose landing transformers rewrites
 NOT_COMPARED = {

@@ -188,8 +188,8 @@ class DataArguments:
 class FinetuningArguments:
     """What to train and what to write besides the model."""
 
-    stage: Literal["pt", "sft", "rm", "dpo", "kto"] = "sft"
-    """Training stage. pt: continued pre-training on plain text; sft: supervised fine-tuning on conversations; rm: a pairwise reward model; dpo: preference tuning (DPO / IPO / hinge / ORPO / SimPO, see pref_loss); kto: KTO on answers tagged good or bad (kto_tag). rm and dpo read ranking: true datasets."""
+    stage: Literal["pt", "sft", "rm", "dpo", "kto", "grpo"] = "sft"
+    """Training stage. pt: continued pre-training on plain text; sft: supervised fine-tuning on conversations; rm: a pairwise reward model; dpo: preference tuning (DPO / IPO / hinge / ORPO / SimPO, see pref_loss); kto: KTO on answers tagged good or bad (kto_tag); grpo: reinforcement with verifiable rewards on prompts (reward_funcs). rm and dpo read ranking: true datasets."""
 
     finetuning_type: Literal["lora", "oft", "full", "freeze"] = "lora"
     """lora: train low-rank adapters; oft: orthogonal fine-tuning adapters (PEFT OFT); full: train every weight; freeze: train only the last layers."""
@@ -259,6 +259,45 @@ class FinetuningArguments:
 
     kto_rejected_weight: float = 1.0
     """kto: weight of the loss on undesirable answers (kto_tag: false)."""
+
+    reward_funcs: list[str] | None = None
+    """grpo: the reward functions, comma-separated: built-ins (answer_match, normalized_match, regex_match, think_format, overlong_penalty, length_target, concise) or your own as module:function or path/to/file.py:function. Each gets prompts, completions (text) and the data's extra columns (e.g. answer) and returns one number (or None) per completion."""
+
+    reward_weights: list[float] | None = None
+    """grpo: the weight of each reward function, comma-separated, one per reward_funcs entry (default: all 1). The reward of a completion is the weighted sum."""
+
+    reward_kwargs: dict | None = None
+    """grpo: settings of the built-in rewards, e.g. {"regex": "^[0-9]+$", "answer_column": "answer", "target_words": 6, "max_words": 26, "overlong_buffer": 16}; see docs/stages.md."""
+
+    num_generations: int = 4
+    """grpo: completions sampled per prompt (G, TRL's num_generations); the advantage of each is its reward against its group's. The global batch (per_device_train_batch_size x gradient_accumulation_steps x processes) must be a multiple of it."""
+
+    max_completion_length: int = 256
+    """grpo: max new tokens per sampled completion (TRL's max_completion_length)."""
+
+    beta: float = 0.0
+    """grpo: weight of the KL penalty to the reference (TRL's beta; 0 = no reference model is used or loaded). With LoRA the reference is the base with the adapter disabled; otherwise a frozen copy of the starting model."""
+
+    epsilon: float = 0.2
+    """grpo: clipping range of the importance ratio (TRL's epsilon, the lower bound with epsilon_high)."""
+
+    epsilon_high: float | None = None
+    """grpo: upper clipping range (DAPO's clip-higher, e.g. 0.28; default: epsilon)."""
+
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """grpo: how token losses are averaged (TRL's loss_type): grpo = per completion then per batch; dr_grpo = sum over a fixed max_completion_length (no length bias); dapo (default) = over all tokens of the global batch; bnpo = over the tokens of the local batch."""
+
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo: divide advantages by the reward std of the group (GRPO), of the whole batch, or not at all (none, as in Dr. GRPO)."""
+
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """grpo: importance ratios per token (GRPO) or one per completion (GSPO)."""
+
+    mask_truncated_completions: bool = False
+    """grpo: leave completions cut at max_completion_length out of the loss (DAPO)."""
+
+    num_iterations: int = 1
+    """grpo: optimisation passes over each generated batch (TRL's num_iterations, GRPO's mu); above 1 the clipped ratio matters."""
 
     loraplus_lr_ratio: float | None = None
     """LoRA+: the LoRA B matrices learn at loraplus_lr_ratio x learning_rate (PEFT create_loraplus_optimizer; 16 is the paper's choice)."""
@@ -399,13 +438,13 @@ class GeneratingArguments:
     """Sample instead of greedy decoding."""
 
     temperature: float = 0.95
-    """Sampling temperature (with do_sample)."""
+    """Sampling temperature (with do_sample). stage grpo: the temperature of the sampled completions, 1.0 (TRL's) unless set."""
 
     top_p: float = 0.7
-    """Nucleus sampling mass (with do_sample)."""
+    """Nucleus sampling mass (with do_sample). stage grpo: of the sampled completions, 1.0 (TRL's) unless set."""
 
     top_k: int = 50
-    """Top-k sampling (with do_sample)."""
+    """Top-k sampling (with do_sample). stage grpo: of the sampled completions, off unless set."""
 
     num_beams: int = 1
     """Beam search width (1 = no beam search)."""
@@ -414,7 +453,7 @@ class GeneratingArguments:
     """Max tokens generated per answer."""
 
     repetition_penalty: float = 1.0
-    """Penalty > 1 discourages repeating tokens."""
+    """Penalty > 1 discourages repeating tokens (stage grpo: also in the sampled completions)."""
 
     onednn_linear: bool = True
     """chat / api on a CPU: float32 Linear layers through oneDNN (same tokens, faster)."""

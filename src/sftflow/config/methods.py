@@ -8,6 +8,7 @@ the DFT loss in train/loss.py, KTO in stages/kto.py, SimPO in train/preference.p
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow.errors import SftflowError
@@ -143,6 +144,8 @@ def check_methods(
         raise SftflowError(f"simpo_gamma must be >= 0, got {finetuning.simpo_gamma}.")
     if stage == "kto":
         check_kto(data, finetuning, training)
+    if stage == "grpo":
+        check_grpo(data, finetuning, training)
 
 
 def check_kto(
@@ -174,6 +177,132 @@ def check_kto(
         )
     if min(finetuning.kto_chosen_weight, finetuning.kto_rejected_weight) <= 0:
         raise SftflowError("kto_chosen_weight and kto_rejected_weight must be > 0.")
+
+
+# grpo's built-in rewards (train/rewards.py) -> the reward_kwargs each reads
+REWARD_BUILTINS: dict[str, tuple[str, ...]] = {
+    "answer_match": ("answer_column",),
+    "normalized_match": ("answer_column",),
+    "regex_match": ("regex",),
+    "think_format": ("think_open", "think_close"),
+    "overlong_penalty": ("overlong_buffer",),
+    "length_target": ("target_words", "max_words", "min_words"),
+}
+
+
+def reward_kwarg_problems(reward_funcs: list[str], reward_kwargs: dict[str, Any]) -> list[str]:
+    """What is wrong with `reward_kwargs` for these reward functions: unknown keys, keys no listed
+    built-in reads, a regex_match without a valid regex.
+
+    >>> reward_kwarg_problems(["length_target"], {"regex": "a"})
+    ['reward_kwargs.regex is read by regex_match, which reward_funcs does not list']
+    """
+    import re
+
+    readers: dict[str, list[str]] = {}
+    for name, keys in REWARD_BUILTINS.items():
+        for key in keys:
+            readers.setdefault(key, []).append(name)
+    problems = []
+    for key in reward_kwargs:
+        if key not in readers:
+            problems.append(
+                f"reward_kwargs.{key} is not a setting of a built-in reward (known: {', '.join(readers)})"
+            )
+        elif not set(readers[key]) & set(reward_funcs):
+            problems.append(
+                f"reward_kwargs.{key} is read by {' or '.join(readers[key])}, which reward_funcs does not list"
+            )
+    if "regex_match" in reward_funcs:
+        pattern = reward_kwargs.get("regex")
+        if not isinstance(pattern, str) or not pattern:
+            problems.append(
+                'regex_match needs reward_kwargs.regex, the pattern a completion must contain (e.g. "^[0-9]+$")'
+            )
+        else:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"reward_kwargs.regex {pattern!r} is not a valid regular expression: {exc}")
+    return problems
+
+
+def reward_name_problem(name: str) -> str | None:
+    """Why a reward_funcs entry cannot name a function (None when it can): a built-in, `module:function`
+    or `path/to/file.py:function` (the file must exist).
+
+    >>> reward_name_problem("answer_match") is None, reward_name_problem("exact")
+    (True, "reward_funcs: 'exact' is not a built-in reward (answer_match, normalized_match, regex_match, think_format, overlong_penalty, length_target); name your own as module:function or path/to/file.py:function")
+    """
+    if name in REWARD_BUILTINS:
+        return None
+    module, sep, function = name.rpartition(":")
+    if not sep:
+        return (
+            f"reward_funcs: {name!r} is not a built-in reward ({', '.join(REWARD_BUILTINS)}); name your own as "
+            "module:function or path/to/file.py:function"
+        )
+    if not module or not function.isidentifier():
+        return f"reward_funcs: {name!r} must be module:function or path/to/file.py:function"
+    if module.endswith(".py") and not Path(module).is_file():
+        return f"reward_funcs: {name!r}: file {module} not found (relative to the working dir {Path.cwd()})"
+    return None
+
+
+def check_grpo(
+    data: DataArguments, finetuning: FinetuningArguments, training: Seq2SeqTrainingArguments
+) -> None:
+    """GRPO compares num_generations completions of each prompt, so a batch holds whole groups; rewards
+    must be nameable and weighted one to one.
+
+    Raises:
+        SftflowError: naming the key and the fix.
+    """
+    funcs = finetuning.reward_funcs or []
+    if training.do_train and not funcs:
+        raise SftflowError(
+            "stage: grpo needs reward_funcs, the functions that score each completion (e.g. reward_funcs: "
+            "answer_match, or my_rewards.py:score); see docs/stages.md."
+        )
+    problems = [problem for name in funcs if (problem := reward_name_problem(name))]
+    if len(set(funcs)) != len(funcs):
+        problems.append(
+            f"reward_funcs lists a function twice: {funcs}; weight it with reward_weights instead"
+        )
+    weights = finetuning.reward_weights
+    if weights is not None and len(weights) != len(funcs):
+        problems.append(
+            f"reward_weights has {len(weights)} values for {len(funcs)} reward_funcs; give one weight per function"
+        )
+    problems += reward_kwarg_problems(funcs, finetuning.reward_kwargs or {})
+    if problems:
+        raise SftflowError("\n".join(problems))
+    g = finetuning.num_generations
+    processes = max(1, training.world_size)
+    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * processes
+    if training.do_train and batch % g:
+        raise SftflowError(
+            f"stage: grpo needs the global batch (per_device_train_batch_size {training.per_device_train_batch_size} "
+            f"x gradient_accumulation_steps {training.gradient_accumulation_steps} x {processes} processes = {batch}) "
+            f"to be a multiple of num_generations ({g}): each prompt's completions are compared within one batch. "
+            f"Set per_device_train_batch_size: {g} (or a multiple), or num_generations to a divisor of {batch}."
+        )
+    eval_batch = training.per_device_eval_batch_size * processes
+    if training.do_eval and eval_batch % g:
+        raise SftflowError(
+            f"stage: grpo evaluates whole groups: per_device_eval_batch_size x processes ({eval_batch}) must be a "
+            f"multiple of num_generations ({g}); set per_device_eval_batch_size: {g}."
+        )
+    if finetuning.epsilon_high is not None and finetuning.epsilon_high < finetuning.epsilon:
+        raise SftflowError(
+            f"epsilon_high ({finetuning.epsilon_high}) must be >= epsilon ({finetuning.epsilon}): it is the upper "
+            "clipping range (DAPO's clip-higher)."
+        )
+    if data.streaming or data.packing:
+        raise SftflowError(
+            "stage: grpo reads its prompts into memory and generates from each one; set streaming: false and "
+            "packing: false."
+        )
 
 
 # stages LLaMA-Factory has and sftflow does not: the reason, for `check_stage_name`

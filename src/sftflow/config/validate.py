@@ -39,6 +39,11 @@ def check_stage(
             "stage: dpo does not predict; set do_predict: false (do_eval reports the preference metrics on the "
             "held-out pairs; `sftflow predict` answers prompts with the tuned adapter)."
         )
+    if stage == "grpo" and training.do_predict:
+        raise SftflowError(
+            "stage: grpo does not predict; set do_predict: false (`sftflow predict` answers prompts with the tuned "
+            "adapter; do_eval samples completions of the held-out prompts and reports their rewards)."
+        )
     if stage in ("rm", "dpo"):
         check_pairwise(model, data, finetuning)
     check_methods(model, data, finetuning, training)  # per-method rules (config/methods.py)
@@ -260,6 +265,12 @@ RANGES: dict[str, Range] = {
     "simpo_gamma": NON_NEGATIVE,
     "kto_chosen_weight": NON_NEGATIVE,
     "kto_rejected_weight": NON_NEGATIVE,
+    "num_generations": Range(2, hint="completions per prompt; a group needs 2+ to compare"),
+    "max_completion_length": AT_LEAST_ONE,
+    "beta": NON_NEGATIVE,
+    "epsilon": POSITIVE,
+    "epsilon_high": POSITIVE,
+    "num_iterations": AT_LEAST_ONE,
     "loraplus_lr_ratio": POSITIVE,
     "loraplus_lr_embedding": NON_NEGATIVE,
     "pissa_iter": Range(-1, hint="-1 = exact SVD"),
@@ -349,6 +360,21 @@ LORA_KEYS = (
 )
 FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
 DPO_KEYS = ("pref_beta", "pref_loss", "pref_ftx")
+GRPO_KEYS = (
+    "reward_funcs",
+    "reward_weights",
+    "reward_kwargs",
+    "num_generations",
+    "max_completion_length",
+    "beta",
+    "epsilon",
+    "epsilon_high",
+    "loss_type",
+    "scale_rewards",
+    "importance_sampling_level",
+    "mask_truncated_completions",
+    "num_iterations",
+)
 HUB_KEYS = ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_revision", "hub_always_push")
 
 
@@ -373,6 +399,8 @@ def no_effect(
         return f"{key} applies to finetuning_type: freeze only (this run uses {tuning})"
     if key in DPO_KEYS and stage not in ("dpo", "kto"):
         return f"{key} applies to stage: dpo only (this run is stage: {stage})"
+    if key in GRPO_KEYS and stage != "grpo":
+        return f"{key} applies to stage: grpo only (this run is stage: {stage})"
     if key in ("quantization_type", "double_quantization") and model.quantization_bit != 4:
         return f"{key} applies to quantization_bit: 4 only"
     if key == "buffer_size" and not data.streaming:

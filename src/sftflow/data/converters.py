@@ -19,6 +19,10 @@ The common form depends on the stage (what the tokenizers in `encode.py` read):
   turn); ``chosen`` and ``rejected`` are the two assistant answers to it.
 * ``kto`` (a ``kto_tag`` column, LLaMA-Factory's KTO form): the sft form plus ``"kto_tag": bool``, whether
   the last answer is desirable (true) or undesirable (false).
+* ``grpo``: ``{"messages": [...], "tools": str, "extra": str}``: the prompt (it ends with a user or tool
+  turn; a conversation's final assistant answer, or alpaca's response column, is taken off it) and, as a
+  JSON object string, what the rewards get besides it: that answer as ``answer`` and every column the
+  registry entry does not map, under its own name (e.g. a ``solution`` column).
 
 A row that cannot make a valid example raises `RowError` with the field and the reason; the loader adds
 the dataset, file and row number.
@@ -32,7 +36,7 @@ from typing import Any, Literal
 from sftflow.data.thinking import inline_thought, split_thought
 
 Message = dict[str, str]
-Stage = Literal["pt", "sft", "rm", "kto"]
+Stage = Literal["pt", "sft", "rm", "kto", "grpo"]
 
 
 class RowError(ValueError):
@@ -262,6 +266,8 @@ def convert_row(
         chosen = _answer(row, columns.get("chosen", "chosen"), answer_tags)
         rejected = _answer(row, columns.get("rejected", "rejected"), answer_tags)
         return {"messages": messages, "chosen": chosen, "rejected": rejected, "tools": _tools(row, columns)}
+    if stage == "grpo":
+        return grpo_prompt(row, formatting, columns, tags)
     if formatting == "alpaca":
         messages = alpaca_to_messages(row, columns)
     else:
@@ -289,3 +295,40 @@ def kto_tag(row: dict[str, Any], column: str) -> bool:
     if isinstance(value, (int, str)) and str(value).strip().lower() in words:
         return words[str(value).strip().lower()]
     raise RowError(f"column {column!r} (kto_tag) must be true or false, got {_short(value)}")
+
+
+def grpo_prompt(
+    row: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str]
+) -> dict[str, Any]:
+    """A grpo prompt: the conversation without its final answer, and the extra columns for the rewards.
+
+    >>> grpo_prompt({"instruction": "2+2?", "output": "4", "level": 1}, "alpaca",
+    ...     {"prompt": "instruction", "query": "input", "response": "output"}, {})["extra"]
+    '{"level": 1, "answer": "4"}'
+    """
+    if formatting == "alpaca":
+        messages = alpaca_to_messages(row, columns, need_response=False)
+        answer = _text(row, columns.get("response")) or None
+    else:
+        field = columns.get("messages", "conversations")
+        turns = row.get(field)
+        last = turns[-1] if isinstance(turns, list) and turns else None
+        answer = None
+        if isinstance(last, dict) and _turn(last, len(turns) - 1, tags, field)[0]["role"] == "assistant":
+            answer = _turn(last, len(turns) - 1, tags, field)[0]["content"]
+            row = {**row, field: turns[:-1]}
+        messages = sharegpt_to_messages(row, columns, tags, need_response=False)
+    mapped = set(columns.values())
+    extra = {key: value for key, value in row.items() if key not in mapped}
+    if answer is not None:
+        if "answer" in extra and extra["answer"] != answer:
+            raise RowError(
+                "the row has an answer column and a final answer (response column or last assistant turn); "
+                "keep one, or map the response column to another name"
+            )
+        extra["answer"] = answer
+    try:
+        text = json.dumps(extra, ensure_ascii=False, default=str)
+    except (TypeError, ValueError) as exc:
+        raise RowError(f"the extra columns {sorted(extra)} cannot be passed to the rewards: {exc}") from None
+    return {"messages": messages, "tools": _tools(row, columns), "extra": text}

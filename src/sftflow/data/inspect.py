@@ -157,6 +157,14 @@ def log_examples(prepared: Prepared, tokenizer: PreTrainedTokenizerBase, rows: i
                 tokenizer.decode(example["rejected_ids"][cut : example["rejected_end"]]),
             )
             continue
+        if "extra" in example:  # grpo: a prompt to sample from, and what the rewards get besides it
+            logger.info(
+                "prompt %d\n--- prompt ---\n%s\n--- to the rewards ---\n%s",
+                i,
+                example["prompt"],
+                example["extra"],
+            )
+            continue
         trained = [t for t in example["labels"] if t != IGNORE_INDEX]
         logger.info(
             "example %d (%d tokens, %d trained)\n--- input ---\n%s\n--- trained on ---\n%s",

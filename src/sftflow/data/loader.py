@@ -66,6 +66,8 @@ def features_for(stage: Stage) -> Features:
         )
     if stage == "kto":
         return Features({"messages": message, "tools": Value("string"), "kto_tag": Value("bool")})
+    if stage == "grpo":
+        return Features({"messages": message, "tools": Value("string"), "extra": Value("string")})
     return Features({"messages": message, "tools": Value("string")})
 
 
@@ -78,6 +80,8 @@ def _placeholder(stage: Stage) -> dict[str, Any]:
         return {"messages": message, "chosen": "", "rejected": "", "tools": ""}
     if stage == "kto":
         return {"messages": message, "tools": "", "kto_tag": False}
+    if stage == "grpo":
+        return {"messages": message, "tools": "", "extra": "{}"}
     return {"messages": message, "tools": ""}
 
 

@@ -8,6 +8,7 @@ result, so what they show is what training gets. The stage picks the data form:
   - sft: conversations -> input_ids/labels (`encode_sft`, the cutoff policy of `encode.py`);
   - rm, dpo: preference pairs -> chosen_ids/rejected_ids on one shared prompt (`encode_pairwise`);
   - kto: tagged conversations (kto_tag) -> the sft encoding with only the last answer trained, + `label`;
+  - grpo: prompts -> the rendered generation prompt (`prompt`) and the rewards' extra columns (`tokenize_grpo`);
   - predict prompts: `tokenize_prompts` (generation inputs from held-out conversations).
 
 Rows stay in dataset order; a run shuffles its training split after the step (`shuffled`). The tokenized
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # stage -> the data form its datasets are read and tokenized in (rm and dpo share pairs)
-FORMS = {"pt": "pt", "sft": "sft", "rm": "rm", "dpo": "rm", "kto": "kto"}
+FORMS = {"pt": "pt", "sft": "sft", "rm": "rm", "dpo": "rm", "kto": "kto", "grpo": "grpo"}
 
 
 @dataclass
@@ -111,6 +112,8 @@ def prepare(
             tokenized[split] = None
         elif form == "pt":
             tokenized[split] = tokenize_texts(rows, tokenizer, data, split, stats.setdefault(split, {}))
+        elif form == "grpo":
+            tokenized[split] = tokenize_grpo(rows, tokenizer, data, split, stats.setdefault(split, {}))
         elif form in ("sft", "kto"):  # kto: the completion is the last answer, so only it is trained
             form_data = dataclasses.replace(data, mask_history=True) if form == "kto" else data
             tokenized[split] = tokenize_sft(
@@ -468,3 +471,70 @@ def tokenize_prompts(
         logger.warning("predict: skipped %d prompts longer than cutoff_len.", len(conversations) - len(ids))
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     return Dataset.from_dict({"input_ids": [ids[i] for i in order]}), [rows[i] for i in order]
+
+
+def grpo_prompt_text(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], thinking: Thinking | None
+) -> str:
+    """The generation prompt of a grpo prompt conversation (it ends with a user or tool turn), as predict
+    renders it: the template's generation prompt, in the thinking mode (enable_thinking false or null: the
+    empty thought block ends it)."""
+    if thinking is None:
+        return render(tokenizer, messages, add_generation_prompt=True)
+    return thinking_prompt(tokenizer, [*messages, {"role": "assistant", "content": ""}], thinking)
+
+
+def tokenize_grpo(
+    prompts: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataArguments,
+    split: str,
+    stats: dict[str, Any] | None = None,
+) -> Any:
+    """grpo prompts -> `prompt` (the rendered generation prompt, tokenized again by the trainer without
+    special tokens) and `extra` (the JSON of the rewards' extra columns). Prompts longer than cutoff_len are
+    dropped and counted; `stats` gets the prompt lengths and duplicates (conflicting: a prompt repeated with
+    other extra columns).
+
+    Raises:
+        SftflowError: no prompt fits cutoff_len.
+    """
+    thinking = resolve_thinking(tokenizer, data.enable_thinking, data.preserve_thinking)
+
+    def encode(row: dict) -> dict:
+        text = grpo_prompt_text(tokenizer, row["messages"], thinking)
+        length = len(tokenizer.encode(text, add_special_tokens=False))
+        return {
+            "prompt": text,
+            "extra": row["extra"],
+            "length": length,
+            "key": _digest([row["messages"], row["extra"]]),
+            "prompt_key": _digest(row["messages"]),
+            "answer_key": _digest(row["extra"]),
+        }
+
+    encoded = prompts.map(
+        encode,
+        remove_columns=prompts.column_names,
+        num_proc=_num_proc(data, prompts),
+        desc=f"Rendering {split} prompts",
+    )
+    lengths = encoded["length"]
+    digests = {name: encoded[name] for name in ("key", "prompt_key", "answer_key")}
+    kept = [i for i, n in enumerate(lengths) if n <= data.cutoff_len]
+    if not kept:
+        raise SftflowError(f"{split}: no prompt fits cutoff_len={data.cutoff_len}; raise cutoff_len.")
+    if len(kept) < len(encoded):
+        logger.warning(
+            "%s: dropped %d of %d prompts longer than cutoff_len=%d. Raise cutoff_len to keep them.",
+            split,
+            len(encoded) - len(kept),
+            len(encoded),
+            data.cutoff_len,
+        )
+        encoded = encoded.select(kept)
+    if stats is not None:
+        kept_lengths = [lengths[i] for i in kept]
+        facts = {"length": kept_lengths, "n_trained": [0] * len(kept), "full_length": lengths, **digests}
+        stats.update(summarize(facts, truncated=0, dropped=len(lengths) - len(kept)))
+    return encoded.remove_columns(["length", *digests])

@@ -1,4 +1,4 @@
-"""`sftflow train`: run the recipe of the configured `stage` (pt, sft, rm, dpo or kto).
+"""`sftflow train`: run the recipe of the configured `stage` (pt, sft, rm, dpo, kto or grpo).
 
 Each stage is one recipe function in its own module; they share the steps of `sftflow.train.steps`.
 """
@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "rm": ("sftflow.stages.rm", "run_rm"),
     "dpo": ("sftflow.stages.dpo", "run_dpo"),
     "kto": ("sftflow.stages.kto", "run_kto"),
+    "grpo": ("sftflow.stages.grpo", "run_grpo"),
 }
 
 

@@ -32,7 +32,7 @@ MAX_SAMPLES = 50
 # the outcome first, the config last (it is what the board opens for a run)
 SECTIONS = ("base-vs-tuned", "lm-eval", "curves", "samples", "metrics", "data", "config")
 # PNGs the run writes (train.plotting) -> the logged series each draws
-CURVES = {"training_loss.png": "loss", "training_eval_loss.png": "eval_loss"}
+CURVES = {"training_loss.png": "loss", "training_eval_loss.png": "eval_loss", "training_reward.png": "reward"}
 # outcome metrics shown as numbers when there is no base-vs-tuned comparison
 OUTCOME = ("eval_loss", "eval_perplexity", "eval_accuracy", "predict_accuracy", "predict_margin")
 RUN_FILES = (
@@ -196,7 +196,16 @@ def data_section(output_dir: Path, work_dir: Path) -> str:
         ],
         ["trained share of tokens", f"{train['trained_share']:.1%}"],
     ]
-    if "duplicates" in train:
+    if meta.get("stage") == "grpo":  # prompts only: nothing is trained from the data itself
+        rows = [row for row in rows if "trained" not in row[0]]
+        rows[2][0] = "prompt length in tokens"
+        rows.append(
+            [
+                "duplicates",
+                f"{train['duplicates']} exact, {train['conflicting']} prompts with differing columns",
+            ]
+        )
+    elif "duplicates" in train:
         eot = ", ".join(meta.get("eot_tokens", []))
         rows += [
             [
@@ -261,6 +270,13 @@ def curves_section(output_dir: Path, log: list[dict[str, Any]], work_dir: Path) 
         note = (
             f"<p>train loss {fmt(first['loss'])} at step {first.get('step')} &rarr; "
             f"{fmt(last['loss'])} at step {last.get('step')} ({len(steps)} logged points).</p>"
+        )
+    rewards = [e for e in log if "reward" in e and "loss" in e]
+    if len(rewards) > 1:
+        first, last = rewards[0], rewards[-1]
+        note += (
+            f"<p>mean reward {fmt(first['reward'])} at step {first.get('step')} &rarr; {fmt(last['reward'])} at "
+            f"step {last.get('step')}.</p>"
         )
     return (
         note + "".join(single) + '<div class="grid">' + "".join(png_tag(p, p.name) for p in pngs) + "</div>"

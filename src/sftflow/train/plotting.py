@@ -23,7 +23,8 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
 
 
 def plot_losses(log_history: list[dict], output_dir: str | Path) -> list[Path]:
-    """Write training_loss.png (raw and smoothed) and training_eval_loss.png if eval loss was logged.
+    """Write training_loss.png (raw and smoothed), training_eval_loss.png if eval loss was logged and
+    training_reward.png if a reward was (grpo).
 
     Returns:
         The paths written (empty when there was no training loss logged).
@@ -35,8 +36,9 @@ def plot_losses(log_history: list[dict], output_dir: str | Path) -> list[Path]:
 
     written = []
     for key, file_name, label in (
-        ("loss", "training_loss.png", "train"),
-        ("eval_loss", "training_eval_loss.png", "eval"),
+        ("loss", "training_loss.png", "train loss"),
+        ("eval_loss", "training_eval_loss.png", "eval loss"),
+        ("reward", "training_reward.png", "train reward"),  # grpo: the weighted reward of the completions
     ):
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
         if not points:
@@ -49,13 +51,13 @@ def plot_losses(log_history: list[dict], output_dir: str | Path) -> list[Path]:
             color="#1f77b4",
             alpha=0.35 if len(points) > 1 else 1.0,
             marker="o" if len(points) < 20 else None,
-            label=f"{label} loss",
+            label=label,
         )
         if len(points) > 1:
             ax.plot(steps, smooth(list(values)), color="#1f77b4", label="smoothed")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{label} loss of {Path(output_dir).name}")
+        ax.set_ylabel(key.removeprefix("eval_"))
+        ax.set_title(f"{label} of {Path(output_dir).name}")
         ax.legend()
         ax.grid(alpha=0.3)
         path = Path(output_dir) / file_name

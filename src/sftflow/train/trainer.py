@@ -94,7 +94,8 @@ def example_lengths(inputs: dict[str, Any], pad_token_id: int | None = None) -> 
 
     sft/pt batches hold examples (padded or packed, `sequence_lengths`); rm and dpo batches stack the
     chosen and the rejected sequence of each pair in `input_ids`/`attention_mask`, so both are counted;
-    ORPO's batches keep them apart as `chosen_attention_mask` and `rejected_attention_mask`.
+    ORPO's batches keep them apart as `chosen_attention_mask` and `rejected_attention_mask`; grpo's hold
+    each completion (`completion_mask`) after its prompt (`prompt_mask`).
 
     >>> import torch
     >>> example_lengths({"chosen_attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
@@ -103,6 +104,8 @@ def example_lengths(inputs: dict[str, Any], pad_token_id: int | None = None) -> 
     """
     if "input_ids" in inputs:
         return sequence_lengths(inputs, pad_token_id)
+    if "completion_mask" in inputs:  # grpo: each sampled completion with its prompt
+        return [int(n) for n in (inputs["prompt_mask"].sum(1) + inputs["completion_mask"].sum(1)).tolist()]
     return [
         int(n) for side in ("chosen", "rejected") for n in inputs[f"{side}_attention_mask"].sum(1).tolist()
     ]
