@@ -50,3 +50,15 @@ def test_smooth_tracks_a_constant_and_lags_a_step():
     assert smooth([2.0] * 5) == [2.0] * 5
     out = smooth([0.0] * 5 + [1.0] * 5)
     assert out[4] == 0.0 and 0.0 < out[5] < 1.0 and out == sorted(out)
+
+
+def test_plots_drawn_in_a_staging_dir_are_titled_with_the_run(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, text, *a, **k: titles.append(text))
+    stage = tmp_path / "demo" / ".tmp-final"
+    stage.mkdir(parents=True)
+    plot_losses([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], stage, "demo")
+    plot_losses([{"step": 1, "loss": 2.0}], tmp_path / "demo")
+    assert titles == ["train loss of demo", "train loss of demo"]

@@ -22,9 +22,10 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def plot_losses(log_history: list[dict], output_dir: str | Path) -> list[Path]:
+def plot_losses(log_history: list[dict], output_dir: str | Path, run_name: str | None = None) -> list[Path]:
     """Write training_loss.png (raw and smoothed), training_eval_loss.png if eval loss was logged and
-    training_reward.png if a reward was (grpo).
+    training_reward.png if a reward was (grpo), titled with `run_name` (default: output_dir's name; the
+    final save draws into a staging dir, so it names the run).
 
     Returns:
         The paths written (empty when there was no training loss logged).
@@ -57,7 +58,7 @@ def plot_losses(log_history: list[dict], output_dir: str | Path) -> list[Path]:
             ax.plot(steps, smooth(list(values)), color="#1f77b4", label="smoothed")
         ax.set_xlabel("step")
         ax.set_ylabel(key.removeprefix("eval_"))
-        ax.set_title(f"{label} of {Path(output_dir).name}")
+        ax.set_title(f"{label} of {run_name or Path(output_dir).name}")
         ax.legend()
         ax.grid(alpha=0.3)
         path = Path(output_dir) / file_name

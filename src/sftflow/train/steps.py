@@ -216,7 +216,7 @@ def train_and_save(
             (stage / "sftflow_args.yaml").write_text(yaml.safe_dump(args.to_yaml_dict(), sort_keys=False))
             write_metrics(output_dir, stage, "train", metrics)
             if args.finetuning.plot_loss:
-                plots = plot_losses(trainer.state.log_history, stage)
+                plots = plot_losses(trainer.state.log_history, stage, Path(output_dir).name)
     if saving:
         publish(stage, output_dir, needed, last=("sftflow_args.yaml", COMPLETION_MARKER))
         if zero and args.finetuning.plot_loss:
