@@ -214,6 +214,10 @@ def train_and_save(
         trainer.accelerator.wait_for_everyone()  # the staging dir exists before any rank saves into it
         trainer.save_model(str(stage))  # every rank: DeepSpeed / FSDP gather the weights together
         trainer.accelerator.wait_for_everyone()
+        if hasattr(
+            trainer, "verify_save"
+        ):  # the adapter on disk is the one in memory, or nothing is published
+            trainer.verify_save(stage)
         if zero:
             trainer.state.save_to_json(str(stage / "trainer_state.json"))
             tokenizer.save_pretrained(stage)

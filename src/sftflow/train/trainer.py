@@ -1,8 +1,9 @@
 """The trainers: `Resilience`, the fault handling and throughput logs every stage's trainer gets, and
 `SftflowTrainer` (sft/pt) built on it; rm and dpo apply it to TRL's trainers (stages/rm.py, stages/dpo.py).
 
-- checkpoints are written to a staging dir and renamed into `checkpoint-N` once complete, and resuming
-  picks the latest complete one, so a run killed mid-save never resumes from a half-written checkpoint;
+- checkpoints are written to a staging dir and renamed into `checkpoint-N` once complete (and once the
+  adapter on disk matches the one in memory, `save_check.py`), and resuming picks the latest complete one,
+  so a run killed mid-save never resumes from a half-written checkpoint;
 - a NaN/inf training loss stops the run naming the step (or, with `skip_nan`, skips that batch);
 - out-of-memory errors say which knobs help; SIGTERM/SIGINT save a checkpoint and stop (callbacks.py);
 - every training log entry carries non-pad tokens/s, MFU and peak memory;
@@ -31,6 +32,7 @@ from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resol
 from sftflow.train.final_save import as_os_error, save_error, weights_bytes
 from sftflow.train.loss import causal_lm_loss, supports_fast_loss
 from sftflow.train.perf import ThroughputMeter, sequence_lengths
+from sftflow.train.save_check import verify_adapter_save
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +233,13 @@ class Resilience:
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
-    # ---- atomic checkpoints ----
+    # ---- atomic checkpoints, checked against the weights in memory ----
+
+    def verify_save(self, directory: str | Path) -> None:
+        """Every rank: stop when the adapter saved in `directory` is not the one in memory (`save_check`)."""
+        verify_adapter_save(
+            self.model, directory, reads=self.args.should_save, distributed=self.accelerator.num_processes > 1
+        )
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
@@ -251,6 +259,12 @@ class Resilience:
             raise save_error(os_error, run_dir, weights_bytes(model) * 3, where=f"saving {name}") from None
         finally:
             self._staging_dir = None
+        try:
+            self.verify_save(staging / name)
+        except SftflowError:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         best = self.state.best_model_checkpoint
         if best and Path(best).parent == staging:
             self.state.best_model_checkpoint = str(run_dir / Path(best).name)
