@@ -80,11 +80,8 @@ def fused_head_reason(trainer: Any) -> str | None:
 
 
 def zero_stage(trainer: Any) -> int | None:
-    """The DeepSpeed ZeRO stage of `trainer`'s accelerator (None without DeepSpeed)."""
+    """The DeepSpeed ZeRO stage of `trainer`'s accelerator (None without DeepSpeed), read where the HF
+    Trainer reads it."""
     plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
-    if plugin is None:
-        return None
-    config = getattr(plugin, "deepspeed_config", None) or getattr(plugin, "hf_ds_config", None)
-    config = getattr(config, "config", config) or {}
-    stage = config.get("zero_optimization", {}).get("stage", getattr(plugin, "zero_stage", None))
+    stage = getattr(plugin, "zero_stage", None)
     return int(stage) if stage is not None else None

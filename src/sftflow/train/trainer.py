@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from sftflow.errors import SftflowError
 from sftflow.train.attention import segment_attention
 from sftflow.train.callbacks import GracefulStopCallback, TrainingInterrupted
 from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume, resume_word
+from sftflow.train.distributed import fused_head_reason
 from sftflow.train.final_save import as_os_error, save_error, weights_bytes
 from sftflow.train.loss import causal_lm_loss, supports_fast_loss
 from sftflow.train.perf import ThroughputMeter, sequence_lengths
@@ -338,13 +340,29 @@ class SftflowTrainer(Resilience, Seq2SeqTrainer):
         """`causal_lm_loss` (sum over trained tokens / num_items_in_batch), scaled for DDP as
         `Trainer.compute_loss` scales the model's own loss (DDP averages gradients over ranks while
         num_items_in_batch counts the tokens of all ranks)."""
-        # FSDP / DeepSpeed shard the head's weight outside the forward: there the model computes the logits.
-        fused_head = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch, fused_head=fused_head, dft=self.dft_loss)
+        loss, _ = causal_lm_loss(
+            model, inputs, num_items_in_batch, fused_head=self.fused_head, dft=self.dft_loss
+        )
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch:
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
+
+    @functools.cached_property
+    def fused_head(self) -> bool:
+        """Whether the trained-token loss multiplies the output head into the loss itself (one process,
+        DDP, ZeRO-1/2: the whole head weight is on every rank); under FSDP / ZeRO-3 the model's forward
+        computes the kept positions' logits (`logits_to_keep`), as exact. Said once, in the log."""
+        reason = fused_head_reason(self)
+        if reason is None:
+            logger.info("training loss: trained tokens only, padding-free, output head fused into the loss.")
+        else:
+            logger.info(
+                "training loss: trained tokens only, padding-free, their logits from the model's forward "
+                "(logits_to_keep) instead of the fused head: %s.",
+                reason,
+            )
+        return reason is None
 
     # ---- generation at predict time ----
 
