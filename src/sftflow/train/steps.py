@@ -25,6 +25,7 @@ from sftflow.errors import SftflowError
 from sftflow.model.adapter import apply_finetuning
 from sftflow.model.loader import head_name, load_model
 from sftflow.train.checkpoints import resolve_resume, resume_word
+from sftflow.train.distributed import data_step_first
 from sftflow.train.final_save import (
     COMPLETION_MARKER,
     publish,
@@ -134,10 +135,13 @@ def prepare_output_dir(output_dir: Path, args: RunArgs) -> None:
 
 
 def prepare_data(args: RunArgs, tokenizer: PreTrainedTokenizerBase) -> Prepared:
-    """The data step of the run's stage (main process first, the others then read the cache), the first
-    examples logged, data_stats.json written, and the training split shuffled (seeded)."""
+    """The data step of the run's stage, the first examples logged, data_stats.json written, and the
+    training split shuffled (seeded). Under torchrun the main process of each node tokenizes into the cache
+    while the others wait outside the process group's collectives (`data_step_first`), then read it."""
     training, data = args.training, args.data
-    with training.main_process_first(desc="dataset preprocessing"):
+    if training.local_process_index != 0 and data.overwrite_cache:  # read what the main process rebuilt
+        data = dataclasses.replace(data, overwrite_cache=False)
+    with data_step_first(training, desc="dataset preprocessing"):
         prepared = prepare(args.finetuning.stage, data, tokenizer, training.seed, training.do_train)
     if training.process_index == 0:
         log_examples(prepared, tokenizer, data.preview_rows)
@@ -210,6 +214,10 @@ def train_and_save(
         trainer.accelerator.wait_for_everyone()  # the staging dir exists before any rank saves into it
         trainer.save_model(str(stage))  # every rank: DeepSpeed / FSDP gather the weights together
         trainer.accelerator.wait_for_everyone()
+        if hasattr(
+            trainer, "verify_save"
+        ):  # the adapter on disk is the one in memory, or nothing is published
+            trainer.verify_save(stage)
         if zero:
             trainer.state.save_to_json(str(stage / "trainer_state.json"))
             tokenizer.save_pretrained(stage)

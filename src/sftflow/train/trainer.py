@@ -1,8 +1,9 @@
 """The trainers: `Resilience`, the fault handling and throughput logs every stage's trainer gets, and
 `SftflowTrainer` (sft/pt) built on it; rm and dpo apply it to TRL's trainers (stages/rm.py, stages/dpo.py).
 
-- checkpoints are written to a staging dir and renamed into `checkpoint-N` once complete, and resuming
-  picks the latest complete one, so a run killed mid-save never resumes from a half-written checkpoint;
+- checkpoints are written to a staging dir and renamed into `checkpoint-N` once complete (and once the
+  adapter on disk matches the one in memory, `save_check.py`), and resuming picks the latest complete one,
+  so a run killed mid-save never resumes from a half-written checkpoint;
 - a NaN/inf training loss stops the run naming the step (or, with `skip_nan`, skips that batch);
 - out-of-memory errors say which knobs help; SIGTERM/SIGINT save a checkpoint and stop (callbacks.py);
 - every training log entry carries non-pad tokens/s, MFU and peak memory;
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -28,9 +30,11 @@ from sftflow.errors import SftflowError
 from sftflow.train.attention import segment_attention
 from sftflow.train.callbacks import GracefulStopCallback, TrainingInterrupted
 from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume, resume_word
+from sftflow.train.distributed import fused_head_reason
 from sftflow.train.final_save import as_os_error, save_error, weights_bytes
 from sftflow.train.loss import causal_lm_loss, supports_fast_loss
 from sftflow.train.perf import ThroughputMeter, sequence_lengths
+from sftflow.train.save_check import verify_adapter_save
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +238,13 @@ class Resilience:
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
-    # ---- atomic checkpoints ----
+    # ---- atomic checkpoints, checked against the weights in memory ----
+
+    def verify_save(self, directory: str | Path) -> None:
+        """Every rank: stop when the adapter saved in `directory` is not the one in memory (`save_check`)."""
+        verify_adapter_save(
+            self.model, directory, reads=self.args.should_save, distributed=self.accelerator.num_processes > 1
+        )
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
@@ -254,6 +264,12 @@ class Resilience:
             raise save_error(os_error, run_dir, weights_bytes(model) * 3, where=f"saving {name}") from None
         finally:
             self._staging_dir = None
+        try:
+            self.verify_save(staging / name)
+        except SftflowError:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         best = self.state.best_model_checkpoint
         if best and Path(best).parent == staging:
             self.state.best_model_checkpoint = str(run_dir / Path(best).name)
@@ -327,13 +343,29 @@ class SftflowTrainer(Resilience, Seq2SeqTrainer):
         """`causal_lm_loss` (sum over trained tokens / num_items_in_batch), scaled for DDP as
         `Trainer.compute_loss` scales the model's own loss (DDP averages gradients over ranks while
         num_items_in_batch counts the tokens of all ranks)."""
-        # FSDP / DeepSpeed shard the head's weight outside the forward: there the model computes the logits.
-        fused_head = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        loss, _ = causal_lm_loss(model, inputs, num_items_in_batch, fused_head=fused_head, dft=self.dft_loss)
+        loss, _ = causal_lm_loss(
+            model, inputs, num_items_in_batch, fused_head=self.fused_head, dft=self.dft_loss
+        )
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch:
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
+
+    @functools.cached_property
+    def fused_head(self) -> bool:
+        """Whether the trained-token loss multiplies the output head into the loss itself (one process,
+        DDP, ZeRO-1/2: the whole head weight is on every rank); under FSDP / ZeRO-3 the model's forward
+        computes the kept positions' logits (`logits_to_keep`), as exact. Said once, in the log."""
+        reason = fused_head_reason(self)
+        if reason is None:
+            logger.info("training loss: trained tokens only, padding-free, output head fused into the loss.")
+        else:
+            logger.info(
+                "training loss: trained tokens only, padding-free, their logits from the model's forward "
+                "(logits_to_keep) instead of the fused head: %s.",
+                reason,
+            )
+        return reason is None
 
     # ---- generation at predict time ----
 
