@@ -44,6 +44,7 @@ def test_the_fused_head_runs_where_the_head_weight_is_whole():
     assert fused_head_reason(trainer(fsdp=True)) == FSDP_REASON
 
 
+@pytest.mark.integration
 def test_the_loss_path_is_said_once(tmp_path, tiny_model_dir, toy_data_dir, caplog, monkeypatch):
     """Where the head is sharded (FSDP, as `fused_head_reason` says), the kept logits come from the forward
     (exact: `logits_to_keep`) on every step, and the log says why once."""

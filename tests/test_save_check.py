@@ -108,6 +108,7 @@ def run_config(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> 
     return path
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("when", ["checkpoint", "final"])
 def test_a_planted_bad_save_stops_the_run(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch, when):
     from sftflow.config import load_args
