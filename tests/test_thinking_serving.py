@@ -30,6 +30,7 @@ from sftflow.infer.reasoning import ThoughtSplitter, split_answer, template_kwar
 from sftflow.infer.requests import ChatResult, Completion, RequestError
 
 BLOCK = "<think>\n\n</think>\n\n"
+SYSTEM = "You are Wren."
 PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 QUESTION = [{"role": "user", "content": "What is two plus two?"}]
 SPOKEN = "<think>\nadd two\nand two\n</think>\n\nIt is 4."
@@ -103,20 +104,21 @@ def test_template_kwargs_default_to_the_run_and_requests_win():
 # -- the engine's prompt (tiny model, the built-in qwen3 template) ------------------------------------
 
 
-def make_thinking_run(model_dir: Path, out: Path, enable: bool | None, template: str = "qwen3") -> Path:
-    """A LoRA run dir (as test_infer_engine.make_run_dir) trained with `template` and `enable_thinking`."""
+def make_thinking_run(model_dir: Path, out: Path, enable: bool | None, **keys: Any) -> Path:
+    """A LoRA run dir (as test_infer_engine.make_run_dir) trained with the qwen3 template, `enable_thinking`
+    and `keys`."""
     from test_infer_engine import make_run_dir
 
     run = make_run_dir(model_dir, out, max_new_tokens=12)
-    keys = yaml.safe_load((run / "sftflow_args.yaml").read_text())
-    keys |= {"template": template, "enable_thinking": enable}
-    (run / "sftflow_args.yaml").write_text(yaml.safe_dump(keys))
+    trained = yaml.safe_load((run / "sftflow_args.yaml").read_text())
+    trained |= {"template": "qwen3", "enable_thinking": enable, **keys}
+    (run / "sftflow_args.yaml").write_text(yaml.safe_dump(trained))
     return run
 
 
 @pytest.fixture(scope="module")
 def no_think_run(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_thinking_run(tiny_model_dir, tmp_path_factory.mktemp("nothink"), False)
+    return make_thinking_run(tiny_model_dir, tmp_path_factory.mktemp("nothink"), False, default_system=SYSTEM)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,7 @@ def engine(no_think_run):
 
 def test_a_run_trained_without_thinking_serves_without_it(engine):
     assert engine.thinking is not None and engine.thinking.enable is False
+    assert engine.prompt(QUESTION).startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")  # default_system
     assert engine.prompt(QUESTION).endswith("<|im_start|>assistant\n" + BLOCK)
     assert engine.prompt(QUESTION, requested={"enable_thinking": True}).endswith("<|im_start|>assistant\n")
     assert engine.prompt(QUESTION, requested={"enable_thinking": None}).endswith("<|im_start|>assistant\n")
@@ -414,6 +417,9 @@ def test_template_with_mode(tiny_tokenizer):
         user, tokenize=False, add_generation_prompt=True, enable_thinking=True
     )
     assert thinks.endswith("assistant\n")
+    from sftflow.model.modelfile import chat_pieces
+
+    assert chat_pieces(tokenizer).generation_prompt.endswith(BLOCK)  # the Ollama TEMPLATE takes it too
     inline = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
     inline.chat_template = INLINE_TEMPLATE
     inline.chat_template = template_with_mode(inline, resolve_thinking(inline, False, False))
@@ -446,3 +452,4 @@ def test_export_carries_the_runs_mode(no_think_run, tiny_model_dir, tmp_path):
         exported = AutoTokenizer.from_pretrained(tmp_path / name)
         prompt = exported.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         assert prompt.endswith(BLOCK) is ends_with_block, (name, prompt)
+        assert prompt.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")  # the run's default_system

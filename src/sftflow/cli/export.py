@@ -20,6 +20,7 @@ KEYS = """keys:
   export_quantization   GGUF tensor type: f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1
   export_hub_model_id   upload export_dir to this hub repo after the export (needs network)
   enable_thinking       the chat template's default thinking mode (default: the run's, from its sftflow_args.yaml)
+  default_system        the system message of conversations without one (default: the run's)
   dataset, dataset_dir  training data, read for the Modelfile's SYSTEM (a system prompt every row shares)"""
 
 

@@ -27,7 +27,7 @@ from sftflow.config.parser import read_config_file
 from sftflow.config.run_lock import LOCK_NAME, check_writable_dir, is_lock_file, owned
 from sftflow.data.encode import IGNORE_INDEX, encode_sft, stop_token_ids
 from sftflow.data.loader import load_conversations
-from sftflow.data.template import apply_template
+from sftflow.data.template import apply_template, set_default_system
 from sftflow.data.thinking import resolve_thinking, template_with_mode
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
@@ -97,7 +97,11 @@ def export_model(
             check_adapter_dir(path, allow_pickle)
 
         tokenizer = _export_tokenizer(model_args, paths, data_args)
-        _write_thinking_default(tokenizer, base, paths, enable_thinking)
+        trained = _run_keys(base, paths)
+        set_default_system(
+            tokenizer, getattr(data_args, "default_system", None) or trained.get("default_system")
+        )
+        _write_thinking_default(tokenizer, trained, enable_thinking)
         end_id = trained_end_token(tokenizer)
         merge_args = dataclasses.replace(model_args, dtype="float32")
         model = load_model(merge_args, tokenizer)
@@ -340,15 +344,21 @@ def _export_tokenizer(model_args: ModelArguments, paths: list[str], data_args: D
     return tokenizer
 
 
+def _run_keys(base: str, paths: list[str]) -> dict[str, Any]:
+    """The keys of the run being exported: the sftflow_args.yaml beside the last adapter (or in a full
+    run's model dir), {} without one."""
+    run = Path(paths[-1] if paths else base).expanduser() / "sftflow_args.yaml"
+    return read_config_file(run) if run.is_file() else {}
+
+
 def _write_thinking_default(
-    tokenizer: PreTrainedTokenizerBase, base: str, paths: list[str], enable: bool | None | Literal["trained"]
+    tokenizer: PreTrainedTokenizerBase, trained: dict[str, Any], enable: bool | None | Literal["trained"]
 ) -> None:
     """Make the run's thinking mode the chat template's default (HF tokenizer, GGUF, Modelfile all take
     this template): a run trained with enable_thinking false exports a template whose generation prompt
     ends with the empty block unless a request sets the flag (issue #24)."""
     if enable == "trained":
-        run = Path(paths[-1] if paths else base).expanduser() / "sftflow_args.yaml"
-        enable = read_config_file(run).get("enable_thinking", True) if run.is_file() else True
+        enable = trained.get("enable_thinking", True)
     thinking = resolve_thinking(tokenizer, enable, False)  # type: ignore[arg-type]
     source = template_with_mode(tokenizer, thinking) if thinking is not None else None
     if source is not None:
