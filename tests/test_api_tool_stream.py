@@ -168,7 +168,11 @@ class ScriptedEngine:
 
     def __init__(self, text: str, template: str) -> None:
         self.text, self.model_name, self.held, self.max_queue = text, "scripted", 0, 4
-        self.tokenizer = SimpleNamespace(chat_template=template)
+        self.tokenizer = SimpleNamespace(chat_template=template, encode=lambda text, **_: [1, 2, 3])
+        self.thinking = None  # no reasoning template
+
+    def prompt(self, messages: list[dict[str, Any]], tools: Any = None, requested: Any = None) -> str:
+        return "prompt"
 
     def encode(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
         return [1, 2, 3]

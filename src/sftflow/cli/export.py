@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sftflow.cli import command_parser, parse, setup_logging
-from sftflow.config.parser import load_args
+from sftflow.config.parser import load_args, parse_overrides, read_config_file
 from sftflow.errors import SftflowError
 from sftflow.model.export import export_model
 
@@ -19,6 +19,8 @@ KEYS = """keys:
   export_format         hf (default) or gguf: also write model-<export_quantization>.gguf and an Ollama Modelfile
   export_quantization   GGUF tensor type: f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1
   export_hub_model_id   upload export_dir to this hub repo after the export (needs network)
+  enable_thinking       the chat template's default thinking mode (default: the run's, from its sftflow_args.yaml)
+  default_system        the system message of conversations without one (default: the run's)
   dataset, dataset_dir  training data, read for the Modelfile's SYSTEM (a system prompt every row shares)"""
 
 
@@ -39,7 +41,11 @@ def main(argv: list[str]) -> int:
     if not args.model.export_dir:
         raise SftflowError("export_dir is required (e.g. export_dir: saves/merged).")
     setup_logging()
-    export_dir = export_model(args.model, args.data, overwrite=args.finetuning.overwrite_output_dir)
+    given = {**(read_config_file(ns.target) if ns.target else {}), **parse_overrides(ns.overrides)}
+    thinking = args.data.enable_thinking if "enable_thinking" in given else "trained"
+    export_dir = export_model(
+        args.model, args.data, overwrite=args.finetuning.overwrite_output_dir, enable_thinking=thinking
+    )
     print(f"sftflow: exported the merged model to {export_dir.resolve()}", flush=True)
     print(f"  load it with AutoModelForCausalLM.from_pretrained({str(export_dir)!r})", flush=True)
     if args.model.export_format == "gguf":

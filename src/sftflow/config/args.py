@@ -99,6 +99,12 @@ class DataArguments:
     template_file: str | None = None
     """A YAML file of your own templates (name -> format_user/format_assistant/... or chat_template); pick one with template."""
 
+    default_system: str | None = None
+    """The system message of every conversation that has none, in place of the template's own default (written into the chat template, so chat, serving and export use it too); refused with a template that takes no system message."""
+
+    tool_format: str | None = None
+    """LLaMA-Factory's tool call format: sftflow writes tools with the chat template itself, so only the format the template writes is taken (qwen: <tool_call> blocks; llama3: bare JSON calls)."""
+
     cutoff_len: int = 1024
     """Max tokens per example. Longer examples are shortened prompt side first (oldest turns, then the end of the last user message) and never lose their whole answer; see cutoff_policy."""
 

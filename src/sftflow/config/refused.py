@@ -145,10 +145,6 @@ REFUSED: dict[str, Refused] = {
     "preprocessing_batch_size": Refused("sftflow sets the datasets.map batch size itself", (1000,)),
     "ignore_pad_token_for_loss": Refused("padding never counts in the loss", (True,)),
     "eval_on_each_dataset": Refused("not supported yet; the eval datasets are evaluated together", (False,)),
-    "tool_format": Refused("tool calls are not supported yet", (None,)),
-    "default_system": Refused(
-        "not supported yet; give the system prompt in the data's system column or a template_file template"
-    ),
     "data_shared_file_system": Refused(
         "the main process tokenizes first and the others read tokenized_cache_dir", (False,)
     ),

@@ -440,7 +440,8 @@ def tokenize_prompts(
     """Prompt-only inputs for generation, sorted longest first (less padding, early OOM), and the
     matching rows (prompt text, reference answer, dataset index) in the same order. With `thinking`
     (`resolve_thinking`) the prompts are in its mode (enable_thinking false: the empty thought block
-    ends the prompt, and the reference answer loses its thought).
+    ends the prompt) and the reference is split: `label` is the answer, `label_reasoning` its thought
+    (None without one, and always with enable_thinking false).
 
     Raises:
         SftflowError: every prompt exceeds cutoff_len.
@@ -453,18 +454,20 @@ def tokenize_prompts(
         if prompt_ids is None:
             continue
         ids.append(prompt_ids)
-        label = messages[-1]["content"]
-        if thinking is not None and thinking.enable is False:
-            label = split_thought(label, (thinking.open, thinking.close))[1]
-        rows.append(
-            {
-                "prompt": render(tokenizer, messages[:-1], add_generation_prompt=True)
-                if thinking is None
-                else thinking_prompt(tokenizer, messages, thinking),
-                "label": label,
-                "index": len(rows),
-            }
-        )
+        label, thought = messages[-1]["content"], None
+        if thinking is not None:
+            thought, label = split_thought(label, (thinking.open, thinking.close))
+            thought = None if thinking.enable is False else thought
+        row = {
+            "prompt": render(tokenizer, messages[:-1], add_generation_prompt=True)
+            if thinking is None
+            else thinking_prompt(tokenizer, messages, thinking),
+            "label": label,
+            "index": len(rows),
+        }
+        if thinking is not None:
+            row["label_reasoning"] = thought
+        rows.append(row)
     if not ids:
         raise SftflowError(f"predict: every prompt exceeds cutoff_len={cutoff_len}; raise cutoff_len.")
     if len(ids) < len(conversations):

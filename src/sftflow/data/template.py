@@ -497,3 +497,89 @@ def split_turns(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     last_prompt, last_response = pairs[-1]
     pairs[-1] = (last_prompt, last_response + full[cursor:])
     return pairs
+
+
+# LLaMA-Factory's `default_system`, written in front of any chat template (removed again on a re-install)
+_SYSTEM_START, _SYSTEM_END = "{#- sftflow default_system #}", "{#- /sftflow default_system #}"
+
+
+def _source(tokenizer: PreTrainedTokenizerBase, key: str) -> str:
+    source = getattr(tokenizer, "chat_template", None)
+    if not isinstance(source, str):
+        raise SftflowError(
+            f"{key} needs a single chat template, and this tokenizer has "
+            f"{'several named ones' if source else 'none'}. Set template (e.g. template: chatml)."
+        )
+    return source
+
+
+def set_default_system(tokenizer: PreTrainedTokenizerBase, system: str | None) -> None:
+    """LLaMA-Factory's `default_system`: the system message of every conversation that has none, in place
+    of the template's own default (Qwen's "You are Qwen...", alpaca's instruction line). It is written
+    into the chat template (a conversation without a system message gets this one first), so training,
+    chat, serving and export render it alike. Nothing happens for None.
+
+    Raises:
+        SftflowError: the template refuses a system message, or does not render one (the key would change
+            nothing), or the tokenizer has no single chat template.
+    """
+    if system is None:
+        return
+    source = _source(tokenizer, "default_system")
+    source = re.sub(re.escape(_SYSTEM_START) + ".*?" + re.escape(_SYSTEM_END), "", source, flags=re.S)
+    head = (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        "{%- set messages = [{'role': 'system', 'content': "
+        + json.dumps(system, ensure_ascii=False)
+        + "}] + messages %}{%- endif %}"
+    )
+    before = tokenizer.chat_template
+    tokenizer.chat_template = _SYSTEM_START + head + _SYSTEM_END + source
+    probe = "sftflow-probe-user"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": probe}], add_generation_prompt=True)
+        reason = "" if system not in {"", probe} and system in text else "it does not render system messages"
+        reason = "" if not system.strip() else reason
+    except Exception as exc:  # a template that insists on its own roles  # noqa: BLE001
+        reason = f"it refuses a system message ({exc})"
+    if reason:
+        tokenizer.chat_template = before
+        raise SftflowError(
+            f"default_system cannot be used with this chat template "
+            f"({getattr(tokenizer, 'name_or_path', '?') or '?'}): {reason}. Put the instruction in the user "
+            "messages, or choose a template that takes a system message."
+        )
+
+
+# LLaMA-Factory's tool_format names of the two call formats chat templates write (infer/toolcalls.py)
+TOOL_FORMATS = {"hermes": "qwen", "json": "llama3"}
+
+
+def check_tool_format(tokenizer: PreTrainedTokenizerBase, tool_format: str | None) -> None:
+    """LLaMA-Factory's `tool_format` picks how its templates write tool schemas and calls; sftflow writes
+    them with the chat template itself. So the key is taken when it names the format this template
+    already writes (`qwen`: `<tool_call>` blocks; `llama3`: bare JSON calls) and refused otherwise.
+
+    Raises:
+        SftflowError: the template renders no tools, or writes another format than tool_format.
+    """
+    if tool_format is None:
+        return
+    source = _source(tokenizer, "tool_format")
+    name = getattr(tokenizer, "name_or_path", "?") or "?"
+    if not re.search(r"\btools\b", source):
+        raise SftflowError(
+            f"tool_format: {tool_format}: this chat template ({name}) renders no tools, so tool schemas and "
+            "calls would be plain text. sftflow writes tools with the chat template itself: use a template "
+            "that renders tools (e.g. a Qwen2.5/Qwen3, Llama 3.1 or SmolLM3 tokenizer's own, or a "
+            "template_file chat_template) and remove tool_format."
+        )
+    writes = "hermes" if "<tool_call>" in source else "json"
+    if TOOL_FORMATS[writes] != tool_format:
+        shape = "<tool_call> blocks" if writes == "hermes" else "bare JSON calls"
+        raise SftflowError(
+            f"tool_format: {tool_format}: this chat template ({name}) writes tool calls as {shape} "
+            f"(LLaMA-Factory's tool_format: {TOOL_FORMATS[writes]}), and sftflow writes tools with the chat "
+            f"template itself. Set tool_format: {TOOL_FORMATS[writes]} or remove it, or use a template_file "
+            "chat_template that writes the format you want."
+        )

@@ -35,6 +35,8 @@ Qwen3's template too. Where the template does not write the empty block itself, 
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -312,3 +314,54 @@ def thinking_prompt(tokenizer: Any, messages: list[Message], thinking: Thinking)
     if plan == "prompt_block" and not prompt.endswith(thinking.block):
         prompt += thinking.block
     return prompt
+
+
+def _set_default(enable: bool) -> str:
+    value = "true" if enable else "false"
+    return f"{{%- if enable_thinking is not defined %}}{{%- set enable_thinking = {value} %}}{{%- endif %}}"
+
+
+def _close_when_off(block: str) -> str:
+    return (
+        "{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+        f"{{{{- {json.dumps(block)} }}}}{{%- endif %}}"
+    )
+
+
+def template_with_mode(tokenizer: Any, thinking: Thinking) -> str | None:
+    """The tokenizer's chat template with the run's `enable_thinking` as its default (what export
+    writes, so that a model trained without thinking does not think after export), or None when its
+    default already renders the run's mode (enable_thinking true for Qwen3, or null). A template that
+    does not read `enable_thinking` (thoughts inline) also gets the empty block written after the
+    generation prompt when it is false, as training put it there. A request may still set the flag.
+
+    Raises:
+        SftflowError: the template is a dict of named templates, or the result still does not render the
+            mode by default.
+    """
+    if thinking.enable is None:
+        return None
+    source = tokenizer.chat_template
+    if not isinstance(source, str):
+        raise SftflowError(
+            "the tokenizer has several named chat templates; sftflow writes the run's enable_thinking "
+            "only into a single template. Set template (e.g. template: qwen3) for the export."
+        )
+    user = [{"role": "user", "content": "hi"}]
+    wanted = _render(tokenizer, user, True, thinking.enable)
+    if thinking.enable is False and not wanted.endswith(thinking.block):
+        source += _close_when_off(thinking.block)
+    if _render(tokenizer, user, True) == wanted and source == tokenizer.chat_template:
+        return None
+    source = _set_default(thinking.enable) + source
+    probe = copy.copy(tokenizer)
+    probe.chat_template = source
+    default = _render(probe, user, True)
+    if default != _render(probe, user, True, thinking.enable) or (
+        thinking.enable is False and not default.endswith(thinking.block)
+    ):
+        raise SftflowError(
+            f"could not make the chat template think {'on' if thinking.enable else 'off'} by default "
+            "(its generation prompt does not follow enable_thinking). Set template: qwen3 for the export."
+        )
+    return source

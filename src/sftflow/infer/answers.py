@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sftflow.data.thinking import Thinking
 from sftflow.errors import SftflowError
 from sftflow.infer.constrain import json_schema_grammar, lark_grammar
 from sftflow.infer.protocol import ChatCompletionRequest, NamedToolChoice
+from sftflow.infer.reasoning import ThoughtSplitter, split_answer
 from sftflow.infer.requests import Completion, RequestError, SamplingParams, TokenLogprob
 from sftflow.infer.toolcalls import ToolCall, call_format, forced_call_lark, parse_tool_calls, supports_tools
 
@@ -36,13 +38,25 @@ class ChatPlan:
     to parse the answer back into tool calls."""
 
     def __init__(
-        self, prompt_ids: list[int], params: SamplingParams, tool_format: str | None, parallel: bool
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tool_format: str | None,
+        parallel: bool,
+        thinking: Thinking | None = None,
+        prompt: str = "",
     ):
         self.prompt_ids = prompt_ids
         self.params = params
         self.tool_format = tool_format  # None: no tool parsing (no tools, or tool_choice none)
         self.parallel = parallel
         self.top_logprobs = params.top_logprobs
+        self.thinking = thinking  # a reasoning template: answers carry reasoning_content
+        self.prompt = prompt  # the prompt text (where the thought starts: infer/reasoning.py)
+
+    def splitter(self) -> ThoughtSplitter | None:
+        """A streamed answer's thought splitter (None: the template has no thinking)."""
+        return ThoughtSplitter(self.thinking, self.prompt) if self.thinking is not None else None
 
     def split(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.tool_format is None:
@@ -52,8 +66,11 @@ class ChatPlan:
         return (content or None) if calls else content, calls
 
     def choice(self, index: int, completion: Completion) -> dict[str, Any]:
-        content, calls = self.split(completion.text)
+        thought, answer = split_answer(completion.text, self.thinking, self.prompt)
+        content, calls = self.split(answer)
         message: dict[str, Any] = {"role": "assistant", "content": content}
+        if self.thinking is not None:
+            message["reasoning_content"] = thought
         if calls:
             message["tool_calls"] = [c.to_openai() for c in calls]
         return {
@@ -71,7 +88,8 @@ def chat_plan(engine: ChatEngine, body: ChatCompletionRequest) -> ChatPlan:
 
     Raises:
         RequestError: tools for a template that cannot render them, an unknown named tool, a schema that
-            cannot be enforced, or messages the template refuses.
+            cannot be enforced, chat_template_kwargs the template does not read, or messages the template
+            refuses.
     """
     grammar = None
     fmt = body.response_format
@@ -104,7 +122,8 @@ def chat_plan(engine: ChatEngine, body: ChatCompletionRequest) -> ChatPlan:
             except SftflowError as exc:
                 raise RequestError(str(exc), "tools") from None
     messages = [m.to_template() for m in body.messages]
-    prompt_ids = engine.encode(messages, tools)
+    prompt = engine.prompt(messages, tools, body.chat_template_kwargs)
+    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
     if body.user:
         logger.info("request from user %r", body.user)
     params = SamplingParams(
@@ -118,7 +137,7 @@ def chat_plan(engine: ChatEngine, body: ChatCompletionRequest) -> ChatPlan:
         top_logprobs=body.top_logprobs or 0,
         grammar=grammar,
     )
-    return ChatPlan(prompt_ids, params, tool_format, body.parallel_tool_calls)
+    return ChatPlan(prompt_ids, params, tool_format, body.parallel_tool_calls, engine.thinking, prompt)
 
 
 def _token_bytes(token: str) -> list[int]:

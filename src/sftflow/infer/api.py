@@ -4,7 +4,9 @@ Routes (vLLM's OpenAI protocol is the reference): `GET /health`, `GET /v1/models
 `POST /v1/chat/completions` and `POST /v1/completions`, plain or as server-sent events (`stream: true`,
 ending in `data: [DONE]`). Chat takes `tools` + `tool_choice` (rendered by the model's chat template,
 calls parsed back), `response_format` (text / json_object / json_schema, enforced by constrained decoding),
-`logprobs` + `top_logprobs`; completions take token-id prompts, `echo` and `logprobs` (what
+`logprobs` + `top_logprobs`, `chat_template_kwargs` (e.g. `{"enable_thinking": false}`); a reasoning model's
+answer comes split into `reasoning_content` (the thought; `delta.reasoning_content` when streamed, as
+vLLM sends it) and `content` (infer/reasoning.py); completions take token-id prompts, `echo` and `logprobs` (what
 lm-evaluation-harness's `local-completions` sends).
 
 Every request field is either acted on or refused: unknown fields and values this server cannot honour
@@ -45,6 +47,7 @@ from sftflow.infer.answers import (
     usage,
 )
 from sftflow.infer.protocol import ChatCompletionRequest, CompletionRequest, field_path
+from sftflow.infer.reasoning import ThoughtSplitter
 from sftflow.infer.requests import ChatResult, EngineBusy, RequestError, SamplingParams
 from sftflow.infer.toolcalls import ToolCallStream
 
@@ -345,14 +348,12 @@ async def chat_events(
             calls = None
             if plan.tool_format is not None:
                 calls = ToolCallStream(plan.tool_format, plan.parallel)  # type: ignore[arg-type]
+            thoughts = plan.splitter()
             async for piece in stream:
-                if calls is not None:
-                    for delta in calls.feed(piece):
-                        yield event([{"index": index, "delta": delta, "finish_reason": None}])
-                elif piece:
-                    yield event([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
+                for delta in answer_deltas(piece, thoughts, calls):
+                    yield event([{"index": index, "delta": delta, "finish_reason": None}])
             completion_tokens += stream.completion_tokens
-            for delta in calls.finish() if calls else []:
+            for delta in answer_deltas(None, thoughts, calls):
                 yield event([{"index": index, "delta": delta, "finish_reason": None}])
             logprobs = None
             if plan.params.logprobs and stream.completion is not None:
@@ -367,6 +368,29 @@ async def chat_events(
         for stream in streams:
             stream.close()  # the client went away or the stream ended: stop generating for it
     yield "data: [DONE]\n\n"
+
+
+def answer_deltas(
+    piece: str | None, thoughts: ThoughtSplitter | None, calls: ToolCallStream | None
+) -> list[dict[str, Any]]:
+    """The chat deltas one streamed piece of an answer makes (None: the answer ended, flush what is
+    held): `reasoning_content` for the thought (with a reasoning template), then `content`, or
+    `tool_calls` when tools are parsed."""
+    if thoughts is None:
+        parts: list[tuple[str, str]] = [] if piece is None else [("content", piece)]
+    else:
+        parts = list(thoughts.finish() if piece is None else thoughts.feed(piece))
+    deltas: list[dict[str, Any]] = []
+    for kind, text in parts:
+        if kind == "reasoning":
+            deltas.append({"reasoning_content": text})
+        elif calls is not None:
+            deltas += calls.feed(text)
+        elif text:
+            deltas.append({"content": text})
+    if piece is None and calls is not None:
+        deltas += calls.finish()
+    return deltas
 
 
 async def completion_events(

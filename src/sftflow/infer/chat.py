@@ -1,4 +1,8 @@
-"""`sftflow chat`: talk to a tuned model in the terminal, answers streamed token by token."""
+"""`sftflow chat`: talk to a tuned model in the terminal, answers streamed token by token.
+
+A reasoning model's thought is shown apart from its answer (dimmed on a terminal, else after a
+`Thinking: ` line) and kept out of the history, as its chat template drops earlier thoughts.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
+from sftflow.infer.reasoning import ThoughtSplitter
 from sftflow.infer.requests import RequestError, SamplingParams
 
 if TYPE_CHECKING:  # (the engine imports torch and transformers; `sftflow chat --help` does not need them)
@@ -54,6 +59,7 @@ def run_chat(
         messages = [*prefix, *history, {"role": "user", "content": query}]
         try:
             messages, dropped = fit_history(engine, messages, engine.generating.max_new_tokens)
+            prompt = engine.prompt(messages)
             stream, _ = engine.stream(messages, SamplingParams())
         except RequestError as exc:
             say(f"sftflow: {exc}\n")
@@ -61,16 +67,53 @@ def run_chat(
         if dropped:
             say(f"(the conversation is too long for the context: dropped the {dropped} oldest messages)\n")
         say("Assistant: ")
-        answer = []
+        shown = ShownAnswer(ThoughtSplitter(engine.thinking, prompt), say, out.isatty())
         try:
             for piece in stream:
-                answer.append(piece)
-                say(piece)
+                shown.feed(piece)
         except KeyboardInterrupt:
             stream.close()
+            shown.end()
             say(" [stopped]")
+        else:
+            shown.end()
         say("\n")
-        history = [*messages[len(prefix) :], {"role": "assistant", "content": "".join(answer)}]
+        history = [*messages[len(prefix) :], {"role": "assistant", "content": shown.splitter.content}]
+
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class ShownAnswer:
+    """Writes a streamed answer: its thought apart (dimmed on a terminal, else after `Thinking: `,
+    ended by a blank line), then the answer."""
+
+    def __init__(self, splitter: ThoughtSplitter, say: Callable[[str], None], tty: bool) -> None:
+        self.splitter, self.say, self.tty = splitter, say, tty
+        self.in_thought = False
+
+    def feed(self, piece: str) -> None:
+        self._show(self.splitter.feed(piece))
+
+    def end(self) -> None:
+        self._show(self.splitter.finish())
+        if self.in_thought:  # a thought cut off: no answer follows
+            self.in_thought = False
+            self.say(RESET if self.tty else "")
+
+    def _show(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            if kind == "reasoning" and not self.in_thought:
+                self.in_thought = True
+                self.say(DIM if self.tty else "\nThinking: ")
+            elif kind == "content":
+                self._leave_thought()
+            self.say(text)
+
+    def _leave_thought(self) -> None:
+        if self.in_thought:
+            self.in_thought = False
+            self.say(RESET + "\n\n" if self.tty else "\n\nAnswer: ")
 
 
 def fit_history(

@@ -19,7 +19,8 @@ How infer/ is put together, from the request down:
   tokens as they arrive, cuts at stop strings and streams text to a `TextStream`.
 
 `ChatEngine.path(params)` says which path a request takes. The prompt is rendered with the tokenizer
-saved by the run, i.e. the chat template used in training. Names are imported from the module that
+saved by the run, i.e. the chat template used in training, in the run's thinking mode (a request's
+chat_template_kwargs win; thoughts are split from answers by infer/reasoning.py). Names are imported from the module that
 defines them: this one defines ChatEngine and load_engine.
 """
 
@@ -36,11 +37,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sftflow.data.thinking import Thinking, resolve_thinking
 from sftflow.errors import SftflowError
 from sftflow.infer.core import make_generator, sampling
 from sftflow.infer.dynamic import DynamicPath
 from sftflow.infer.exact import run_exact
 from sftflow.infer.kv import use_serving_attention
+from sftflow.infer.reasoning import close_prompt, template_kwargs, template_messages
 from sftflow.infer.requests import (
     ChatResult,
     EngineBusy,
@@ -76,7 +79,10 @@ class ChatEngine:
         model_name: str = "sftflow",
         batched: bool = False,
         onednn: bool = False,
+        enable_thinking: bool | None = True,
     ) -> None:
+        # the run's thinking mode (None: a template without thinking); raises for false/null without one
+        self.thinking: Thinking | None = resolve_thinking(tokenizer, enable_thinking, False)
         self.generator = generator = make_generator(model, tokenizer, generating)
         self.model, self.tokenizer, self.generating = generator.model, tokenizer, generating
         self.context_length = generator.context_length
@@ -100,22 +106,48 @@ class ChatEngine:
 
     # -- prompts and settings -------------------------------------------------------------------
 
-    def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         """Validate messages and return the prompt ids (chat template + generation prompt); `tools` (OpenAI
-        function definitions) are rendered by the chat template.
+        function definitions) are rendered by the chat template, `template_kwargs` (a request's
+        chat_template_kwargs) are passed to it (see `prompt`).
 
         Raises:
-            RequestError: bad messages, or a conversation the chat template refuses.
+            RequestError: bad messages or template kwargs, or a conversation the chat template refuses.
         """
-        messages = validate_messages(messages)
-        kwargs = {"tools": tools} if tools else {}
+        return self.tokenizer.encode(self.prompt(messages, tools, template_kwargs), add_special_tokens=False)
+
+    def prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        requested: dict[str, Any] | None = None,
+    ) -> str:
+        """The prompt text of `encode`. With a reasoning template it is in the run's thinking mode unless
+        `requested` (chat_template_kwargs) says otherwise: with thinking off the empty block ends it;
+        earlier answers' `reasoning_content` is given to the template as it takes thoughts
+        (infer/reasoning.py).
+
+        Raises:
+            RequestError: as `encode`.
+        """
+        messages = template_messages(validate_messages(messages), self.thinking)
+        source = self.tokenizer.chat_template
+        source = " ".join(source.values()) if isinstance(source, dict) else str(source or "")
+        kwargs = template_kwargs(self.thinking, source, requested)
+        if tools:
+            kwargs["tools"] = tools
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, **kwargs
             )
         except TemplateError as exc:
             raise RequestError(f"the chat template refused these messages: {exc}", "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return close_prompt(text, self.thinking, kwargs)
 
     def check_prompt_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         """Token ids sent as a prompt, checked against the vocabulary.
@@ -378,4 +410,12 @@ def load_engine(args: RunArgs, batched: bool = False) -> ChatEngine:
     use_serving_attention(model)
     name = args.model.adapter_name_or_path or args.model.model_name_or_path
     onednn = args.generating.onednn_linear
-    return ChatEngine(model, tokenizer, args.generating, model_name=str(name), batched=batched, onednn=onednn)
+    return ChatEngine(
+        model,
+        tokenizer,
+        args.generating,
+        model_name=str(name),
+        batched=batched,
+        onednn=onednn,
+        enable_thinking=args.data.enable_thinking,
+    )

@@ -5,6 +5,11 @@ One path for training's predict step and `sftflow predict`: prompts sorted longe
 (progress bar, devices) and ROUGE/BLEU against each row's reference answer. The file has two schemas,
 each with one writer and one reader here: generated answers (`prompt`, `predict`, `label`) and, for
 rm, pair scores (`prompt`, `chosen`, `rejected`, `chosen_score`, `rejected_score`).
+
+With a reasoning template (`sftflow.data.thinking`) the prompts follow the run's `enable_thinking` and
+each generated text is split as the server splits it (infer/reasoning.py): `predict` holds the answer and
+`predict_reasoning` the thought (null when none), `label` / `label_reasoning` the reference's; ROUGE/BLEU
+score the answers only.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from sftflow.data.encode import IGNORE_INDEX, stop_token_ids
 from sftflow.data.loader import load_conversations, split_train_eval
 from sftflow.data.prepare import tokenize_prompts
 from sftflow.data.template import render
+from sftflow.data.thinking import Thinking, resolve_thinking
 from sftflow.errors import SftflowError
+from sftflow.infer.reasoning import split_answer
 from sftflow.model.inference import load_for_inference
 from sftflow.train.metrics import text_metrics
 
@@ -63,7 +70,8 @@ def run_predict(args: RunArgs) -> dict[str, float]:
     output_dir = Path(args.training.output_dir)
     args.training.predict_with_generate = True  # SftflowTrainer generates only with it (else: logits)
     model, tokenizer = load_for_inference(args)
-    dataset, rows = tokenize_prompts(predict_conversations(args), tokenizer, args.data.cutoff_len)
+    thinking = resolve_thinking(tokenizer, args.data.enable_thinking, args.data.preserve_thinking)
+    dataset, rows = tokenize_prompts(predict_conversations(args), tokenizer, args.data.cutoff_len, thinking)
     output_dir.mkdir(parents=True, exist_ok=True)
     generation_config = GenerationConfig(
         **args.generating.to_generation_kwargs(),
@@ -77,7 +85,7 @@ def run_predict(args: RunArgs) -> dict[str, float]:
         processing_class=tokenizer,
         generation_config=generation_config,
     )
-    metrics = generate_predictions(trainer, dataset, rows, tokenizer, output_dir, "predict")
+    metrics = generate_predictions(trainer, dataset, rows, tokenizer, output_dir, "predict", thinking)
     trainer.log_metrics("predict", metrics)
     trainer.save_metrics("predict", metrics)
     if trainer.is_world_process_zero():
@@ -99,9 +107,11 @@ def generate_predictions(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: Path,
     prefix: str,
+    thinking: Thinking | None = None,
 ) -> dict[str, float]:
     """Generate for every prompt, write generated_predictions[_base].jsonl (in dataset order), return text
-    metrics (`{prefix}_rouge-1`, ...). `prefix` is `predict` (the tuned model) or `predict_base`."""
+    metrics (`{prefix}_rouge-1`, ...). `prefix` is `predict` (the tuned model) or `predict_base`. With
+    `thinking` (the rows from `tokenize_prompts` with it) thoughts are split from the answers."""
     drop_last = trainer.args.dataloader_drop_last
     if drop_last:
         logger.warning(
@@ -115,19 +125,23 @@ def generate_predictions(
     # one array (batches padded to the longest answer with IGNORE_INDEX), or one per batch when
     # eval_do_concat_batches is false; pad is special, so decoding drops it with the stop token
     batches = output.predictions if isinstance(output.predictions, list) else [output.predictions]
-    answers = []
+    texts = []
     for tokens in batches:
         tokens[tokens == IGNORE_INDEX] = tokenizer.pad_token_id
-        answers += [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    split = [split_answer(text, thinking, row["prompt"]) for row, text in zip(rows, texts, strict=True)]
+    answers = [answer.strip() for _, answer in split]
     metrics = {f"{prefix}_{k}": v for k, v in text_metrics(answers, [r["label"] for r in rows]).items()}
     metrics.update({k: v for k, v in output.metrics.items() if k.endswith(("runtime", "samples_per_second"))})
-    ordered = sorted(zip(rows, answers, strict=True), key=lambda pair: pair[0]["index"])
+    entries = []
+    for row, (thought, answer) in zip(rows, split, strict=True):
+        entry = {"prompt": row["prompt"], "predict": answer.strip(), "label": row["label"]}
+        if thinking is not None:
+            entry |= {"predict_reasoning": thought, "label_reasoning": row.get("label_reasoning")}
+        entries.append((row["index"], entry))
     if trainer.is_world_process_zero():
         name = PREDICTIONS if prefix == "predict" else BASE_PREDICTIONS
-        write_jsonl(
-            output_dir / name,
-            ({"prompt": row["prompt"], "predict": answer, "label": row["label"]} for row, answer in ordered),
-        )
+        write_jsonl(output_dir / name, (entry for _, entry in sorted(entries, key=lambda pair: pair[0])))
     return metrics
 
 

@@ -51,6 +51,13 @@ class Message(Strict):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier answer's thought, as this server sends it
+
+    @model_validator(mode="after")
+    def _thought_on_answers(self) -> Message:
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise ValueError("reasoning_content is only taken on assistant messages")
+        return self
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates take it (tool-call arguments as objects when they are JSON)."""
@@ -73,6 +80,8 @@ class Message(Strict):
                     }
                 )
             out["tool_calls"] = calls
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
         if self.role == "tool":
             out["tool_call_id"] = self.tool_call_id
             if self.name:
@@ -177,6 +186,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # extra chat template variables (vLLM's field), e.g. {"enable_thinking": false}; checked against the
+    # template by the engine (infer/reasoning.py: template_kwargs)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _combinations(self) -> ChatCompletionRequest:

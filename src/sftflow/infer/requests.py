@@ -86,8 +86,8 @@ class ChatResult:
 
 
 def validate_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check a chat request's messages and return them as plain dicts (`role`, `content`, and for tool
-    use `tool_calls` / `tool_call_id` / `name`).
+    """Check a chat request's messages and return them as plain dicts (`role`, `content`, for tool use
+    `tool_calls` / `tool_call_id` / `name`, and an assistant's `reasoning_content`).
 
     Raises:
         RequestError: no messages, an unknown role, an empty question, a misplaced system message, or a
@@ -117,6 +117,13 @@ def validate_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": role, "content": content}
         if calls:
             item["tool_calls"] = calls
+        thought = message.get("reasoning_content") if role == "assistant" else None
+        if thought is not None:  # an earlier answer's thought, sent back (issue #24)
+            if not isinstance(thought, str):
+                raise RequestError(
+                    f"messages[{i}].reasoning_content must be a string.", f"messages.{i}.reasoning_content"
+                )
+            item["reasoning_content"] = thought
         for key in ("tool_call_id", "name"):
             if role == "tool" and message.get(key) is not None:
                 item[key] = message[key]

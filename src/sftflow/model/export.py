@@ -21,12 +21,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from sftflow.config.parser import read_config_file
 from sftflow.config.run_lock import LOCK_NAME, check_writable_dir, is_lock_file, owned
 from sftflow.data.encode import IGNORE_INDEX, encode_sft, stop_token_ids
 from sftflow.data.loader import load_conversations
-from sftflow.data.template import apply_template
+from sftflow.data.template import apply_template, set_default_system
+from sftflow.data.thinking import resolve_thinking, template_with_mode
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
 from sftflow.model.loader import is_quantized, load_model, load_tokenizer, model_path, resolve_dtype
@@ -41,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 
 def export_model(
-    model_args: ModelArguments, data_args: DataArguments | None = None, overwrite: bool = False
+    model_args: ModelArguments,
+    data_args: DataArguments | None = None,
+    overwrite: bool = False,
+    enable_thinking: bool | None | Literal["trained"] = "trained",
 ) -> Path:
     """Merge `adapter_name_or_path` into `model_name_or_path` and save the result to `export_dir`.
 
@@ -54,6 +59,9 @@ def export_model(
         data_args: its `template` (and `template_file`, when set) replace the saved chat template; its
             `dataset`, when set, is read for a system prompt shared by every row (the Modelfile's SYSTEM).
         overwrite: allow a non-empty export_dir (its old weight files are removed first).
+        enable_thinking: the thinking mode the exported chat template defaults to (a reasoning template;
+            `_write_thinking_default`); `trained`: the run's own, read from the sftflow_args.yaml beside
+            the last adapter (or in the model dir).
 
     Returns:
         The export dir.
@@ -89,6 +97,11 @@ def export_model(
             check_adapter_dir(path, allow_pickle)
 
         tokenizer = _export_tokenizer(model_args, paths, data_args)
+        trained = _run_keys(base, paths)
+        set_default_system(
+            tokenizer, getattr(data_args, "default_system", None) or trained.get("default_system")
+        )
+        _write_thinking_default(tokenizer, trained, enable_thinking)
         end_id = trained_end_token(tokenizer)
         merge_args = dataclasses.replace(model_args, dtype="float32")
         model = load_model(merge_args, tokenizer)
@@ -329,6 +342,28 @@ def _export_tokenizer(model_args: ModelArguments, paths: list[str], data_args: D
     elif template:
         apply_template(tokenizer, template)
     return tokenizer
+
+
+def _run_keys(base: str, paths: list[str]) -> dict[str, Any]:
+    """The keys of the run being exported: the sftflow_args.yaml beside the last adapter (or in a full
+    run's model dir), {} without one."""
+    run = Path(paths[-1] if paths else base).expanduser() / "sftflow_args.yaml"
+    return read_config_file(run) if run.is_file() else {}
+
+
+def _write_thinking_default(
+    tokenizer: PreTrainedTokenizerBase, trained: dict[str, Any], enable: bool | None | Literal["trained"]
+) -> None:
+    """Make the run's thinking mode the chat template's default (HF tokenizer, GGUF, Modelfile all take
+    this template): a run trained with enable_thinking false exports a template whose generation prompt
+    ends with the empty block unless a request sets the flag (issue #24)."""
+    if enable == "trained":
+        enable = trained.get("enable_thinking", True)
+    thinking = resolve_thinking(tokenizer, enable, False)  # type: ignore[arg-type]
+    source = template_with_mode(tokenizer, thinking) if thinking is not None else None
+    if source is not None:
+        tokenizer.chat_template = source
+        logger.info("chat template: enable_thinking defaults to %s, as the run trained", enable)
 
 
 def _checkpoint_dtype(path: str) -> Any:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sftflow.data.template import apply_template
+from sftflow.data.template import apply_template, check_tool_format, set_default_system
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -221,9 +221,12 @@ def load_chat_tokenizer(
     model_args: ModelArguments, data_args: DataArguments, source: str | None = None
 ) -> Any:
     """The tokenizer with its chat template installed (its own unless `template` / `template_file` names
-    another); `source` as in `load_tokenizer`."""
+    another), `default_system` written into it and `tool_format` checked against it; `source` as in
+    `load_tokenizer`."""
     tokenizer = load_tokenizer(model_args, source=source)
     apply_template(tokenizer, data_args.template, data_args.template_file)
+    set_default_system(tokenizer, data_args.default_system)
+    check_tool_format(tokenizer, data_args.tool_format)
     return tokenizer
 
 

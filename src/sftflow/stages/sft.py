@@ -105,11 +105,13 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     # 7. Predict: generate answers from prompts only (left-padded), tuned and, with LoRA, base model.
     if training.do_predict:
         trainer.data_collator = SftCollator(tokenizer.pad_token_id, padding_side="left")
-        metrics = generate_predictions(trainer, predict_set, predict_rows, tokenizer, output_dir, "predict")
+        metrics = generate_predictions(
+            trainer, predict_set, predict_rows, tokenizer, output_dir, "predict", thinking
+        )
         if args.finetuning.compare_base and args.finetuning.finetuning_type == "lora":
             with trainer.accelerator.unwrap_model(model).disable_adapter():
                 metrics |= generate_predictions(
-                    trainer, predict_set, predict_rows, tokenizer, output_dir, "predict_base"
+                    trainer, predict_set, predict_rows, tokenizer, output_dir, "predict_base", thinking
                 )
             result.sample = sample_answers(output_dir)
         record(trainer, "predict", metrics, result)
