@@ -9,6 +9,7 @@ kept positions' logits come from the model's forward, and the log says why once.
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 FSDP_REASON = "FSDP shards the output head's weight and gathers it only inside the model's forward"
