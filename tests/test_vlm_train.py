@@ -55,18 +55,19 @@ def _config(tmp_path: Path, model_dir: Path, **overrides) -> Path:
     return path
 
 
-def _reload_and_generate(model_dir: Path, out: Path, data_dir: Path) -> str:
-    """Generate for the first held-out row from the base model + the saved adapter, as a user would."""
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+def _generate(model, files: Path, data_dir: Path) -> str:
+    """Generate for the first held-out row with `model`, its tokenizer and image processor read from
+    `files` (a run's output dir or an export dir), as a user would."""
+    from transformers import AutoTokenizer
 
     from sftflow.data.encode import encode_prompt
     from sftflow.data.vision import VisionCollator, load_vision
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    vision = load_vision(out if (out / "config.json").is_file() else model_dir, tokenizer)
-    vision.processor = type(vision.processor).from_pretrained(out)  # the run saved its image processor
-    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(files)
+    vision = load_vision(
+        model.config.name_or_path if not (files / "config.json").is_file() else files, tokenizer
+    )
+    vision.processor = type(vision.processor).from_pretrained(files)  # the image processor saved there
     row = image_rows(1)[0]
     ref = str((data_dir / row["images"][0]).resolve())
     counts = vision.token_counts(vision.pixels([vision.load(ref)]))
@@ -74,7 +75,7 @@ def _reload_and_generate(model_dir: Path, out: Path, data_dir: Path) -> str:
     batch = VisionCollator(tokenizer.pad_token_id, vision, padding_side="left")(
         [{"input_ids": ids, "images": [ref]}]
     )
-    tokens = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, len(ids) :]
+    tokens = model.eval().generate(**batch, max_new_tokens=4, do_sample=False)[:, len(ids) :]
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)[0].strip()
 
 
@@ -97,9 +98,29 @@ def test_train_eval_predict_then_reload_the_adapter(tmp_path, family, llava_dir,
     assert len(predictions) == 3 and all("<image>What colour" in p["prompt"] for p in predictions)
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["splits"]["train"]["examples"] == 5  # 3 image rows + 2 text rows
-    answer = _reload_and_generate(model_dir, out, tmp_path / "data")
     red = next(p for p in predictions if p["label"] == "It is red.")
-    assert answer == red["predict"]  # the reloaded adapter answers exactly as predict did
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from sftflow.config.args import ModelArguments
+    from sftflow.model.export import export_model
+
+    tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), out)
+    assert _generate(tuned, out, tmp_path / "data") == red["predict"]  # the reloaded adapter answers alike
+    merged_dir = export_model(
+        ModelArguments(str(model_dir), adapter_name_or_path=str(out), export_dir=str(tmp_path / "merged"))
+    )
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir)
+    assert _generate(merged, merged_dir, tmp_path / "data") == red["predict"]  # and so does the merged dir
+    with pytest.raises(SftflowError, match="export_format: gguf is not supported for a model that sees"):
+        export_model(
+            ModelArguments(
+                str(model_dir),
+                adapter_name_or_path=str(out),
+                export_dir=str(tmp_path / "g"),
+                export_format="gguf",
+            )
+        )
 
 
 def _apply(model_dir: Path, **finetuning):
