@@ -261,7 +261,7 @@ def test_text_rows_keep_literal_image_text_without_an_images_column(tmp_path, ti
 def test_image_rows_on_a_text_model_are_refused(tmp_path, tiny_model_dir, tiny_tokenizer):
     data = _data(image_data_dir(tmp_path / "d"), tmp_path)
     assert load_vision(tiny_model_dir, tiny_tokenizer) is None
-    with pytest.raises(SftflowError, match="train: 6 rows have images but the model is text-only"):
+    with pytest.raises(SftflowError, match="train: 6 rows have images, but the model is text-only"):
         prepare("sft", data, tiny_tokenizer, seed=0)
 
 
@@ -324,3 +324,10 @@ def test_unknown_vision_family_is_refused(tmp_path, tiny_tokenizer):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics3", "vision_config": {}}))
     with pytest.raises(SftflowError, match="'idefics3' .* supports llava, qwen2_5_vl, qwen2_vl"):
         load_vision(tmp_path, tiny_tokenizer)
+
+
+def test_streamed_image_rows_tokenize_lazily(tmp_path, llava_dir):
+    data = _data(image_data_dir(tmp_path / "d"), tmp_path, streaming=True)
+    _, vision, prepared = _prepared(llava_dir, data)
+    row = next(iter(prepared.train))
+    assert row["input_ids"].count(vision.image_token_id) == 4 and row["images"][0].endswith(".png")

@@ -340,10 +340,10 @@ def _stream(spec: DatasetSpec, stage: Stage, data_args: DataArguments) -> Iterab
     else:
         raw = _load_hub(spec, streaming=True)
     skipped = [0]
+    dirs = image_dirs(data_args, files[0] if spec.file_name and len(files) == 1 else None)
 
     def convert(row: dict, index: int) -> dict:
         try:
-            dirs = image_dirs(data_args)
             return {**convert_row(row, spec.formatting, spec.columns, spec.tags, stage, dirs), "_ok": True}
         except RowError as exc:
             if not data_args.skip_bad_rows:

@@ -367,9 +367,9 @@ def _refuse_images(conversations: Dataset | None, split: str) -> None:
         if not with_images:
             return
     raise SftflowError(
-        f"{split}: {'some' if conversations is None else with_images} rows have images but the model is "
-        "text-only (its config.json has no vision_config); image fine-tuning supports model types "
-        f"{', '.join(sorted(FAMILIES))}."
+        f"{split}: {'some' if conversations is None else with_images} rows have images, but the model is "
+        "text-only (its config.json has no vision_config) or this command does not feed images yet (train, "
+        f"preview and preprocess do); image fine-tuning supports model types {', '.join(sorted(FAMILIES))}."
     )
 
 
