@@ -11,7 +11,7 @@ import yaml
 
 from sftflow.config import load_args
 from sftflow.errors import SftflowError
-from vlm_models import build_llava, build_qwen2_vl, image_data_dir, image_rows
+from vlm_models import build_llava, build_qwen2_5_vl, build_qwen2_vl, image_data_dir, image_rows
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,11 @@ def llava_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory) -> Path:
     return build_qwen2_vl(tmp_path_factory.mktemp("qwen2vl"))
+
+
+@pytest.fixture(scope="module")
+def qwen25_dir(tmp_path_factory) -> Path:
+    return build_qwen2_5_vl(tmp_path_factory.mktemp("qwen25vl"))
 
 
 def _config(tmp_path: Path, model_dir: Path, **overrides) -> Path:
@@ -79,11 +84,14 @@ def _generate(model, files: Path, data_dir: Path) -> str:
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)[0].strip()
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_train_eval_predict_then_reload_the_adapter(tmp_path, family, llava_dir, qwen_dir):
+DIRS = {"llava": "llava_dir", "qwen2_vl": "qwen_dir", "qwen2_5_vl": "qwen25_dir"}
+
+
+@pytest.mark.parametrize("family", list(DIRS))
+def test_train_eval_predict_then_reload_the_adapter(tmp_path, family, request):
     from sftflow.stages.sft import run_sft
 
-    model_dir = llava_dir if family == "llava" else qwen_dir
+    model_dir = request.getfixturevalue(DIRS[family])
     result = run_sft(load_args(_config(tmp_path, model_dir)))
     out = result.output_dir
     assert {"adapter_model.safetensors", "preprocessor_config.json", "generated_predictions.jsonl"} <= {
@@ -145,9 +153,9 @@ def _trained(model) -> set[str]:
     return {part for name, p in model.named_parameters() if p.requires_grad for part in parts if part in name}
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_freeze_flags_choose_the_trained_parts(family, llava_dir, qwen_dir):
-    model_dir = llava_dir if family == "llava" else qwen_dir
+@pytest.mark.parametrize("family", list(DIRS))
+def test_freeze_flags_choose_the_trained_parts(family, request):
+    model_dir = request.getfixturevalue(DIRS[family])
     tower, projector = (
         ("vision_tower", "multi_modal_projector") if family == "llava" else ("visual.blocks", "visual.merger")
     )

@@ -103,6 +103,38 @@ def build_qwen2_vl(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
+    """A Qwen2.5-VL (windowed vision attention, the same parts and image tokens as Qwen2-VL)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path)
+    tokenizer.add_special_tokens({"extra_special_tokens": QWEN_TOKENS}, replace_extra_special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
+    text = _text_config(tokenizer) | {
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    }
+    vision = {
+        "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 28,
+        "fullatt_block_indexes": [0],
+    }  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        vision_start_token_id=ids[0],
+        image_token_id=ids[1],
+        vision_end_token_id=ids[2],
+        video_token_id=ids[3],
+    )
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 
 
