@@ -120,6 +120,14 @@ def test_train_eval_predict_then_reload_the_adapter(tmp_path, family, request):
     )
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir)
     assert _generate(merged, merged_dir, tmp_path / "data") == red["predict"]  # and so does the merged dir
+    from sftflow.cli import main
+
+    assert main(["predict", str(out)]) == 0  # sftflow predict RUN_DIR: the same answers, from the merged run
+    again = [
+        json.loads(line)
+        for line in (out / "predict" / "generated_predictions.jsonl").read_text().splitlines()
+    ]
+    assert [p["predict"] for p in again] == [p["predict"] for p in predictions]
     with pytest.raises(SftflowError, match="export_format: gguf is not supported for a model that sees"):
         export_model(
             ModelArguments(

@@ -20,8 +20,10 @@ from sftflow.data.encode import IGNORE_INDEX, stop_token_ids
 from sftflow.data.loader import load_conversations, split_train_eval
 from sftflow.data.prepare import tokenize_prompts
 from sftflow.data.template import render
+from sftflow.data.vision import VisionCollator, load_vision
 from sftflow.errors import SftflowError
 from sftflow.model.inference import load_for_inference
+from sftflow.model.loader import model_path
 from sftflow.train.metrics import text_metrics
 
 if TYPE_CHECKING:
@@ -62,8 +64,16 @@ def run_predict(args: RunArgs) -> dict[str, float]:
 
     output_dir = Path(args.training.output_dir)
     args.training.predict_with_generate = True  # SftflowTrainer generates only with it (else: logits)
-    model, tokenizer = load_for_inference(args)
-    dataset, rows = tokenize_prompts(predict_conversations(args), tokenizer, args.data.cutoff_len)
+    model, tokenizer = load_for_inference(args, images=True)
+    # a model that sees: prompts with images get its image runs, batches their pixels (data/vision.py)
+    vision = load_vision(
+        model_path(args.model), tokenizer, args.model.image_max_pixels, args.model.image_min_pixels
+    )
+    dataset, rows = tokenize_prompts(
+        predict_conversations(args), tokenizer, args.data.cutoff_len, vision=vision
+    )
+    if vision is not None:
+        args.training.remove_unused_columns = False  # the rows' images feed the collator
     output_dir.mkdir(parents=True, exist_ok=True)
     generation_config = GenerationConfig(
         **args.generating.to_generation_kwargs(),
@@ -73,7 +83,9 @@ def run_predict(args: RunArgs) -> dict[str, float]:
     trainer = SftflowTrainer(
         model=model,
         args=args.training,
-        data_collator=SftCollator(tokenizer.pad_token_id, padding_side="left"),
+        data_collator=SftCollator(tokenizer.pad_token_id, padding_side="left")
+        if vision is None
+        else VisionCollator(tokenizer.pad_token_id, vision, padding_side="left"),
         processing_class=tokenizer,
         generation_config=generation_config,
     )
