@@ -331,3 +331,20 @@ def test_streamed_image_rows_tokenize_lazily(tmp_path, llava_dir):
     _, vision, prepared = _prepared(llava_dir, data)
     row = next(iter(prepared.train))
     assert row["input_ids"].count(vision.image_token_id) == 4 and row["images"][0].endswith(".png")
+
+
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% endfor %}"
+)
+
+
+def test_a_template_that_drops_string_content_is_refused(llava_dir):
+    tokenizer = _tokenizer(llava_dir)
+    tokenizer.chat_template = LLAVA_HF_TEMPLATE  # renders nothing for string content
+    with pytest.raises(
+        SftflowError, match="does not write string message content .*e.g. vicuna for LLaVA-1.5"
+    ):
+        load_vision(llava_dir, tokenizer)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sftflow.data.collator import SftCollator
 from sftflow.data.content import file_digest
 from sftflow.data.encode import IGNORE_INDEX, Encoded
 from sftflow.data.images import DATA_URL, IMAGE, ImageError, open_image
+from sftflow.data.template import render
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ class Vision:
     num_additional_image_tokens: int = 0  # llava
     feature_strategy: str = "default"  # llava
     merge_size: int = 2  # qwen2_vl
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the image runs (part of the tokenized cache key)."""
@@ -182,6 +182,7 @@ def load_vision(
             f"{model_dir}: the image processor cannot be loaded ({str(exc).splitlines()[0][:200]}); the model "
             "dir needs its preprocessor_config.json (or processor_config.json)."
         ) from None
+    check_template(tokenizer, model_dir)
     vision = Vision(family, model_type, "", -1, processor, max_pixels, min_pixels)
     if family == "qwen2_vl":
         vision.image_token = QWEN_PAD
@@ -204,6 +205,29 @@ def load_vision(
             f"expects image_token_id {expected}."
         )
     return vision
+
+
+PROBE_QUESTION, PROBE_ANSWER = "sftflow probe question", "sftflow probe answer"
+
+
+def check_template(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path) -> None:
+    """The chat template must write string message content: the image runs are written into it.
+
+    Raises:
+        SftflowError: the template drops it (llava-hf templates read only content lists, and render
+            nothing for a string).
+    """
+    messages = [{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}]
+    try:
+        text = render(tokenizer, messages)
+    except Exception as exc:  # noqa: BLE001  # a template that refuses string content
+        text = f"({type(exc).__name__}: {exc})"
+    if PROBE_QUESTION not in text or PROBE_ANSWER not in text:
+        raise SftflowError(
+            f"the chat template of {model_dir} does not write string message content (it rendered a probe "
+            f"chat as {text[:120]!r}); llava-hf templates read only content lists. Set template: to a "
+            "built-in that matches the model (e.g. vicuna for LLaVA-1.5), or template_file."
+        )
 
 
 def _llava_settings(vision: Vision, config: dict[str, Any], model_dir: str | Path) -> None:
