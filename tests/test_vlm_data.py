@@ -348,3 +348,12 @@ def test_a_template_that_drops_string_content_is_refused(llava_dir):
         SftflowError, match="does not write string message content .*e.g. vicuna for LLaVA-1.5"
     ):
         load_vision(llava_dir, tokenizer)
+
+
+def test_an_image_broken_after_its_rows_were_read_is_one_line(tmp_path, llava_dir):
+    data_dir = image_data_dir(tmp_path / "d", image_rows(1))
+    data = _data(data_dir, tmp_path)
+    _prepared(llava_dir, data)  # rows converted (and cached by datasets) with the image whole
+    (data_dir / "images" / "red.png").write_bytes(b"not a png")
+    with pytest.raises(SftflowError, match=r"^train: '.*red.png' is not a readable image .*; fix or restore it"):
+        _prepared(llava_dir, data)

@@ -34,6 +34,7 @@ from sftflow.data.encode import (
     encode_sft,
     stop_token_ids,
 )
+from sftflow.data.images import ImageError
 from sftflow.data.loader import LoadReport, load_conversations, split_train_eval
 from sftflow.data.template import render
 from sftflow.data.thinking import Thinking, has_thought, resolve_thinking, split_thought, thinking_prompt
@@ -296,7 +297,7 @@ def tokenize_sft(
             _refuse_images(None, split)
         counts: list[int] = []
         if images:
-            counts = vision.token_counts(vision.pixels([vision.load(ref) for ref in images]))
+            counts = image_counts(vision, images, split)
         enc = encode_sft(
             tokenizer,
             vision.expand(messages, counts) if images else messages,
@@ -356,6 +357,18 @@ def tokenize_sft(
             f"{split}: {no_labels} examples have no trained token after truncation; raise cutoff_len."
         )
     return encoded
+
+
+def image_counts(vision: Vision, refs: list[str], split: str) -> list[int]:
+    """The image tokens of each image of a row (`Vision.token_counts`).
+
+    Raises:
+        SftflowError: an image has become unreadable since its row was read.
+    """
+    try:
+        return vision.token_counts(vision.pixels([vision.load(ref) for ref in refs]))
+    except ImageError as exc:
+        raise SftflowError(f"{split}: {exc}; fix or restore it.") from None
 
 
 def _refuse_images(conversations: Dataset | None, split: str) -> None:
@@ -514,9 +527,7 @@ def tokenize_prompts(
             _refuse_images(None, "predict")
         shown = messages  # the prompt text written beside the answers keeps its <image> placeholders
         if refs:
-            messages = vision.expand(
-                messages, vision.token_counts(vision.pixels([vision.load(r) for r in refs]))
-            )
+            messages = vision.expand(messages, image_counts(vision, refs, "predict"))
         prompt_ids = encode_prompt(tokenizer, messages, cutoff_len, thinking)
         if prompt_ids is None:
             continue
