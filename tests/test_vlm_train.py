@@ -215,3 +215,13 @@ def test_other_stages_refuse_a_model_that_sees(llava_dir):
 
     with pytest.raises(SftflowError, match="is a model that sees .*stage: sft"):
         load_model(ModelArguments(str(llava_dir)))
+
+
+@pytest.mark.parametrize("key", ["image_max_pixels", "freeze_vision_tower"])
+def test_image_keys_outside_sft_are_refused(key):
+    from sftflow.config.parser import args_from_dict
+
+    value = {"image_max_pixels": 4096, "freeze_vision_tower": False}[key]
+    base = {"model_name_or_path": "some/model", "output_dir": "/tmp/sftflow-vlm-out", "stage": "dpo"}
+    with pytest.raises(SftflowError, match=f"{key} has no effect here: .*applies to stage: sft only"):
+        args_from_dict({**base, key: value})
