@@ -93,7 +93,16 @@ def test_qwen2_vl_ids_grid_and_pixels_match_its_image_processor(tmp_path, qwen_d
     )
     grid = processed["image_grid_thw"][0].tolist()
     assert grid == [1, 2, 8]  # 100x40 -> 112x28 within max_pixels 56*56: 2 x 8 patches of 14
-    run = "<|vision_start|>" + "<|image_pad|>" * (2 * 8 // 4) + "<|vision_end|>"
+    # Qwen2VLProcessor cannot be built without torchvision (its video processor); its own expansion rule,
+    # run on the image processor's output, gives the image's run
+    from types import SimpleNamespace
+
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    stand_in = SimpleNamespace(image_processor=vision.processor, image_token="<|image_pad|>")
+    pads = Qwen2VLProcessor.replace_image_token(stand_in, processed, 0)
+    assert pads == "<|image_pad|>" * (2 * 8 // 4)
+    run = "<|vision_start|>" + pads + "<|vision_end|>"
     messages = [
         {"role": "user", "content": run + "What colour is this square?"},
         {"role": "assistant", "content": "It is red."},
@@ -355,5 +364,7 @@ def test_an_image_broken_after_its_rows_were_read_is_one_line(tmp_path, llava_di
     data = _data(data_dir, tmp_path)
     _prepared(llava_dir, data)  # rows converted (and cached by datasets) with the image whole
     (data_dir / "images" / "red.png").write_bytes(b"not a png")
-    with pytest.raises(SftflowError, match=r"^train: '.*red.png' is not a readable image .*; fix or restore it"):
+    with pytest.raises(
+        SftflowError, match=r"^train: '.*red.png' is not a readable image .*; fix or restore it"
+    ):
         _prepared(llava_dir, data)
