@@ -92,8 +92,8 @@ def test_missing_or_misnamed_column_and_all_rows_bad(tmp_path):
 
 
 def test_registry_mistakes(tmp_path):
-    args = setup(tmp_path, "d.json", json.dumps([GOOD]), {"columns": {"images": "img"}})
-    with pytest.raises(SftflowError, match="images, videos and audios are not supported"):
+    args = setup(tmp_path, "d.json", json.dumps([GOOD]), {"columns": {"videos": "vid"}})
+    with pytest.raises(SftflowError, match="videos and audios are not supported"):
         load_conversations(["d"], args, seed=0)
     setup(tmp_path, "d.json", json.dumps([GOOD]), {"formatting": "chatml"})
     with pytest.raises(SftflowError, match="formatting 'chatml'; use alpaca, sharegpt or openai"):

@@ -12,6 +12,7 @@ from sftflow.data.inspect import write_jsonl
 from sftflow.data.prepare import prepare
 from sftflow.errors import SftflowError
 from sftflow.model.loader import load_chat_tokenizer
+from sftflow.model.vision import load_run_vision
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +30,10 @@ def main(argv: list[str]) -> int:
     setup_logging()
     tokenizer = load_chat_tokenizer(args.model, args.data)
     # the training split is built whether or not the config trains: preprocess is for reading it
-    prepared = prepare(args.finetuning.stage, args.data, tokenizer, args.training.seed, do_train=True)
+    vision = load_run_vision(args, tokenizer)  # a model that sees: images become its image runs
+    prepared = prepare(
+        args.finetuning.stage, args.data, tokenizer, args.training.seed, do_train=True, vision=vision
+    )
     dataset = prepared.train if ns.split == "train" else prepared.eval
     if dataset is None:
         raise SftflowError(

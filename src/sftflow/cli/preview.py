@@ -14,6 +14,7 @@ from sftflow.config.parser import load_args
 from sftflow.data.inspect import format_report, render_example
 from sftflow.data.prepare import prepare
 from sftflow.model.loader import load_chat_tokenizer
+from sftflow.model.vision import load_run_vision
 
 
 def main(argv: list[str]) -> int:
@@ -33,7 +34,12 @@ def main(argv: list[str]) -> int:
     setup_logging()
     tokenizer = load_chat_tokenizer(args.model, args.data)
     prepared = prepare(
-        args.finetuning.stage, args.data, tokenizer, args.training.seed, args.training.do_train
+        args.finetuning.stage,
+        args.data,
+        tokenizer,
+        args.training.seed,
+        args.training.do_train,
+        vision=load_run_vision(args, tokenizer),  # a model that sees: images become its image runs
     )
     shown = prepared.train if prepared.train is not None else prepared.eval
     color = sys.stdout.isatty()

@@ -68,6 +68,12 @@ class ModelArguments:
     export_quantization: Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] = "f16"
     """sftflow export with export_format: gguf: the GGUF tensor type (norms stay f32; under q4_*/q5_* the output head stays q8_0)."""
 
+    image_max_pixels: int = 768 * 768
+    """Models that see: an image larger than this many pixels (width x height) is scaled down, aspect kept, before the model's image processor (LLaMA-Factory's key and default)."""
+
+    image_min_pixels: int = 32 * 32
+    """Models that see: an image smaller than this many pixels is scaled up, aspect kept, before the model's image processor."""
+
     export_hub_model_id: str | None = None
     """sftflow export: also upload export_dir to this Hugging Face hub repo (needs network and a login; same key as LLaMA-Factory)."""
 
@@ -244,6 +250,15 @@ class FinetuningArguments:
 
     skip_nan: bool = False
     """Skip a training batch whose loss is NaN/inf (its gradients are dropped, a warning names the step) instead of stopping the run."""
+
+    freeze_vision_tower: bool = True
+    """Models that see: keep the vision tower frozen (no LoRA in it; not trained with finetuning_type: full)."""
+
+    freeze_multi_modal_projector: bool = True
+    """Models that see: keep the projector from image features to the language model frozen."""
+
+    freeze_language_model: bool = False
+    """Models that see: keep the language model frozen (train only the unfrozen vision parts)."""
 
     fast_loss: bool = True
     """Training loss on a padding-free row with logits only at trained (label != -100) positions, each example attending only within itself (sdpa models) and the output head fused into the cross-entropy: same loss and gradients as the model's own loss, less time and memory. false: the model's own loss on the padded batch."""

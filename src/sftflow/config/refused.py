@@ -22,7 +22,8 @@ _EAFT = "the EAFT loss is out of scope (use use_dft_loss or the plain loss)"
 _STAGES = (
     "sftflow's stages are pt, sft, rm, dpo and kto (simpo is pref_loss: simpo); ppo and bco are not supported"
 )
-_MEDIA = "sftflow trains text-only models; image, video and audio inputs are not supported"
+_MEDIA = "sftflow trains on text and images (docs/images.md); video and audio inputs are not supported"
+_IMAGE_FAMILIES = "image fine-tuning feeds llava and qwen2_vl models, which take no such option"
 _VLLM = "chat, api and predict run on transformers (infer_backend: huggingface); vLLM is not supported"
 _SGLANG = "chat, api and predict run on transformers (infer_backend: huggingface); SGLang is not supported"
 _KT = "KTransformers is not supported"
@@ -82,22 +83,21 @@ REFUSED: dict[str, Refused] = {
     **{
         key: Refused(_MEDIA, (default,))
         for key, default in {
-            "image_max_pixels": 768 * 768,
-            "image_min_pixels": 32 * 32,
-            "image_do_pan_and_scan": False,
-            "crop_to_patches": False,
             "video_max_pixels": 256 * 256,
             "video_min_pixels": 16 * 16,
             "video_fps": 2.0,
             "video_maxlen": 128,
             "use_audio_in_video": False,
             "audio_sampling_rate": 16000,
-            "media_dir": None,
-            "freeze_vision_tower": True,
-            "freeze_multi_modal_projector": True,
-            "freeze_language_model": False,
         }.items()
     },
+    "image_do_pan_and_scan": Refused(_IMAGE_FAMILIES, (False,)),
+    "crop_to_patches": Refused(_IMAGE_FAMILIES, (False,)),
+    "media_dir": Refused(
+        "relative image paths are read from dataset_dir, then the data file's folder; give absolute paths "
+        "for images elsewhere",
+        (None,),
+    ),
     # export
     "export_device": Refused("sftflow export merges on the CPU (export_device: cpu)", ("cpu",)),
     "export_quantization_bit": Refused(_GPTQ, (None,)),

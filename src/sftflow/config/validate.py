@@ -244,10 +244,21 @@ SEED = Range(0, 2**32 - 1)  # numpy's seed range (set_seed)
 # Every numeric key of `sftflow train --help`, with the values it accepts (tests/test_config_sweep.py checks
 # that none is missing). Checked before anything loads: torch, PEFT and the Trainer would refuse most of
 # these only after the model has loaded, or not at all.
+# Keys of models that see (docs/images.md): sft only; on a text model they are refused when it loads.
+IMAGE_KEYS = (
+    "image_max_pixels",
+    "image_min_pixels",
+    "freeze_vision_tower",
+    "freeze_multi_modal_projector",
+    "freeze_language_model",
+)
+
 RANGES: dict[str, Range] = {
     # model
     "quantization_bit": Range(4, 8),
     "export_size": POSITIVE,
+    "image_max_pixels": AT_LEAST_ONE,
+    "image_min_pixels": AT_LEAST_ONE,
     # data
     "cutoff_len": Range(8),
     "max_samples": AT_LEAST_ONE,
@@ -409,6 +420,8 @@ def no_effect(
         return f"{key} does not apply with streaming: true (a stream is tokenized on the fly, not cached)"
     if key == "template_file" and not data.template:
         return "template_file needs template: the name of one of its templates"
+    if key in IMAGE_KEYS and stage != "sft":
+        return f"{key} applies to stage: sft only (models that see train in sft; this run is stage: {stage})"
     if key in ("mask_history", "train_on_prompt") and stage != "sft":
         return f"{key} applies to stage: sft only (this run is stage: {stage})"
     if key == "preserve_thinking" and stage == "sft" and not data.mask_history:

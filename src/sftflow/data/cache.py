@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion or tokenization code changes what it writes, so old entries are not reused.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 # DataArguments fields that do not change the tokenized data.
 NOT_IN_KEY = {
     "preview_rows",
@@ -76,9 +76,15 @@ def dataset_fingerprint(name: str, dataset_dir: str, stage: str) -> dict[str, An
 
 
 def cache_key(
-    data_args: DataArguments, stage: str, seed: int, splits: list[str], tokenizer: PreTrainedTokenizerBase
+    data_args: DataArguments,
+    stage: str,
+    seed: int,
+    splits: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    vision: str | None = None,
 ) -> str:
-    """The hex key of one run's data step (see the module docstring for what goes into it)."""
+    """The hex key of one run's data step (see the module docstring for what goes into it); `vision` is
+    the image settings' fingerprint (`Vision.fingerprint`) of a model that sees."""
 
     names = [*(data_args.dataset or []), *(data_args.eval_dataset or [])]
     flags = {k: v for k, v in dataclasses.asdict(data_args).items() if k not in NOT_IN_KEY}
@@ -90,6 +96,7 @@ def cache_key(
         "seed": seed,
         "splits": splits,
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        **({"vision": vision} if vision is not None else {}),
         "data": {
             name: dataset_fingerprint(name, data_args.dataset_dir, stage) for name in dict.fromkeys(names)
         },

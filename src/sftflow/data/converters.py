@@ -2,7 +2,7 @@
 
 The common form depends on the stage (what the tokenizers in `encode.py` read):
 
-* ``sft``: ``{"messages": [...], "tools": str}``. ``messages`` are
+* ``sft``: ``{"messages": [...], "tools": str, "images": [str]}``. ``messages`` are
   ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``; the system message, when there
   is one, comes first; then user (or tool) and assistant turns alternate, and the last turn is an
   assistant turn. A sharegpt ``function_call`` turn is an ``assistant`` turn whose content is the call
@@ -12,6 +12,8 @@ The common form depends on the stage (what the tokenizers in `encode.py` read):
   (``<think>\n...\n</think>\n\n``): as it comes in the data, or from a turn's ``reasoning_content``
   (OpenAI/sharegpt turn objects) or a ``reasoning`` column (the last answer's thought, any format, mapped
   in dataset_info.json ``columns``). ``data/thinking.py`` splits it off again for the chat template.
+  ``images`` are the row's image paths (absolute) or data: URLs, one per ``<image>`` in the text, in order
+  (``images.py``); empty for text rows.
 * ``pt``: ``{"text": str}``: the raw text to continue-pretrain on (no template, no eos: the pt tokenizer
   adds it).
 * ``rm`` (``ranking: true`` in dataset_info.json): ``{"messages": [...], "chosen": str, "rejected": str,
@@ -31,8 +33,10 @@ the dataset, file and row number.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
+from sftflow.data.images import ImageError, check_image, check_placeholders, content_parts, resolve_image
 from sftflow.data.thinking import inline_thought, split_thought
 
 Message = dict[str, str]
@@ -236,14 +240,77 @@ def _answer(row: dict[str, Any], column: str, tags: dict[str, str] | None) -> st
     return value
 
 
+def _flatten_parts(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]) -> tuple[dict, list]:
+    """The row with OpenAI content-part lists turned into text with `<image>` placeholders, and the image
+    urls of those parts in order (see `images.content_parts`)."""
+    field = columns.get("messages", "conversations")
+    turns = row.get(field)
+    if not isinstance(turns, list):
+        return row, []
+    urls: list[str] = []
+    flat, changed = [], False
+    for i, turn in enumerate(turns):
+        key = tags.get("content_tag", "content")
+        key = key if isinstance(turn, dict) and key in turn else "content"
+        if isinstance(turn, dict) and isinstance(turn.get(key), list):
+            try:
+                text, found = content_parts(turn[key], f"{field}[{i}]")
+            except ImageError as exc:
+                raise RowError(str(exc)) from None
+            turn, changed = {**turn, key: text}, True
+            urls += found
+        flat.append(turn)
+    return ({**row, field: flat}, urls) if changed else (row, [])
+
+
+def _row_images(
+    row: dict[str, Any], columns: dict[str, str], part_urls: list[str], image_dirs: tuple[Path, ...]
+) -> list[str]:
+    """The row's images, resolved and verified: the `images` column's list, or the content parts' urls."""
+    column = columns.get("images")
+    value = row.get(column) if column else None
+    if value is None or value == []:
+        refs, field = part_urls, "the content parts"
+    elif part_urls:
+        raise RowError(f"column {column!r} and image_url content parts both give images; use one of them")
+    elif isinstance(value, str):
+        refs, field = [value], f"column {column!r}"
+    elif isinstance(value, list):
+        refs, field = value, f"column {column!r}"
+    else:
+        raise RowError(f"column {column!r} (images) should be a list of paths, got {_short(value)}")
+    resolved = []
+    for i, ref in enumerate(refs):
+        where = f"{field} image {i}" if field.startswith("the") else f"{column}[{i}]"
+        try:
+            resolved.append(resolve_image(ref, image_dirs))
+            check_image(resolved[-1])
+        except ImageError as exc:
+            raise RowError(f"{where}: {exc}") from None
+    return resolved
+
+
 def convert_row(
-    row: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str], stage: Stage
+    row: dict[str, Any],
+    formatting: str,
+    columns: dict[str, str],
+    tags: dict[str, str],
+    stage: Stage,
+    image_dirs: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """Convert one raw row into the common form of `stage` (see the module docstring).
+
+    sft rows also get `images` (see `images.py`): resolved against `image_dirs`, checked against the
+    `<image>` placeholders, empty for text rows; only datasets mapping an `images` column, or rows with
+    image_url content parts, are checked (elsewhere `<image>` is plain text).
 
     Raises:
         RowError: the row cannot make a valid example; the message names the field.
     """
+    if stage == "sft" and formatting != "alpaca":
+        row, part_urls = _flatten_parts(row, columns, tags)
+    else:
+        part_urls = []
     if stage == "pt":
         if formatting == "alpaca":
             text = _text(row, columns.get("prompt"))
@@ -279,7 +346,16 @@ def convert_row(
             "tools": _tools(row, columns),
             "kto_tag": kto_tag(row, columns["kto_tag"]),
         }
-    return {"messages": messages, "tools": _tools(row, columns)}
+    images: list[str] = []
+    if "images" in columns or part_urls:
+        images = _row_images(row, columns, part_urls, image_dirs)
+        try:
+            check_placeholders(
+                messages, images, f"column {columns['images']!r}" if "images" in columns else "it"
+            )
+        except ImageError as exc:
+            raise RowError(str(exc)) from None
+    return {"messages": messages, "tools": _tools(row, columns), "images": images}
 
 
 def kto_tag(row: dict[str, Any], column: str) -> bool:

@@ -48,11 +48,33 @@ def render_marked(
     """The decoded sequence with trained spans in green (color) or between `[[` and `]]` (plain text)."""
     out = []
     for trained, ids in trained_spans(input_ids, labels):
-        text = tokenizer.decode(ids, skip_special_tokens=False)
+        text = decode_runs(tokenizer, ids)
         if trained:
             text = f"{GREEN}{text}{RESET}" if color else f"{OPEN}{text}{CLOSE}"
         out.append(text)
     return "".join(out)
+
+
+def decode_runs(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """`ids` decoded, with each run of 2+ of the same special token written `<name x N tokens>` (an image's
+    tokens: `<image x 576 tokens>`, `<|vision_start|><image_pad x 64 tokens><|vision_end|>`)."""
+    specials = set(tokenizer.all_special_ids)
+    out: list[str] = []
+    plain: list[int] = []  # decoded together, so multi-byte characters split over tokens stay whole
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i < len(ids) and ids[i] == ids[start]:
+            continue
+        run = ids[start:i]
+        if len(run) > 1 and run[0] in specials:
+            out.append(tokenizer.decode(plain, skip_special_tokens=False))
+            plain = []
+            name = tokenizer.convert_ids_to_tokens(run[0]).strip("<|>")
+            out.append(f"<{name} x {len(run)} tokens>")
+        else:
+            plain += run
+        start = i
+    return "".join(out) + tokenizer.decode(plain, skip_special_tokens=False)
 
 
 THOUGHT = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -171,6 +193,6 @@ def log_examples(prepared: Prepared, tokenizer: PreTrainedTokenizerBase, rows: i
             i,
             len(example["input_ids"]),
             len(trained),
-            tokenizer.decode(example["input_ids"]),
+            decode_runs(tokenizer, example["input_ids"]),
             tokenizer.decode(trained),
         )

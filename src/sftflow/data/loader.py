@@ -68,7 +68,7 @@ def features_for(stage: Stage) -> Features:
         return Features({"messages": message, "tools": Value("string"), "kto_tag": Value("bool")})
     if stage == "grpo":
         return Features({"messages": message, "tools": Value("string"), "extra": Value("string")})
-    return Features({"messages": message, "tools": Value("string")})
+    return Features({"messages": message, "tools": Value("string"), "images": [Value("string")]})
 
 
 def _placeholder(stage: Stage) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def _placeholder(stage: Stage) -> dict[str, Any]:
         return {"messages": message, "tools": "", "kto_tag": False}
     if stage == "grpo":
         return {"messages": message, "tools": "", "extra": "{}"}
-    return {"messages": message, "tools": ""}
+    return {"messages": message, "tools": "", "images": []}
 
 
 def data_files(spec: DatasetSpec, dataset_dir: str | Path) -> list[Path]:
@@ -151,8 +151,22 @@ def _read_json_rows(path: Path, where: str, skip_bad_rows: bool, count: DatasetC
     return rows
 
 
+def image_dirs(data_args: DataArguments, path: Path | None = None) -> tuple[Path, ...]:
+    """Where relative image paths are looked up: dataset_dir, then the data file's folder."""
+    dirs = [Path(data_args.dataset_dir)]
+    if path is not None and path.parent.resolve() != dirs[0].resolve():
+        dirs.append(path.parent)
+    return tuple(dirs)
+
+
 def _convert_python_rows(
-    rows: list[Any], spec: DatasetSpec, stage: Stage, where: str, skip_bad_rows: bool, count: DatasetCount
+    rows: list[Any],
+    spec: DatasetSpec,
+    stage: Stage,
+    where: str,
+    skip_bad_rows: bool,
+    count: DatasetCount,
+    dirs: tuple[Path, ...] = (),
 ) -> Dataset:
     from datasets import Dataset
 
@@ -161,7 +175,7 @@ def _convert_python_rows(
         try:
             if not isinstance(row, dict):
                 raise RowError(f"must be a JSON object, got {type(row).__name__}")
-            converted.append(convert_row(row, spec.formatting, spec.columns, spec.tags, stage))
+            converted.append(convert_row(row, spec.formatting, spec.columns, spec.tags, stage, dirs))
         except RowError as exc:
             errors.append(f"row {index}: {exc}")
     _handle_errors(errors, len(rows), where, skip_bad_rows, count)
@@ -212,7 +226,13 @@ def _check_columns(present: list[str], spec: DatasetSpec, stage: Stage, where: s
 
 
 def convert_dataset(
-    raw: Dataset, spec: DatasetSpec, stage: Stage, where: str, data_args: DataArguments, count: DatasetCount
+    raw: Dataset,
+    spec: DatasetSpec,
+    stage: Stage,
+    where: str,
+    data_args: DataArguments,
+    count: DatasetCount,
+    dirs: tuple[Path, ...] = (),
 ) -> Dataset:
     """Convert arrow rows to the common form (in `preprocessing_num_workers` processes); malformed rows
     stop the run listing the first ones, or are skipped and counted with `skip_bad_rows`."""
@@ -224,7 +244,7 @@ def convert_dataset(
 
     def convert(row: dict, index: int) -> dict:
         try:
-            return {**convert_row(row, spec.formatting, spec.columns, spec.tags, stage), "error": ""}
+            return {**convert_row(row, spec.formatting, spec.columns, spec.tags, stage, dirs), "error": ""}
         except RowError as exc:
             return {**_placeholder(stage), "error": f"row {index}: {exc}"}
 
@@ -281,11 +301,12 @@ def _load_file(
             raise SftflowError(f"{where}: expected a non-empty JSON array of objects (or JSON lines).")
         if all(isinstance(r, dict) for r in rows):
             _check_columns(sorted({k for r in rows for k in r}), spec, stage, where)
-        return _convert_python_rows(rows, spec, stage, where, data_args.skip_bad_rows, count)
+        dirs = image_dirs(data_args, path)
+        return _convert_python_rows(rows, spec, stage, where, data_args.skip_bad_rows, count, dirs)
     count.read += len(raw)
     if len(raw) == 0:
         raise SftflowError(f"{where}: the file holds no rows.")
-    return convert_dataset(raw, spec, stage, where, data_args, count)
+    return convert_dataset(raw, spec, stage, where, data_args, count, image_dirs(data_args, path))
 
 
 def _load_hub(spec: DatasetSpec, streaming: bool) -> Any:
@@ -323,10 +344,11 @@ def _stream(spec: DatasetSpec, stage: Stage, data_args: DataArguments) -> Iterab
     else:
         raw = _load_hub(spec, streaming=True)
     skipped = [0]
+    dirs = image_dirs(data_args, files[0] if spec.file_name and len(files) == 1 else None)
 
     def convert(row: dict, index: int) -> dict:
         try:
-            return {**convert_row(row, spec.formatting, spec.columns, spec.tags, stage), "_ok": True}
+            return {**convert_row(row, spec.formatting, spec.columns, spec.tags, stage, dirs), "_ok": True}
         except RowError as exc:
             if not data_args.skip_bad_rows:
                 raise SftflowError(
@@ -373,7 +395,7 @@ def load_dataset_by_name(
     else:
         raw = _load_hub(spec, streaming=False)
         count.read = len(raw)
-        dataset = convert_dataset(raw, spec, stage, spec.where, data_args, count)
+        dataset = convert_dataset(raw, spec, stage, spec.where, data_args, count, image_dirs(data_args))
     if count.skipped:
         logger.warning(
             "%s: skipped %d malformed rows of %d (skip_bad_rows), e.g.\n  %s",

@@ -35,9 +35,11 @@ from sftflow.data.encode import (
     encode_sft,
     stop_token_ids,
 )
+from sftflow.data.images import ImageError
 from sftflow.data.loader import LoadReport, load_conversations, split_train_eval
 from sftflow.data.template import render
 from sftflow.data.thinking import Thinking, has_thought, resolve_thinking, split_thought, thinking_prompt
+from sftflow.data.vision import FAMILIES, Vision, image_digests, mask_images
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -76,9 +78,11 @@ def prepare(
     seed: int,
     do_train: bool = True,
     use_cache: bool = True,
+    vision: Vision | None = None,
 ) -> Prepared:
     """Load, split and tokenize the data of `stage` (pt, sft, rm or dpo), or reuse the tokenized cache when
-    the data files, tokenizer, template and every preprocessing flag are unchanged.
+    the data files, tokenizer, template and every preprocessing flag are unchanged (and, with images, the
+    image processor settings and every image file's content: see `vision.py`).
 
     Args:
         stage: the stage whose data form to build.
@@ -87,6 +91,8 @@ def prepare(
         seed: seeds sampling, interleaving and the val_size split.
         do_train: build the training split (without it only held-out data is built).
         use_cache: read and write the tokenized cache (never for streams).
+        vision: the model's image handling (`vision.load_vision`); None for a text-only model, whose data
+            must hold no images.
 
     Raises:
         SftflowError: a dataset is missing or malformed, or no example fits cutoff_len.
@@ -96,9 +102,12 @@ def prepare(
     cache = None
     if use_cache and not data.streaming:
         splits = ["train", "eval"] if do_train else ["eval"]
-        key = cache_key(data, form, seed, splits, tokenizer)
+        extra = vision.fingerprint() if vision is not None else None
+        key = cache_key(data, form, seed, splits, tokenizer, extra)
         cache = TokenizedCache.for_key(key, data.tokenized_cache_dir)
         hit = None if data.overwrite_cache else cache.load()
+        if hit is not None and not _images_unchanged(hit[1]):
+            hit = None
         if hit is not None:
             parts, meta = hit
             return Prepared(stage, parts.get("train"), parts.get("eval"), parts.get("held_out"), meta)
@@ -117,7 +126,7 @@ def prepare(
         elif form in ("sft", "kto"):  # kto: the completion is the last answer, so only it is trained
             form_data = dataclasses.replace(data, mask_history=True) if form == "kto" else data
             tokenized[split] = tokenize_sft(
-                rows, tokenizer, form_data, stop_ids, split, stats.setdefault(split, {})
+                rows, tokenizer, form_data, stop_ids, split, stats.setdefault(split, {}), vision
             )
         else:
             tokenized[split] = tokenize_pairs(
@@ -130,7 +139,16 @@ def prepare(
         "datasets": {name: dataclasses.asdict(count) for name, count in report.datasets.items()},
         "splits": {split: numbers for split, numbers in stats.items() if numbers},  # streams: uncounted
     }
-    if cache is not None and cache_key(data, form, seed, splits, tokenizer) != key:
+    if vision is not None and cache is not None:
+        refs = [
+            ref
+            for part in (train_rows, held_out)
+            if part is not None
+            for refs in part["images"]
+            for ref in refs
+        ]
+        meta["image_digests"] = image_digests(refs)
+    if cache is not None and cache_key(data, form, seed, splits, tokenizer, extra) != key:
         logger.warning(
             "a data file changed while the data step ran; its tokenized data is not cached (the next run "
             "reads the files again)."
@@ -138,6 +156,17 @@ def prepare(
     elif cache is not None:
         cache.save({"train": tokenized["train"], "eval": tokenized["eval"], "held_out": held_out}, meta)
     return Prepared(stage, tokenized["train"], tokenized["eval"], held_out, meta)
+
+
+def _images_unchanged(meta: dict[str, Any]) -> bool:
+    """Whether every image file a cache entry counted still has the content it had then."""
+    saved = meta.get("image_digests") or {}
+    if not saved:
+        return True
+    if image_digests(list(saved)) == saved:
+        return True
+    logger.info("an image file changed since the tokenized cache was built; rebuilding it.")
+    return False
 
 
 def load_datasets(
@@ -247,22 +276,34 @@ def tokenize_sft(
     stop_ids: set[int],
     split: str,
     stats: dict[str, Any] | None = None,
+    vision: Vision | None = None,
 ) -> Any:
     """Tokenize conversations into input_ids/labels; log truncated and dropped examples and fill `stats`
-    (see `audit.summarize`). A stream is tokenized lazily, uncounted.
+    (see `audit.summarize`). A stream is tokenized lazily, uncounted. With `vision`, each `<image>`
+    becomes the model's image run and the rows keep their `images` (see `vision.py`).
 
     Raises:
-        SftflowError: no example fits cutoff_len, or one keeps no trained token.
+        SftflowError: no example fits cutoff_len, one keeps no trained token, or rows have images and
+            the model is text-only.
     """
     from datasets import IterableDataset
 
     thinking = resolve_thinking(tokenizer, data.enable_thinking, data.preserve_thinking)
+    streamed = isinstance(conversations, IterableDataset)
+    if vision is None and not streamed:
+        _refuse_images(conversations, split)
 
     def encode(row: dict) -> dict:
         messages = row["messages"]
+        images = row.get("images") or []
+        if images and vision is None:
+            _refuse_images(None, split)
+        counts: list[int] = []
+        if images:
+            counts = image_counts(vision, images, split)
         enc = encode_sft(
             tokenizer,
-            messages,
+            vision.expand(messages, counts) if images else messages,
             data.cutoff_len,
             data.train_on_prompt,
             stop_ids,
@@ -270,12 +311,16 @@ def tokenize_sft(
             cutoff_policy=data.cutoff_policy,
             thinking=thinking,
         )
+        if vision is not None:
+            enc = mask_images(enc, vision, counts)
         out = {
             "input_ids": enc.input_ids,
             "labels": enc.labels,
             "truncated": enc.truncated,
             "dropped": enc.dropped,
         }
+        if vision is not None:
+            out["images"] = images
         if "kto_tag" in row:  # kto: whether the trained answer is desirable
             out["label"] = row["kto_tag"]
         if streamed:
@@ -286,13 +331,12 @@ def tokenize_sft(
             "thought": has_thought(messages, words),
             "length": len(enc.input_ids),
             "full_length": enc.full_length,
-            "key": _digest(messages),
-            "prompt_key": _digest(messages[:-1]),
+            "key": _digest([messages, images] if images else messages),
+            "prompt_key": _digest([messages[:-1], images] if images else messages[:-1]),
             "answer_key": _digest(messages[-1]["content"]),
         }
 
     words = (thinking.open, thinking.close) if thinking else None
-    streamed = isinstance(conversations, IterableDataset)
     if streamed:
         encoded = conversations.map(encode, remove_columns=conversations.column_names)
         encoded = encoded.filter(lambda reason: not reason, input_columns="dropped")
@@ -302,6 +346,8 @@ def tokenize_sft(
         remove_columns=conversations.column_names,
         num_proc=_num_proc(data, conversations),
         desc=f"Tokenizing {split}",
+        # the datasets map cache knows the image paths, not their content: image rows are always re-read
+        load_from_cache_file=vision is None,
     )
     stats = stats if stats is not None else {}
     thoughts = sum(encoded["thought"])  # rows read, before drops
@@ -314,6 +360,33 @@ def tokenize_sft(
             f"{split}: {no_labels} examples have no trained token after truncation; raise cutoff_len."
         )
     return encoded
+
+
+def image_counts(vision: Vision, refs: list[str], split: str) -> list[int]:
+    """The image tokens of each image of a row (`Vision.token_counts`).
+
+    Raises:
+        SftflowError: an image has become unreadable since its row was read.
+    """
+    try:
+        return vision.token_counts(vision.pixels([vision.load(ref) for ref in refs]))
+    except ImageError as exc:
+        raise SftflowError(f"{split}: {exc}; fix or restore it.") from None
+
+
+def _refuse_images(conversations: Dataset | None, split: str) -> None:
+    """Stop when rows have images and the model is text-only."""
+    if conversations is not None:
+        if "images" not in conversations.column_names:
+            return
+        with_images = sum(1 for refs in conversations["images"] if refs)
+        if not with_images:
+            return
+    raise SftflowError(
+        f"{split}: {'some' if conversations is None else with_images} rows have images, but the model is "
+        "text-only (its config.json has no vision_config) or this command does not feed images yet (train, "
+        f"preview and preprocess do); image fine-tuning supports model types {', '.join(sorted(FAMILIES))}."
+    )
 
 
 def tokenize_texts(
@@ -436,32 +509,42 @@ def tokenize_prompts(
     tokenizer: PreTrainedTokenizerBase,
     cutoff_len: int,
     thinking: Thinking | None = None,
+    vision: Vision | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Prompt-only inputs for generation, sorted longest first (less padding, early OOM), and the
     matching rows (prompt text, reference answer, dataset index) in the same order. With `thinking`
     (`resolve_thinking`) the prompts are in its mode (enable_thinking false: the empty thought block
     ends the prompt) and the reference is split: `label` is the answer, `label_reasoning` its thought
-    (None without one, and always with enable_thinking false).
+    (None without one, and always with enable_thinking false). With `vision` the prompts' `<image>`s
+    become image runs and the inputs keep their `images`.
 
     Raises:
         SftflowError: every prompt exceeds cutoff_len.
     """
     from datasets import Dataset
 
-    rows, ids = [], []
-    for messages in conversations["messages"]:
+    rows, ids, images = [], [], []
+    refs_column = conversations["images"] if "images" in conversations.column_names else None
+    for k, messages in enumerate(conversations["messages"]):
+        refs = refs_column[k] if refs_column is not None else []
+        if refs and vision is None:
+            _refuse_images(None, "predict")
+        shown = messages  # the prompt text written beside the answers keeps its <image> placeholders
+        if refs:
+            messages = vision.expand(messages, image_counts(vision, refs, "predict"))
         prompt_ids = encode_prompt(tokenizer, messages, cutoff_len, thinking)
         if prompt_ids is None:
             continue
         ids.append(prompt_ids)
+        images.append(refs)
         label, thought = messages[-1]["content"], None
         if thinking is not None:
             thought, label = split_thought(label, (thinking.open, thinking.close))
             thought = None if thinking.enable is False else thought
         row = {
-            "prompt": render(tokenizer, messages[:-1], add_generation_prompt=True)
+            "prompt": render(tokenizer, shown[:-1], add_generation_prompt=True)
             if thinking is None
-            else thinking_prompt(tokenizer, messages, thinking),
+            else thinking_prompt(tokenizer, shown, thinking),
             "label": label,
             "index": len(rows),
         }
@@ -473,7 +556,10 @@ def tokenize_prompts(
     if len(ids) < len(conversations):
         logger.warning("predict: skipped %d prompts longer than cutoff_len.", len(conversations) - len(ids))
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    return Dataset.from_dict({"input_ids": [ids[i] for i in order]}), [rows[i] for i in order]
+    columns: dict[str, list] = {"input_ids": [ids[i] for i in order]}
+    if vision is not None:
+        columns["images"] = [images[i] for i in order]
+    return Dataset.from_dict(columns), [rows[i] for i in order]
 
 
 def grpo_prompt_text(

@@ -45,8 +45,9 @@ KNOWN_COLUMNS = {
     "rejected",
     "kto_tag",
     "reasoning",  # sftflow's: the last answer's thought (see converters.py)
+    "images",  # sft: image paths, one per <image> in the text (see images.py)
 }
-UNSUPPORTED_COLUMNS = {"images", "videos", "audios"}
+UNSUPPORTED_COLUMNS = {"videos", "audios"}
 KNOWN_ENTRY_KEYS = {
     "file_name",
     "hf_hub_url",
@@ -169,7 +170,11 @@ def get_dataset_spec(name: str, dataset_dir: str | Path, stage: str = "sft") -> 
     bad = sorted(set(columns_given) & UNSUPPORTED_COLUMNS)
     if bad:
         raise SftflowError(
-            f"{source}: entry {name!r} maps {bad}: images, videos and audios are not supported."
+            f"{source}: entry {name!r} maps {bad}: videos and audios are not supported (images are, in sft)."
+        )
+    if "images" in columns_given and stage != "sft":
+        raise SftflowError(
+            f"{source}: entry {name!r} maps images, which only the sft stage reads (stage here: {stage})."
         )
     bad = sorted(set(columns_given) - KNOWN_COLUMNS)
     if bad:

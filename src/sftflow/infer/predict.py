@@ -26,9 +26,11 @@ from sftflow.data.loader import load_conversations, split_train_eval
 from sftflow.data.prepare import tokenize_prompts
 from sftflow.data.template import render
 from sftflow.data.thinking import Thinking, resolve_thinking
+from sftflow.data.vision import VisionCollator, load_vision
 from sftflow.errors import SftflowError
 from sftflow.infer.reasoning import split_answer
 from sftflow.model.inference import load_for_inference
+from sftflow.model.loader import model_path
 from sftflow.train.metrics import text_metrics
 
 if TYPE_CHECKING:
@@ -69,9 +71,17 @@ def run_predict(args: RunArgs) -> dict[str, float]:
 
     output_dir = Path(args.training.output_dir)
     args.training.predict_with_generate = True  # SftflowTrainer generates only with it (else: logits)
-    model, tokenizer = load_for_inference(args)
+    model, tokenizer = load_for_inference(args, images=True)
     thinking = resolve_thinking(tokenizer, args.data.enable_thinking, args.data.preserve_thinking)
-    dataset, rows = tokenize_prompts(predict_conversations(args), tokenizer, args.data.cutoff_len, thinking)
+    # a model that sees: prompts with images get its image runs, batches their pixels (data/vision.py)
+    vision = load_vision(
+        model_path(args.model), tokenizer, args.model.image_max_pixels, args.model.image_min_pixels
+    )
+    dataset, rows = tokenize_prompts(
+        predict_conversations(args), tokenizer, args.data.cutoff_len, thinking, vision=vision
+    )
+    if vision is not None:
+        args.training.remove_unused_columns = False  # the rows' images feed the collator
     output_dir.mkdir(parents=True, exist_ok=True)
     generation_config = GenerationConfig(
         **args.generating.to_generation_kwargs(),
@@ -81,7 +91,9 @@ def run_predict(args: RunArgs) -> dict[str, float]:
     trainer = SftflowTrainer(
         model=model,
         args=args.training,
-        data_collator=SftCollator(tokenizer.pad_token_id, padding_side="left"),
+        data_collator=SftCollator(tokenizer.pad_token_id, padding_side="left")
+        if vision is None
+        else VisionCollator(tokenizer.pad_token_id, vision, padding_side="left"),
         processing_class=tokenizer,
         generation_config=generation_config,
     )

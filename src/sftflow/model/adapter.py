@@ -7,7 +7,8 @@ and LLaMA Pro (`use_llama_pro`: only the expanded blocks train, `llama_pro_layer
 
 Whatever the tuning type, trainable parameters end up in fp32 (optimizer states and updates stay exact on a
 bf16/fp16/quantized base), gradient checkpointing is on only when asked, and existing adapters are either
-continued or merged into the base before a new one is trained.
+continued or merged into the base before a new one is trained. On a model that sees, the freeze_* flags
+choose its trained parts (`sftflow.model.vision`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sftflow.errors import SftflowError
 from sftflow.model.loader import check_safe_weights, is_quantized, new_token_ids
+from sftflow.model.vision import freeze_parts, frozen_prefixes, lora_modules, model_family
 
 if TYPE_CHECKING:
     from torch import nn
@@ -114,8 +116,10 @@ def apply_finetuning(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
+    family = model_family(model)
+    frozen = frozen_prefixes(family, finetuning_args) if family else None
     if kind == "lora":
-        model = _apply_lora(model, model_args, finetuning_args, new_ids, quantized, task_type)
+        model = _apply_lora(model, model_args, finetuning_args, new_ids, quantized, task_type, frozen)
     elif kind == "oft":
         model = _apply_oft(model, finetuning_args, task_type)
     elif kind == "freeze" and finetuning_args.use_llama_pro:
@@ -138,10 +142,14 @@ def apply_finetuning(
             model.get_output_embeddings().requires_grad_(True)
     else:
         model.requires_grad_(True)
+        if frozen:
+            freeze_parts(model, frozen)
     for param in model.parameters():
         if param.requires_grad and param.dtype != _float32():
             param.data = param.data.float()  # optimizer states and updates in fp32 even on a bf16 base
     trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise SftflowError("no parameter trains: the freeze_* flags freeze every part of the model.")
     logger.info(
         "trainable params: %s || all params: %s || trainable%%: %.4f%s",
         f"{trainable:,}",
@@ -180,7 +188,9 @@ def _apply_lora(
     new_ids: list[int],
     quantized: bool,
     task_type: str,
+    frozen: list[str] | None = None,
 ) -> Any:
+    """The LoRA model; `frozen` (a model that sees): module prefixes that get no LoRA."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     paths = adapter_paths(model_args.adapter_name_or_path)
@@ -209,6 +219,8 @@ def _apply_lora(
                 f"lora_target {unknown} not found in the model; its linear layers are {available} (or use all)."
             )
         targets = args.lora_target
+    if frozen is not None:  # full names of the chosen layers in the unfrozen parts only
+        targets = lora_modules(model, targets, frozen)
     if args.use_llama_pro:  # only the expanded blocks' linear layers (PEFT matches a name's dotted suffix)
         layers = _decoder_layers(model)
         targets = [

@@ -6,6 +6,10 @@ The dir holds safetensors shards (at most `export_size` GB each), config.json, g
 LLaMA-Factory's: model_name_or_path, adapter_name_or_path (comma-separated to stack several),
 export_dir, export_size, template, export_hub_model_id.
 
+A model that sees (LLaVA, Qwen2-VL: `sftflow.data.vision`) exports the same way, with its image processor
+files beside it, so `AutoModelForImageTextToText.from_pretrained(export_dir)` loads it; its GGUF export is
+refused (llama.cpp needs a separate mmproj file for the vision tower).
+
 `export_format: gguf` also writes `model-<export_quantization>.gguf` (llama.cpp, LM Studio; see
 `sftflow.model.gguf`) and an Ollama `Modelfile` beside it (`sftflow.model.modelfile`).
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +34,7 @@ from sftflow.data.encode import IGNORE_INDEX, encode_sft, stop_token_ids
 from sftflow.data.loader import load_conversations
 from sftflow.data.template import apply_template, set_default_system
 from sftflow.data.thinking import resolve_thinking, template_with_mode
+from sftflow.data.vision import vision_config
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
 from sftflow.model.loader import is_quantized, load_model, load_tokenizer, model_path, resolve_dtype
@@ -87,6 +93,12 @@ def export_model(
         )
     if model_args.export_hub_model_id:
         _check_hub_online(model_args.export_hub_model_id)
+    sees = vision_config(base) is not None
+    if sees and model_args.export_format == "gguf":
+        raise SftflowError(
+            f"export_format: gguf is not supported for a model that sees ({base}): llama.cpp runs its vision "
+            "tower from a separate mmproj GGUF, which sftflow does not write. Use export_format: hf."
+        )
     export_dir = Path(model_args.export_dir).expanduser()
     allow_pickle = not model_args.use_safetensors
     paths = adapter_paths(model_args.adapter_name_or_path)
@@ -104,7 +116,7 @@ def export_model(
         _write_thinking_default(tokenizer, trained, enable_thinking)
         end_id = trained_end_token(tokenizer)
         merge_args = dataclasses.replace(model_args, dtype="float32")
-        model = load_model(merge_args, tokenizer)
+        model = load_model(merge_args, tokenizer, head="image" if sees else "lm")
         if is_quantized(model):
             raise SftflowError(
                 f"model_name_or_path {base} loaded as a quantized model; export needs full precision."
@@ -123,6 +135,10 @@ def export_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(export_dir, max_shard_size=int(model_args.export_size * 10**9))
         tokenizer.save_pretrained(export_dir)
+        if sees:  # the image processor (and LLaVA's processor settings), so the dir loads as a whole
+            for name in IMAGE_PROCESSOR_FILES:
+                if (Path(base) / name).is_file():
+                    shutil.copy(Path(base) / name, export_dir / name)
         shards = sorted(p.name for p in export_dir.glob("*.safetensors"))
         logger.info(
             "wrote %s: %d safetensors file(s), %s, %d adapter(s) merged, eos %s",
@@ -136,6 +152,9 @@ def export_model(
         if model_args.export_hub_model_id:
             _push_to_hub(export_dir, model_args.export_hub_model_id)
         return export_dir
+
+
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def refuse_overlap(export_dir: Path, sources: list[str]) -> None:

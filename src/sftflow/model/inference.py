@@ -6,9 +6,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftflow.data.vision import vision_config
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
-from sftflow.model.loader import is_quantized, load_chat_tokenizer, load_model
+from sftflow.model.loader import is_quantized, load_chat_tokenizer, load_model, model_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -18,10 +19,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_for_inference(args: RunArgs) -> tuple[Any, Any]:
+def load_for_inference(args: RunArgs, images: bool = False) -> tuple[Any, Any]:
     """The model with its adapter(s) merged in (kept as a PEFT wrapper on a quantized base) on the best
     device, and the tokenizer with the run's chat template: the last adapter's tokenizer when it has
     one (training saves it there), else the base model's; `template` from the config replaces it.
+    `images`: the caller feeds images, so a model that sees loads as one (else it is refused).
 
     Raises:
         SftflowError: an adapter dir is invalid, or several adapters are given for a quantized base.
@@ -36,7 +38,8 @@ def load_for_inference(args: RunArgs) -> tuple[Any, Any]:
     source = str(last) if last is not None and (last / "tokenizer_config.json").is_file() else None
     tokenizer = load_chat_tokenizer(args.model, args.data, source=source)
 
-    model = load_model(args.model, tokenizer)
+    sees = images and vision_config(model_path(args.model)) is not None
+    model = load_model(args.model, tokenizer, head="image" if sees else "lm")
     if not is_quantized(model):
         model = merge_adapters(model, paths, allow_pickle)  # plain weights: faster, same outputs
     elif paths:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sftflow.data.template import apply_template, check_tool_format, set_default_system
+from sftflow.data.vision import vision_config
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ def check_attn_implementation(name: str) -> None:
 def load_model(
     model_args: ModelArguments,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    head: Literal["lm", "score"] = "lm",
+    head: Literal["lm", "score", "image"] = "lm",
 ) -> Any:
     """Load the model (optionally 4/8-bit quantized) in the resolved dtype.
 
@@ -298,9 +299,18 @@ def load_model(
     Raises:
         SftflowError: the model cannot be loaded as configured (see the message for the fix).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     path = model_path(model_args)
+    if head != "image" and vision_config(path) is not None:
+        raise SftflowError(
+            f"{path} is a model that sees (its config has a vision_config); sftflow trains such models with "
+            "stage: sft (image fine-tuning, docs/images.md), and this command or stage does not load them yet."
+        )
     check_safe_weights(path, "model_name_or_path", allow_pickle=not model_args.use_safetensors)
     check_attn_implementation(model_args.attn_implementation)
     dtype = resolve_dtype(model_args.dtype)
@@ -316,9 +326,12 @@ def load_model(
         kwargs["quantization_config"] = bnb_config(model_args, dtype)
     if head == "score":
         kwargs["num_labels"] = 1
-    model = _from_pretrained(
-        AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification, path, **kwargs
-    )
+    auto = {
+        "lm": AutoModelForCausalLM,
+        "score": AutoModelForSequenceClassification,
+        "image": AutoModelForImageTextToText,
+    }[head]
+    model = _from_pretrained(auto, path, **kwargs)
     if tokenizer is not None:
         resize_embeddings(model, len(tokenizer))
         if head == "score":  # the score is read at the last non-pad token of each sequence

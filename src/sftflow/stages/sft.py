@@ -13,9 +13,11 @@ from sftflow.data.encode import stop_token_ids
 from sftflow.data.packing import pack_dataset
 from sftflow.data.prepare import tokenize_prompts
 from sftflow.data.thinking import resolve_thinking
+from sftflow.data.vision import VisionCollator
 from sftflow.infer.predict import generate_predictions, sample_answers
 from sftflow.model.adapter import method_callbacks
 from sftflow.model.loader import load_chat_tokenizer
+from sftflow.model.vision import load_run_vision
 from sftflow.tools.report import write_report
 from sftflow.train.callbacks import JsonlLogCallback
 from sftflow.train.optim import build_optimizer
@@ -48,14 +50,16 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
     # 1. Tokenizer and chat template (the tokenizer's own unless `template` names a built-in).
     tokenizer = load_chat_tokenizer(args.model, args.data)
     stop_ids = stop_token_ids(tokenizer)
+    # A model that sees: its image processor and image tokens (None for a text model; data/vision.py).
+    vision = load_run_vision(args, tokenizer)
 
     # 2. Datasets: load, convert to messages, hold out eval data, tokenize (main process first), count.
-    prepared = prepare_data(args, tokenizer)
+    prepared = prepare_data(args, tokenizer, vision)
     train_set, eval_set = prepared.train, prepared.eval
     if training.do_predict:
         thinking = resolve_thinking(tokenizer, args.data.enable_thinking, args.data.preserve_thinking)
         predict_set, predict_rows = tokenize_prompts(
-            prepared.held_out, tokenizer, args.data.cutoff_len, thinking
+            prepared.held_out, tokenizer, args.data.cutoff_len, thinking, vision
         )
     if args.data.packing:  # after the logged preview, which shows the examples one by one
         train_set, eval_set = (
@@ -64,7 +68,9 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
 
     # 3. Model (embeddings resized for new_special_tokens), with LoRA / freeze / full tuning applied
     #    and, when asked, gradient checkpointing with the input-grad hook frozen embeddings need.
-    model = build_model(args, tokenizer)
+    model = build_model(args, tokenizer, head="image" if vision else "lm")
+    if vision is not None:  # the rows' `images` column feeds the collator, not the model's forward
+        training.remove_unused_columns = False
     if args.data.packing:  # with a KV cache transformers ignores position_ids when building the mask
         model.config.use_cache = False
 
@@ -79,7 +85,11 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
         args=training,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=(PackedCollator if args.data.packing else SftCollator)(tokenizer.pad_token_id),
+        data_collator=(
+            VisionCollator(tokenizer.pad_token_id, vision)
+            if vision is not None
+            else (PackedCollator if args.data.packing else SftCollator)(tokenizer.pad_token_id)
+        ),
         processing_class=tokenizer,
         callbacks=[
             JsonlLogCallback(output_dir),
@@ -96,7 +106,7 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
 
     # 5. Train, then save the adapter/model, the tokenizer (with the template used) and the arguments.
     if training.do_train:
-        train_and_save(trainer, args, tokenizer, resume, result)
+        train_and_save(trainer, args, tokenizer, resume, result, vision.processor if vision else None)
 
     # 6. Eval: loss and perplexity on the held-out set.
     if training.do_eval:
@@ -104,7 +114,11 @@ def run_sft(args: RunArgs, callbacks: list[Any] | None = None) -> RunResult:
 
     # 7. Predict: generate answers from prompts only (left-padded), tuned and, with LoRA, base model.
     if training.do_predict:
-        trainer.data_collator = SftCollator(tokenizer.pad_token_id, padding_side="left")
+        trainer.data_collator = (
+            VisionCollator(tokenizer.pad_token_id, vision, padding_side="left")
+            if vision is not None
+            else SftCollator(tokenizer.pad_token_id, padding_side="left")
+        )
         metrics = generate_predictions(
             trainer, predict_set, predict_rows, tokenizer, output_dir, "predict", thinking
         )

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, Trainer
 
     from sftflow.config.parser import RunArgs
+    from sftflow.data.vision import Vision
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +135,18 @@ def prepare_output_dir(output_dir: Path, args: RunArgs) -> None:
         ) from None
 
 
-def prepare_data(args: RunArgs, tokenizer: PreTrainedTokenizerBase) -> Prepared:
+def prepare_data(args: RunArgs, tokenizer: PreTrainedTokenizerBase, vision: Vision | None = None) -> Prepared:
     """The data step of the run's stage, the first examples logged, data_stats.json written, and the
     training split shuffled (seeded). Under torchrun the main process of each node tokenizes into the cache
-    while the others wait outside the process group's collectives (`data_step_first`), then read it."""
+    while the others wait outside the process group's collectives (`data_step_first`), then read it.
+    `vision`: the image handling of a model that sees (`sftflow.model.vision.load_run_vision`)."""
     training, data = args.training, args.data
     if training.local_process_index != 0 and data.overwrite_cache:  # read what the main process rebuilt
         data = dataclasses.replace(data, overwrite_cache=False)
     with data_step_first(training, desc="dataset preprocessing"):
-        prepared = prepare(args.finetuning.stage, data, tokenizer, training.seed, training.do_train)
+        prepared = prepare(
+            args.finetuning.stage, data, tokenizer, training.seed, training.do_train, vision=vision
+        )
     if training.process_index == 0:
         log_examples(prepared, tokenizer, data.preview_rows)
         if prepared.meta:
@@ -186,7 +190,12 @@ def record(trainer: Trainer, split: str, metrics: dict[str, float], result: RunR
 
 
 def train_and_save(
-    trainer: Trainer, args: RunArgs, tokenizer: PreTrainedTokenizerBase, resume: str | None, result: RunResult
+    trainer: Trainer,
+    args: RunArgs,
+    tokenizer: PreTrainedTokenizerBase,
+    resume: str | None,
+    result: RunResult,
+    image_processor: Any = None,
 ) -> None:
     """Train, then save the adapter/model, the trainer state, the train metrics (with non-pad tokens/s), the
     tokenizer (with the template used), sftflow_args.yaml and the loss plot. Any stage's Trainer works.
@@ -221,6 +230,8 @@ def train_and_save(
         if zero:
             trainer.state.save_to_json(str(stage / "trainer_state.json"))
             tokenizer.save_pretrained(stage)
+            if image_processor is not None:  # a model that sees: its preprocessor_config.json beside it
+                image_processor.save_pretrained(stage)
             (stage / "sftflow_args.yaml").write_text(yaml.safe_dump(args.to_yaml_dict(), sort_keys=False))
             write_metrics(output_dir, stage, "train", metrics)
             if args.finetuning.plot_loss:

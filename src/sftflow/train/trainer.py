@@ -27,6 +27,7 @@ from transformers import GenerationConfig, Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sftflow.errors import SftflowError
+from sftflow.model.vision import vision_generate_kwargs
 from sftflow.train.attention import segment_attention
 from sftflow.train.callbacks import GracefulStopCallback, TrainingInterrupted
 from sftflow.train.checkpoints import STAGING_PREFIX, remove_staging_dirs, resolve_resume, resume_word
@@ -386,5 +387,6 @@ class SftflowTrainer(Resilience, Seq2SeqTrainer):
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 generation_config=self.sft_generation_config,
+                **vision_generate_kwargs(inputs),  # a model that sees: its pixels
             )
         return None, output[:, inputs["input_ids"].size(1) :], None
