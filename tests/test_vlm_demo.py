@@ -69,6 +69,7 @@ def test_preview_shows_image_runs(tmp_path, qwen_dir, capsys):
     assert "shapes: 53 rows read, 0 skipped as malformed, 53 used" in out
 
 
+@pytest.mark.integration
 def test_example_config_trains_a_tiny_qwen2_vl(tmp_path, qwen_dir):
     from sftflow.cli import main
 

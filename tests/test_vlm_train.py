@@ -87,6 +87,7 @@ def _generate(model, files: Path, data_dir: Path) -> str:
 DIRS = {"llava": "llava_dir", "qwen2_vl": "qwen_dir", "qwen2_5_vl": "qwen25_dir"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", list(DIRS))
 def test_train_eval_predict_then_reload_the_adapter(tmp_path, family, request):
     from sftflow.stages.sft import run_sft

@@ -78,27 +78,7 @@ def export_model(
             export_hub_model_id while offline.
     """
 
-    if not model_args.export_dir:
-        raise SftflowError("export_dir is required (e.g. export_dir: saves/merged).")
-    if model_args.quantization_bit is not None:
-        raise SftflowError(
-            "export merges adapters into full-precision weights and cannot merge into a quantized base: "
-            "remove quantization_bit (the adapter of a QLoRA run merges into the unquantized base)."
-        )
-    base = model_path(model_args)
-    if is_quantized(base):
-        raise SftflowError(
-            f"model_name_or_path {base} holds quantized weights (config.json has a quantization_config); "
-            "merging into them would be lossy. Point model_name_or_path at the unquantized model."
-        )
-    if model_args.export_hub_model_id:
-        _check_hub_online(model_args.export_hub_model_id)
-    sees = vision_config(base) is not None
-    if sees and model_args.export_format == "gguf":
-        raise SftflowError(
-            f"export_format: gguf is not supported for a model that sees ({base}): llama.cpp runs its vision "
-            "tower from a separate mmproj GGUF, which sftflow does not write. Use export_format: hf."
-        )
+    base, sees = _check_exportable(model_args)
     export_dir = Path(model_args.export_dir).expanduser()
     allow_pickle = not model_args.use_safetensors
     paths = adapter_paths(model_args.adapter_name_or_path)
@@ -152,6 +132,36 @@ def export_model(
         if model_args.export_hub_model_id:
             _push_to_hub(export_dir, model_args.export_hub_model_id)
         return export_dir
+
+
+def _check_exportable(model_args: ModelArguments) -> tuple[str, bool]:
+    """The base model's path and whether it sees, once the export is known to be possible.
+
+    Raises:
+        SftflowError: no export_dir, a quantized base, hub upload while offline, GGUF for a model that sees.
+    """
+    if not model_args.export_dir:
+        raise SftflowError("export_dir is required (e.g. export_dir: saves/merged).")
+    if model_args.quantization_bit is not None:
+        raise SftflowError(
+            "export merges adapters into full-precision weights and cannot merge into a quantized base: "
+            "remove quantization_bit (the adapter of a QLoRA run merges into the unquantized base)."
+        )
+    base = model_path(model_args)
+    if is_quantized(base):
+        raise SftflowError(
+            f"model_name_or_path {base} holds quantized weights (config.json has a quantization_config); "
+            "merging into them would be lossy. Point model_name_or_path at the unquantized model."
+        )
+    if model_args.export_hub_model_id:
+        _check_hub_online(model_args.export_hub_model_id)
+    sees = vision_config(base) is not None
+    if sees and model_args.export_format == "gguf":
+        raise SftflowError(
+            f"export_format: gguf is not supported for a model that sees ({base}): llama.cpp runs its vision "
+            "tower from a separate mmproj GGUF, which sftflow does not write. Use export_format: hf."
+        )
+    return base, sees
 
 
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
