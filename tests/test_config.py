@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
 from sftflow.config import help_text, load_args
 from sftflow.config.coerce import coerce
-from sftflow.config.parser import all_classes, field_docs
+from sftflow.config.parser import all_classes, args_from_dict, field_docs
+from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
 
 BASE = ["model_name_or_path=some/model", "output_dir=/tmp/sftflow-test-out"]
@@ -208,3 +210,19 @@ def test_train_start_up_prints_no_bitsandbytes_kernels_line(tmp_path, tiny_model
     assert "run finished" in done.stdout
     assert "gemm_4bit_forward" not in done.stderr + done.stdout
     assert "kernels-community" not in done.stderr + done.stdout
+
+
+def test_a_full_runs_dir_serves_although_it_recorded_lora_keys(tmp_path):
+    """A full fine-tune's sftflow_args.yaml records every resolved value (lora_alpha among them); reading it
+    back for chat/api/predict must not refuse them, while a key the user sets still gets checked."""
+    run = tmp_path / "run"
+    run.mkdir()
+    args = args_from_dict(
+        {"model_name_or_path": "m", "dataset": "d", "output_dir": str(run), "finetuning_type": "full"}
+    )
+    (run / "sftflow_args.yaml").write_text(yaml.safe_dump(args.to_yaml_dict()))
+    (run / "config.json").write_text("{}")
+    served = infer_args(str(run), [])
+    assert served.model.model_name_or_path == str(run) and served.finetuning.finetuning_type == "full"
+    with pytest.raises(SftflowError, match="lora_dropout has no effect here"):
+        infer_args(str(run), ["lora_dropout=0.3"])

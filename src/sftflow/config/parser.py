@@ -31,6 +31,8 @@ from sftflow.config.validate import check_effect, check_ranges, check_stage, che
 from sftflow.errors import SftflowError
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from transformers import Seq2SeqTrainingArguments
 
 
@@ -184,11 +186,15 @@ def load_args(
     return args_from_dict(raw, require_output_dir)
 
 
-def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunArgs:
+def args_from_dict(
+    raw: dict[str, Any], require_output_dir: bool = True, recorded: Collection[str] = ()
+) -> RunArgs:
     """Build the run's arguments from a flat `key: value` dict (YAML values or raw override strings).
 
     `require_output_dir`: only commands that write a run (train) need one. LLaMA-Factory and older
-    transformers keys are mapped or refused first (config/compat.py).
+    transformers keys are mapped or refused first (config/compat.py). `recorded`: keys read back from a
+    finished run's sftflow_args.yaml (every resolved value, e.g. a full run's lora_alpha); they describe
+    what ran, so they are not refused as having no effect, while the keys the user sets still are.
 
     Raises:
         SftflowError: unknown or refused keys, values of the wrong type or out of range, missing required
@@ -235,7 +241,8 @@ def args_from_dict(raw: dict[str, Any], require_output_dir: bool = True) -> RunA
     model, data, finetuning, generating = groups
     check_ranges(model, data, finetuning, generating, training)
     _check_together(model, data, finetuning, training)
-    check_effect(raw, model, data, finetuning, generating, training)
+    user = {k: v for k, v in raw.items() if k not in recorded}
+    check_effect(user, model, data, finetuning, generating, training)
     return RunArgs(model, data, finetuning, generating, training, user_keys=raw)
 
 

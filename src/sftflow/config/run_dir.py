@@ -53,8 +53,10 @@ def infer_args(
         SftflowError: the dir holds no adapter or model, or the config is invalid.
     """
     keys: dict[str, Any] = {}
+    recorded: set[str] = set()
     if target and Path(target).is_dir():
         keys = run_dir_keys(Path(target))
+        recorded = set(keys)
     elif target:
         keys = read_config_file(target)
     if model:
@@ -63,5 +65,7 @@ def infer_args(
         keys["adapter_name_or_path"] = adapter
     if output_dir:
         keys["output_dir"] = output_dir
-    keys.update(parse_overrides(overrides))
-    return args_from_dict(keys, require_output_dir=False)
+    given = parse_overrides(overrides)
+    keys.update(given)
+    recorded -= {"model_name_or_path", "adapter_name_or_path", "output_dir", *given}
+    return args_from_dict(keys, require_output_dir=False, recorded=recorded)
