@@ -19,7 +19,7 @@ from sftflow.errors import SftflowError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": (
         "sftflow.cli.train",
-        "CONFIG [key=value ...]  train (stage: pt|sft|rm|dpo|kto): "
+        "CONFIG [key=value ...]  train (stage: pt|sft|rm|dpo|kto|grpo): "
         "data -> model -> train/eval/predict -> report",
     ),
     "chat": ("sftflow.cli.chat", "RUN_DIR|CONFIG  chat with the tuned model in the terminal"),
