@@ -7,11 +7,13 @@ import dataclasses
 import pytest
 import yaml
 
+from sftflow.cli import COMMANDS
 from sftflow.config import help_text, load_args
 from sftflow.config.coerce import coerce
 from sftflow.config.parser import all_classes, args_from_dict, field_docs
 from sftflow.config.run_dir import infer_args
 from sftflow.errors import SftflowError
+from sftflow.stages.registry import STAGES
 
 BASE = ["model_name_or_path=some/model", "output_dir=/tmp/sftflow-test-out"]
 
@@ -226,3 +228,8 @@ def test_a_full_runs_dir_serves_although_it_recorded_lora_keys(tmp_path):
     assert served.model.model_name_or_path == str(run) and served.finetuning.finetuning_type == "full"
     with pytest.raises(SftflowError, match="lora_dropout has no effect here"):
         infer_args(str(run), ["lora_dropout=0.3"])
+
+
+def test_the_cli_help_names_every_stage():
+    listed = COMMANDS["train"][1].split("stage: ")[1].split(")")[0].split("|")
+    assert set(STAGES) <= set(listed), set(STAGES) - set(listed)
