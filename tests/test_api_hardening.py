@@ -178,6 +178,33 @@ def test_a_chunked_body_over_the_limit_gets_413_while_it_streams_in(engine):
     assert "serve_max_body_bytes" in answer
 
 
+@pytest.mark.integration
+def test_tokenizing_a_long_prompt_does_not_stall_the_other_clients(engine):
+    import urllib.request
+
+    from sftflow.infer.api import create_app
+
+    body = json.dumps({"messages": [{"role": "user", "content": "fox " * 600_000}], "max_tokens": 1})
+    with serve(create_app(engine)) as port:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        answers: list[str] = []
+        sender = threading.Thread(
+            target=lambda: answers.append(raw_response(port, head + body.encode(), timeout=120))
+        )
+        sender.start()
+        time.sleep(0.5)  # the 2.4 MB prompt is being templated and tokenized (seconds)
+        started = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as health:
+            assert json.loads(health.read())["status"] == "ok"
+        took = time.monotonic() - started
+        sender.join(timeout=120)
+    assert took < 1.0, f"/health waited {took:.1f} s behind another request's tokenization"
+    assert answers[0].startswith("HTTP/1.1 400") and "context length" in answers[0]
+
+
 def test_a_smaller_body_limit_is_a_config_key(run_dir):
     from fastapi.testclient import TestClient
 
@@ -437,6 +464,7 @@ def test_sigterm_during_a_stream_exits_within_seconds(run_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    print(f"exited {took:.1f} s after SIGTERM")
     assert took < 15, f"the server took {took:.1f} s to exit after SIGTERM"
 
 

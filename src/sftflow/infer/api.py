@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY, RequestBodyLimitMiddleware
@@ -249,7 +250,8 @@ def create_app(
 async def answer_chat(model: str, engine: ChatEngine, body: ChatCompletionRequest, request: Request) -> Any:
     """/v1/chat/completions for one engine: a JSON answer, an event stream, or the error."""
     try:
-        plan = chat_plan(engine, body)
+        # templating and tokenizing a long prompt take seconds: off the event loop, which serves everyone
+        plan = await run_in_threadpool(chat_plan, engine, body)
     except Exception as exc:  # a request the template or the schema compiler refuses
         return failure(exc)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -283,7 +285,7 @@ async def answer_completions(
 ) -> Any:
     """/v1/completions for one engine: a JSON answer, an event stream, or the error."""
     try:
-        prompts = completion_prompts(engine, body.prompt)
+        prompts = await run_in_threadpool(completion_prompts, engine, body.prompt)
         params = SamplingParams(
             max_new_tokens=body.max_tokens,
             temperature=body.temperature,
