@@ -574,14 +574,32 @@ def fuzz_request(rng: random.Random) -> tuple[str, str, bytes, dict[str, str]]:
     return "POST", path, json.dumps(body).encode(), headers
 
 
-def test_a_thousand_bad_requests_get_no_5xx_and_leave_the_server_healthy(client, engine):
+AUTHORIZATIONS = [
+    b"",
+    b"Bearer",
+    b"Bearer ",
+    b"bearer " + KEY.encode(),
+    b"Basic " + KEY.encode(),
+    b"Bearer " + KEY.encode() + b"x",
+    b"Bearer s3cr\xe9t",
+    b"Bearer \xff\xfe",
+    b"Bearer " + b"k" * 8000,
+    b"Bearer " + KEY.encode(),
+]
+
+
+def test_a_thousand_bad_requests_get_no_5xx_and_leave_the_server_healthy(client, keyed_client, engine):
+    """Every 5th request goes to a server with an API key, with an odd (or the right) Authorization."""
     rng = random.Random(28)
     statuses: dict[int, int] = {}
     fives: list[tuple[str, str, bytes, str]] = []
     started = time.monotonic()
-    for _ in range(1000):
+    for i in range(1000):
         method, path, raw, headers = fuzz_request(rng)
-        response = client.request(method, path, content=raw, headers=headers)
+        target = client
+        if i % 5 == 4:
+            target, headers = keyed_client, {**headers, "Authorization": rng.choice(AUTHORIZATIONS)}
+        response = target.request(method, path, content=raw, headers=headers)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         if response.status_code >= 500 or (
             response.status_code == 200 and "generation failed" in response.text
