@@ -261,10 +261,20 @@ def test_a_row_whose_sampling_fails_fails_only_its_own_request(engine, monkeypat
 
 
 def test_a_refused_multi_prompt_completion_leaves_nothing_queued(engine, client):
-    body = {"prompt": ["The quick brown"] * 9, "max_tokens": 400, "temperature": 1.0}  # 9 > serve_max_queue 8
+    running = [engine.stream(QUESTION, SamplingParams(max_new_tokens=400))[0] for _ in range(3)]
+    try:  # 3 held + 6 prompts > serve_max_queue 8: a 429, and none of the 6 stays queued
+        body = {"prompt": ["The quick brown"] * 6, "max_tokens": 400, "temperature": 1.0}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 429, response.text
+        assert engine.held == 3
+    finally:
+        for stream in running:
+            stream.close()
+    assert engine.held == 0
+    body = {"prompt": ["The quick brown"] * 9, "max_tokens": 2, "temperature": 1.0}  # never fits: a 400
     response = client.post("/v1/completions", json=body)
-    assert response.status_code == 429, response.text
-    assert engine.held == 0  # none of the 9 prompts stays queued behind the 429
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    assert "serve_max_queue=8" in response.json()["error"]["message"]
     body = {"prompt": "The quick brown", "max_tokens": 2, "n": 3, "temperature": 1.0}
     assert client.post("/v1/completions", json=body).status_code == 200
 

@@ -15,8 +15,9 @@ disconnects cancels its request.
 
 No one request can hurt the others: the API key is checked from the headers before the body is read (every
 route but /health, the OpenAPI docs included), then the body is read up to `serve_max_body_bytes`; a
-request's answers (prompts x n) are admitted all at once or not at all; a server bound to loopback answers
-only loopback Host headers (DNS rebinding).
+request's answers (prompts x n) are admitted all at once or not at all (more than `serve_max_queue` alone:
+400); templating and tokenizing run in the threadpool, off the event loop; a server bound to loopback
+answers only loopback Host headers (DNS rebinding).
 
 Several runs can be served at once (`create_app({"a": engine_a, "b": engine_b})`): a request's `model`
 picks the engine (400 when it is missing), /v1/models lists every name and /health reports each. With one

@@ -172,6 +172,15 @@ class ChatEngine:
                 )
             self._held += count
 
+    def _check_size(self, answers: int, param: str) -> None:
+        """A request for more answers than serve_max_queue could never be admitted: a 400, not a 429."""
+        if answers > self.max_queue:
+            raise RequestError(
+                f"this request asks for {answers} answers (prompts x n), more than this server ever holds "
+                f"(serve_max_queue={self.max_queue}); send fewer prompts or a smaller n.",
+                param,
+            )
+
     def _release(self, job: Job) -> None:
         with self._held_lock:
             self._held -= 1
@@ -217,13 +226,15 @@ class ChatEngine:
         once, so a request that does not fit queues none of them.
 
         Raises:
-            RequestError: a prompt that does not fit the context (before anything is queued).
+            RequestError: a prompt that does not fit the context, or more answers than serve_max_queue
+                (which no retry would get admitted); before anything is queued.
             EngineBusy: the answers would take the engine past serve_max_queue.
         """
         params = params or SamplingParams()
         budgets = [self.max_new_tokens(len(ids), params.max_new_tokens) for ids in prompts]
         # greedy answers are deterministic: generate once and repeat it n times
         copies = params.n if sampling(params, self.generating)[0] else 1
+        self._check_size(len(prompts) * copies, "prompt" if len(prompts) > 1 else "n")
         specs = [(ids, budget, copies, 0) for ids, budget in zip(prompts, budgets, strict=True)]
         groups = self._start(specs, params, streaming=False)
         return [self._result(jobs, params, len(ids)) for jobs, ids in zip(groups, prompts, strict=True)]
@@ -287,6 +298,7 @@ class ChatEngine:
             RequestError, EngineBusy: as `submit_all`.
         """
         budget = self.max_new_tokens(len(prompt_ids), params.max_new_tokens)
+        self._check_size(params.n, "n")
         specs = [(prompt_ids, budget, 1, index) for index in range(params.n)]
         return [TextStream(job) for (job,) in self._start(specs, params, streaming=True)]
 
