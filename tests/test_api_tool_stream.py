@@ -169,6 +169,7 @@ class ScriptedEngine:
     def __init__(self, text: str, template: str) -> None:
         self.text, self.model_name, self.held, self.max_queue = text, "scripted", 0, 4
         self.tokenizer = SimpleNamespace(chat_template=template, encode=lambda text, **_: [1, 2, 3])
+        self.generating = SimpleNamespace(serve_max_body_bytes=2**20)
         self.thinking = None  # no reasoning template
 
     def prompt(self, messages: list[dict[str, Any]], tools: Any = None, requested: Any = None) -> str:
@@ -179,6 +180,9 @@ class ScriptedEngine:
 
     def stream_ids(self, prompt_ids: list[int], params: Any, index: int = 0) -> tuple[ScriptedStream, int]:
         return ScriptedStream(self.text, 3), len(prompt_ids)
+
+    def stream_all(self, prompt_ids: list[int], params: Any) -> list[ScriptedStream]:
+        return [ScriptedStream(self.text, 3) for _ in range(params.n)]
 
     def submit_ids(self, prompt_ids: list[int], params: Any) -> Future:
         future: Future = Future()

@@ -299,15 +299,15 @@ def test_full_queue_answers_429_with_retry_after(server, engine):
             stream.close()
 
 
-def test_streamed_n_past_the_queue_is_a_429_before_any_event(server, engine):
+def test_streamed_n_past_the_queue_is_refused_before_any_event(server, engine):
     body = {"messages": QUESTION, "max_tokens": 4, "temperature": 0.8, "n": 4, "stream": True}
     request = urllib.request.Request(
         f"{server}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    with pytest.raises(urllib.error.HTTPError) as info:  # 4 answers, serve_max_queue=3
+    with pytest.raises(urllib.error.HTTPError) as info:  # 4 answers, serve_max_queue=3: never admitted
         urllib.request.urlopen(request, timeout=30)
-    assert info.value.code == 429
-    assert engine.held == 0  # the answers already queued were cancelled
+    assert info.value.code == 400 and json.loads(info.value.read())["error"]["param"] == "n"
+    assert engine.held == 0  # nothing was queued
     body["n"] = 3  # fits: all three stream, each chunk naming its choice
     request = urllib.request.Request(
         f"{server}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}

@@ -22,6 +22,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# the Host headers a loopback-bound server answers (others get 400: a DNS-rebinding page cannot reach it)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# on SIGTERM / Ctrl-C, running requests get this long to finish before they are cancelled
+SHUTDOWN_GRACE_S = 5
+
+
+def trusted_hosts(host: str) -> tuple[str, ...] | None:
+    """The Host headers a server bound to `host` accepts: the loopback names when bound to loopback,
+    else any (None).
+
+    >>> trusted_hosts("127.0.0.1"), trusted_hosts("0.0.0.0")
+    (('127.0.0.1', 'localhost', '[::1]'), None)
+    """
+    return LOOPBACK_HOSTS if host in LOOPBACK else None
 
 
 def host_and_port(host: str | None, port: int | None) -> tuple[str, int]:
@@ -143,8 +157,9 @@ def main(argv: list[str]) -> int:
             f"({'API key required' if api_key else 'no API key'})",
             flush=True,
         )
-        uvicorn.run(create_app(engines, api_key), host=host, port=port, log_level="info")
+        app = create_app(engines, api_key, allowed_hosts=trusted_hosts(host))
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         for engine in engines.values():
-            engine.close()
+            engine.close(cancel=True)  # what is still queued or running is not waited for
     return 0

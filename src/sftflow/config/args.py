@@ -491,6 +491,9 @@ class GeneratingArguments:
     serve_memory_fraction: float = 0.1
     """`sftflow api`: share of free memory (RAM on CPU, GPU memory on CUDA) the batch's KV cache may use."""
 
+    serve_max_body_bytes: int = 4 * 2**20
+    """`sftflow api`: largest request body read (4 MiB); a larger one gets 413 before it is read."""
+
     def __post_init__(self) -> None:
         if self.serve_batching == "continuous":
             raise SftflowError(
@@ -498,8 +501,10 @@ class GeneratingArguments:
                 "as fast per decode step on CPU as the dynamic path, which also lets requests join and leave "
                 "at every step. Use serve_batching: dynamic (the default)."
             )
-        if min(self.serve_max_queue, self.serve_max_batch_tokens) < 1:
-            raise SftflowError("serve_max_queue and serve_max_batch_tokens must be >= 1.")
+        if min(self.serve_max_queue, self.serve_max_batch_tokens, self.serve_max_body_bytes) < 1:
+            raise SftflowError(
+                "serve_max_queue, serve_max_batch_tokens and serve_max_body_bytes must be >= 1."
+            )
         if not 0 < self.serve_memory_fraction < 1:
             raise SftflowError(f"serve_memory_fraction must be in (0, 1), got {self.serve_memory_fraction}.")
         if self.temperature <= 0:

@@ -307,6 +307,7 @@ RANGES: dict[str, Range] = {
     "repetition_penalty": POSITIVE,
     "serve_max_queue": AT_LEAST_ONE,
     "serve_max_batch_tokens": AT_LEAST_ONE,
+    "serve_max_body_bytes": AT_LEAST_ONE,
     "serve_memory_fraction": Range(0, 1, low_open=True, high_open=True),
     # training (HF)
     "per_device_train_batch_size": AT_LEAST_ONE,

@@ -11,8 +11,15 @@ lm-evaluation-harness's `local-completions` sends).
 
 Every request field is either acted on or refused: unknown fields and values this server cannot honour
 get 400. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 invalid
-request, 401 missing/wrong API key, 404 unknown model, 429 (with Retry-After) when `serve_max_queue`
-requests are already held, 500 generation failure. A client that disconnects cancels its request.
+request, 401 missing/wrong API key, 404 unknown model, 413 a body over `serve_max_body_bytes`, 429 (with
+Retry-After) when `serve_max_queue` answers are already held, 500 generation failure. A client that
+disconnects cancels its request.
+
+No one request can hurt the others: the API key is checked from the headers before the body is read (every
+route but /health, the OpenAPI docs included), then the body is read up to `serve_max_body_bytes`; a
+request's answers (prompts x n) are admitted all at once or not at all (more than `serve_max_queue` alone:
+400); templating and tokenizing run in the threadpool, off the event loop; a server bound to loopback
+answers only loopback Host headers (DNS rebinding).
 
 Several runs can be served at once (`create_app({"a": engine_a, "b": engine_b})`): a request's `model`
 picks the engine (400 when it is missing), /v1/models lists every name and /health reports each. With one
@@ -27,15 +34,20 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY, RequestBodyLimitMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sftflow.errors import SftflowError
 from sftflow.infer.answers import (
@@ -110,30 +122,61 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return _error(400, f"the request body is not valid JSON: {first.get('msg')}", "invalid_request_error")
-    param = field_path(first.get("loc", ()))
+    param = (first.get("ctx") or {}).get("param") or field_path(first.get("loc", ()))
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         message = "unknown field (this server does not support it)"
     return _error(400, f"{param}: {message}" if param else message, "invalid_request_error", param)
 
 
+def too_large(limit: int) -> JSONResponse:
+    message = f"the request body is over this server's limit of {limit} bytes (serve_max_body_bytes)"
+    return _error(413, message, "invalid_request_error", code="request_too_large")
+
+
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 413:  # raised by RequestBodyLimitMiddleware while a body streams in
+        return too_large(request.scope[MAX_BODY_SIZE_SCOPE_KEY])
     kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
     return _error(exc.status_code, str(exc.detail), kind)
 
 
-def key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """The dependency every /v1 route takes: with a key, `Authorization: Bearer <key>` or a 401."""
+class HeaderChecks:
+    """ASGI middleware that answers from the headers alone, before anything reads the body (a FastAPI
+    dependency would run after the body is read and parsed):
+    - with `api_key`, every HTTP request but GET /health needs `Authorization: Bearer <api_key>` (the
+      OpenAPI docs too), else 401;
+    - a Content-Length over `max_body` gets 413 (a body sent without one is counted as it streams in, by
+      starlette's RequestBodyLimitMiddleware inside this one).
+    """
 
-    async def check_key(request: Request) -> None:
-        if api_key is None:
+    OPEN = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key is not None else None
+        self.max_body = max_body
+
+    def keyed(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token.strip().encode("latin-1")  # header bytes as sent (compare_digest refuses non-ASCII str)
+        return scheme.lower() == "bearer" and secrets.compare_digest(given, self.key or b"")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
-            raise HTTPException(401, "invalid API key: send Authorization: Bearer <API_KEY>")
-
-    return check_key
+        headers = Headers(scope=scope)
+        length = headers.get("content-length", "")
+        if self.key is not None and scope["path"] not in self.OPEN and not self.keyed(headers):
+            message = "invalid API key: send Authorization: Bearer <API_KEY>"
+            response = _error(401, message, "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        elif length.isascii() and length.isdigit() and int(length) > self.max_body:
+            response = too_large(self.max_body)
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
 
 
 def failure(exc: Exception) -> JSONResponse:
@@ -154,14 +197,28 @@ def failure(exc: Exception) -> JSONResponse:
     return _error(500, f"generation failed: {exc}", "server_error")
 
 
-def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving one engine (under its model_name) or several by name; with `api_key`, every
-    /v1 route needs `Authorization: Bearer <key>`."""
+def create_app(
+    engines: ChatEngine | Mapping[str, ChatEngine],
+    api_key: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving one engine (under its model_name) or several by name.
+
+    With `api_key`, every route but /health needs `Authorization: Bearer <key>` (`HeaderChecks`). Bodies
+    over the engines' `serve_max_body_bytes` get a 413, from Content-Length or while the body streams in.
+    With `allowed_hosts`, a request whose Host header names another host gets a 400 (starlette's
+    TrustedHostMiddleware; `sftflow api` passes the loopback names when bound to loopback).
+    """
     served = Served(engines)
     app = FastAPI(title="sftflow", description="OpenAI-compatible completions for tuned models")
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
-    keyed = [Depends(key_check(api_key))]
+    # the last added runs first: the Host, then the key and Content-Length, then the body as it streams in
+    limit = max(engine.generating.serve_max_body_bytes for engine in served.engines.values())
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limit)
+    app.add_middleware(HeaderChecks, api_key=api_key, max_body=limit)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -169,7 +226,7 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
         # one run keeps its fields at the top level too, as before several runs could be served
         return {"status": "ok", **(each[0] if len(each) == 1 else {}), "models": each}
 
-    @app.get("/v1/models", dependencies=keyed)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
         cards = [
@@ -177,14 +234,14 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
         ]
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         picked = served.pick(body.model)
         if isinstance(picked, JSONResponse):
             return picked
         return await answer_chat(*picked, body, request)
 
-    @app.post("/v1/completions", dependencies=keyed)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         picked = served.pick(body.model)
         if isinstance(picked, JSONResponse):
@@ -197,7 +254,8 @@ def create_app(engines: ChatEngine | Mapping[str, ChatEngine], api_key: str | No
 async def answer_chat(model: str, engine: ChatEngine, body: ChatCompletionRequest, request: Request) -> Any:
     """/v1/chat/completions for one engine: a JSON answer, an event stream, or the error."""
     try:
-        plan = chat_plan(engine, body)
+        # templating and tokenizing a long prompt take seconds: off the event loop, which serves everyone
+        plan = await run_in_threadpool(chat_plan, engine, body)
     except Exception as exc:  # a request the template or the schema compiler refuses
         return failure(exc)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -205,16 +263,16 @@ async def answer_chat(model: str, engine: ChatEngine, body: ChatCompletionReques
         if body.stream:
             # the n streams are queued now (they share batches), so a bad request or a full queue gets
             # its 4xx before any event is sent
-            streams = start_streams(engine, plan.prompt_ids, plan.params)
+            streams = engine.stream_all(plan.prompt_ids, plan.params)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = chat_events(model, plan, streams, completion_id, created, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        future = engine.submit_ids(plan.prompt_ids, plan.params)
-        result = await until_done(future, request)
+        results = await until_done([engine.submit_ids(plan.prompt_ids, plan.params)], request)
     except Exception as exc:
         return failure(exc)
-    if result is None:
+    if results is None:
         return _error(499, "the client closed the request", "invalid_request_error")
+    (result,) = results
     choices = [plan.choice(i, c) for i, c in enumerate(result.choices)]
     return {
         "id": completion_id,
@@ -231,7 +289,7 @@ async def answer_completions(
 ) -> Any:
     """/v1/completions for one engine: a JSON answer, an event stream, or the error."""
     try:
-        prompts = completion_prompts(engine, body.prompt)
+        prompts = await run_in_threadpool(completion_prompts, engine, body.prompt)
         params = SamplingParams(
             max_new_tokens=body.max_tokens,
             temperature=body.temperature,
@@ -247,17 +305,17 @@ async def answer_completions(
             raise RequestError("stream takes a single prompt.", "prompt")
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            streams = start_streams(engine, prompts[0], params)
+            streams = engine.stream_all(prompts[0], params)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = completion_events(
                 engine, model, prompts[0], params, streams, completion_id, created, include_usage
             )
             return StreamingResponse(events, media_type="text/event-stream")
-        futures = [engine.submit_ids(ids, params) for ids in prompts]
-        results = [await until_done(f, request) for f in futures]
+        # every prompt's answers are admitted together: a 429 leaves none of them queued
+        results = await until_done(engine.submit_all(prompts, params), request)
     except Exception as exc:
         return failure(exc)
-    if any(r is None for r in results):
+    if results is None:
         return _error(499, "the client closed the request", "invalid_request_error")
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for ids, result in zip(prompts, results, strict=True):
@@ -275,16 +333,23 @@ async def answer_completions(
     }
 
 
-async def until_done(future: Future[ChatResult], request: Request) -> ChatResult | None:
-    """The future's result, or None (the generation cancelled) when the client disconnects first."""
-    wrapped = asyncio.wrap_future(future)
-    while True:
-        done, _ = await asyncio.wait({wrapped}, timeout=0.25)
-        if done:
-            return wrapped.result()
-        if await request.is_disconnected():
+async def until_done(futures: list[Future[ChatResult]], request: Request) -> list[ChatResult] | None:
+    """The futures' results, or None when the client disconnects first. A disconnect, or this task being
+    cancelled (the server shutting down), cancels every one of the generations."""
+    wrapped = [asyncio.wrap_future(future) for future in futures]
+    pending = set(wrapped)
+    try:
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.25)
+            if pending and await request.is_disconnected():
+                for future in futures:
+                    future.cancel_generation()  # type: ignore[attr-defined]
+                return None
+    except asyncio.CancelledError:
+        for future in futures:
             future.cancel_generation()  # type: ignore[attr-defined]
-            return None
+        raise
+    return [w.result() for w in wrapped]
 
 
 def _chunk(kind: str, completion_id: str, created: int, model: str, choices: list, **extra: Any) -> str:
@@ -303,23 +368,6 @@ def _error_event(exc: Exception) -> str:
     logger.exception("generation failed", exc_info=exc)
     error = {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}
     return f"data: {json.dumps({'error': error})}\n\n"
-
-
-def start_streams(engine: ChatEngine, prompt_ids: list[int], params: SamplingParams) -> list[Any]:
-    """Queue the n streamed answers of one request (all or none: a refusal closes those started).
-
-    Raises:
-        RequestError, EngineBusy: as ChatEngine.stream_ids.
-    """
-    streams: list[Any] = []
-    try:
-        for index in range(params.n):
-            streams.append(engine.stream_ids(prompt_ids, params, index=index)[0])
-    except Exception:
-        for stream in streams:
-            stream.close()
-        raise
-    return streams
 
 
 async def chat_events(

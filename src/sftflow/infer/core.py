@@ -63,23 +63,29 @@ def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return int(value)
 
 
+# vLLM's _SAMPLING_EPS: a temperature below it decodes greedily
+GREEDY_BELOW = 1e-5
+
+
 def sampling(params: SamplingParams, generating: GeneratingArguments) -> tuple[bool, float, float]:
-    """(do_sample, temperature, top_p) of a request: the config's, overridden by the request.
+    """(do_sample, temperature, top_p) of a request: the config's, overridden by the request. A temperature
+    below GREEDY_BELOW is greedy decoding, as in vLLM: dividing logits by 1e-300 gives inf, which no
+    sampler can draw from.
 
     >>> from types import SimpleNamespace
     >>> config = SimpleNamespace(do_sample=False, temperature=0.95, top_p=0.7)
     >>> sampling(SamplingParams(), config), sampling(SamplingParams(top_p=0.5), config)
     ((False, 0.95, 0.7), (True, 0.95, 0.5))
-    >>> sampling(SamplingParams(temperature=0), config)
-    (False, 0.95, 0.7)
+    >>> sampling(SamplingParams(temperature=0), config), sampling(SamplingParams(temperature=1e-300), config)
+    ((False, 0.95, 0.7), (False, 0.95, 0.7))
     """
     g = generating
     do_sample = g.do_sample if params.temperature is None and params.top_p is None else True
-    if params.temperature == 0:
+    if params.temperature is not None and params.temperature < GREEDY_BELOW:
         do_sample = False
     return (
         do_sample,
-        params.temperature or g.temperature,
+        params.temperature if do_sample and params.temperature else g.temperature,
         params.top_p if params.top_p is not None else g.top_p,
     )
 

@@ -251,19 +251,28 @@ class DynamicPath:
         return out.logits[:, -1]
 
     def fed(self, jobs: list[Job], tokens: list[int]) -> list[int]:
-        """Give each job its new token; the indices of the jobs that go on (the others are answered)."""
+        """Give each job its new token; the indices of the jobs that go on (the others are answered, or
+        failed alone when their own decoding raises)."""
         going = []
         for i, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
             if job.cancelled.is_set() or job.done:
                 continue
-            if job.feed([token]) or job.count >= job.max_new_tokens:
+            try:
+                ended = job.feed([token]) or job.count >= job.max_new_tokens
+            except Exception as exc:
+                logger.exception("decoding one row failed")
+                job.fail(exc)
+                continue
+            if ended:
                 job.finish()  # answered now, while the other rows go on
             else:
                 going.append(i)
         return going
 
     def choose(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-        """Each row's next token: the argmax, or a sample under its own temperature / top_p."""
+        """Each row's next token: the argmax, or a sample under its own temperature / top_p. Rows that
+        share settings are sampled together; if that fails, each row is drawn alone and a row that still
+        fails fails its own job only (it then leaves the batch: `fed` skips it)."""
         tokens = logits.argmax(-1)
         settings: dict[tuple[float, float], list[int]] = {}
         for i, job in enumerate(jobs):
@@ -271,10 +280,25 @@ class DynamicPath:
             if do_sample:
                 settings.setdefault((temperature, top_p), []).append(i)
         for (temperature, top_p), index in settings.items():
-            at = torch.tensor(index, device=logits.device)
-            scores = self.warper(temperature, top_p)(None, logits[at].float())
-            tokens[at] = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+            try:
+                tokens[index] = self.draw(logits[index], temperature, top_p)
+            except RuntimeError:
+                for i in index:
+                    try:
+                        tokens[i] = self.draw(logits[i : i + 1], temperature, top_p)[0]
+                    except RuntimeError as exc:
+                        logger.warning("sampling failed for one row: %s", exc)
+                        jobs[i].fail(exc)
         return tokens
+
+    def draw(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        """One sampled token per row of `logits` under these settings (and the config's top_k).
+
+        Raises:
+            RuntimeError: the warped scores are not a distribution (inf or nan).
+        """
+        scores = self.warper(temperature, top_p)(None, logits.float())
+        return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
 
     def warper(self, temperature: float, top_p: float) -> LogitsProcessorList:
         """transformers' warpers for these settings (and the config's top_k), in generate's order."""

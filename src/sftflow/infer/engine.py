@@ -90,6 +90,7 @@ class ChatEngine:
         self.max_queue = generating.serve_max_queue
         self._held = 0
         self._held_lock = threading.Lock()
+        self._jobs: set[Job] = set()  # the jobs held (running or waiting), for close(cancel=True)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._closed = False
         self._admitting = threading.Lock()
@@ -203,9 +204,19 @@ class ChatEngine:
                 )
             self._held += count
 
-    def _release(self, _: Future | None = None) -> None:
+    def _check_size(self, answers: int, param: str) -> None:
+        """A request for more answers than serve_max_queue could never be admitted: a 400, not a 429."""
+        if answers > self.max_queue:
+            raise RequestError(
+                f"this request asks for {answers} answers (prompts x n), more than this server ever holds "
+                f"(serve_max_queue={self.max_queue}); send fewer prompts or a smaller n.",
+                param,
+            )
+
+    def _release(self, job: Job) -> None:
         with self._held_lock:
             self._held -= 1
+            self._jobs.discard(job)
 
     @property
     def held(self) -> int:
@@ -240,12 +251,30 @@ class ChatEngine:
 
     def submit_ids(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Future:
         """`submit` for a prompt given as token ids (the completions route)."""
+        return self.submit_all([prompt_ids], params)[0]
+
+    def submit_all(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Future]:
+        """`submit_ids` for several prompts, admitted together: the n answers of every prompt are held at
+        once, so a request that does not fit queues none of them.
+
+        Raises:
+            RequestError: a prompt that does not fit the context, or more answers than serve_max_queue
+                (which no retry would get admitted); before anything is queued.
+            EngineBusy: the answers would take the engine past serve_max_queue.
+        """
         params = params or SamplingParams()
-        budget = self.max_new_tokens(len(prompt_ids), params.max_new_tokens)
-        do_sample = sampling(params, self.generating)[0]
+        budgets = [self.max_new_tokens(len(ids), params.max_new_tokens) for ids in prompts]
         # greedy answers are deterministic: generate once and repeat it n times
-        copies = params.n if do_sample else 1
-        jobs = self._start(prompt_ids, params, budget, copies, streaming=False)
+        copies = params.n if sampling(params, self.generating)[0] else 1
+        self._check_size(len(prompts) * copies, "prompt" if len(prompts) > 1 else "n")
+        specs = [(ids, budget, copies, 0) for ids, budget in zip(prompts, budgets, strict=True)]
+        groups = self._start(specs, params, streaming=False)
+        return [self._result(jobs, params, len(ids)) for jobs, ids in zip(groups, prompts, strict=True)]
+
+    @staticmethod
+    def _result(jobs: list[Job], params: SamplingParams, prompt_tokens: int) -> Future:
+        """One Future for the answers of one prompt, resolved when every job has ended."""
+        copies = len(jobs)
         result: Future = Future()
         pending = [len(jobs)]
         lock = threading.Lock()
@@ -260,7 +289,7 @@ class ChatEngine:
                 result.set_exception(errors[0])
                 return
             choices = [j.future.result() for j in jobs]
-            result.set_result(ChatResult(choices * (params.n // copies), len(prompt_ids)))
+            result.set_result(ChatResult(choices * (params.n // copies), prompt_tokens))
 
         for job in jobs:
             job.future.add_done_callback(done)
@@ -290,30 +319,49 @@ class ChatEngine:
         """`stream` for a prompt given as token ids."""
         params = params or SamplingParams()
         budget = self.max_new_tokens(len(prompt_ids), params.max_new_tokens)
-        (job,) = self._start(prompt_ids, params, budget, 1, streaming=True, index=index)
+        ((job,),) = self._start([(prompt_ids, budget, 1, index)], params, streaming=True)
         return TextStream(job), len(prompt_ids)
 
+    def stream_all(self, prompt_ids: list[int], params: SamplingParams) -> list[TextStream]:
+        """The `params.n` streamed answers of one prompt (choice indices 0..n-1), admitted together: all
+        are queued or none is.
+
+        Raises:
+            RequestError, EngineBusy: as `submit_all`.
+        """
+        budget = self.max_new_tokens(len(prompt_ids), params.max_new_tokens)
+        self._check_size(params.n, "n")
+        specs = [(prompt_ids, budget, 1, index) for index in range(params.n)]
+        return [TextStream(job) for (job,) in self._start(specs, params, streaming=True)]
+
     def _start(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        budget: int,
-        copies: int,
-        streaming: bool,
-        index: int = 0,
-    ) -> list[Job]:
+        self, specs: list[tuple[list[int], int, int, int]], params: SamplingParams, streaming: bool
+    ) -> list[list[Job]]:
+        """Queue the jobs of (prompt ids, token budget, copies, seed offset) specs, held all at once."""
+        groups = [
+            [
+                Job(
+                    self.tokenizer,
+                    self.generator.stop_id_set,
+                    prompt_ids,
+                    params,
+                    budget,
+                    streaming,
+                    None if params.seed is None else params.seed + index + i,
+                )
+                for i in range(copies)
+            ]
+            for prompt_ids, budget, copies, index in specs
+        ]
+        jobs = [job for group in groups for job in group]
         with self._admitting:  # close() cannot slip its sentinel in between the check and the queueing
             if self._closed:
                 raise SftflowError("the engine is closed: it takes no more requests.")
-            self._hold(copies)
-            jobs = []
-            for i in range(copies):
-                seed = None if params.seed is None else params.seed + index + i
-                job = Job(
-                    self.tokenizer, self.generator.stop_id_set, prompt_ids, params, budget, streaming, seed
-                )
-                job.future.add_done_callback(self._release)
-                jobs.append(job)
+            self._hold(len(jobs))
+            with self._held_lock:
+                self._jobs.update(jobs)
+            for job in jobs:
+                job.future.add_done_callback(lambda _, job=job: self._release(job))
             try:
                 for job in jobs:
                     self._queue.put(job)
@@ -321,15 +369,21 @@ class ChatEngine:
                 for job in jobs:
                     job.fail(exc)
                 raise
-        return jobs
+        return groups
 
-    def close(self) -> None:
-        """Finish the queued jobs and stop the workers (idempotent)."""
+    def close(self, cancel: bool = False) -> None:
+        """Stop the worker once the queued jobs are answered, or (`cancel`) cancel them all first, as a
+        server shutting down does (idempotent; no request is taken after it)."""
         with self._admitting:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
-            self._queue.put(None)  # after every job queued: the worker answers them all first
+            if cancel:
+                with self._held_lock:
+                    held = list(self._jobs)
+                for job in held:
+                    job.cancel()
+            if first:
+                self._queue.put(None)  # after every job queued: the worker answers them all first
         self._worker.join()
 
     def _serve(self) -> None:

@@ -5,12 +5,14 @@ top_logprobs, echo (the prompt's logprobs), a per-request seed, beam search.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from sftflow.infer import kv
 from sftflow.infer.constrain import GrammarProcessor
 from sftflow.infer.core import Generator, generation_config
 from sftflow.infer.requests import Job, TokenLogprob
@@ -22,7 +24,6 @@ Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def run_exact(generator: Generator, job: Job) -> None:
     """Generate `job` with `generate`, feeding it token by token (and each token's logprob when asked)."""
     params = job.params
-    config = generation_config(generator, params, job.max_new_tokens, job.events is not None)
     top = max(params.top_logprobs, 1) if params.logprobs else 0
     recorder = Recorder(top)
     processors: list[Recorder | GrammarProcessor] = [recorder] if top else []
@@ -43,8 +44,8 @@ def run_exact(generator: Generator, job: Job) -> None:
                 return
             ids = value.reshape(-1).tolist()
             for token in ids:
-                if top and recorder.steps:
-                    step = recorder.steps[len(job.logprobs)]
+                if top and recorder.steps:  # each step's full-vocabulary row is dropped once read
+                    step = recorder.steps.popleft()
                     job.logprobs.append(token_logprob(generator.tokenizer, token, step))
             if job.feed(ids):
                 job.cancelled.set()
@@ -57,7 +58,8 @@ def run_exact(generator: Generator, job: Job) -> None:
     input_ids = torch.tensor([job.prompt_ids], device=generator.model.device)
     with torch.inference_mode():
         echoed = prompt_logprobs(generator, input_ids, params.top_logprobs) if params.echo else None
-        if job.max_new_tokens > 0:
+        if job.max_new_tokens > 0:  # (max_tokens 0 with echo only scores the prompt)
+            config = generation_config(generator, params, job.max_new_tokens, job.events is not None)
             generator.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -77,16 +79,51 @@ def token_logprob(tokenizer: PreTrainedTokenizerBase, token: int, step: Step) ->
 
 
 def prompt_logprobs(generator: Generator, input_ids: torch.Tensor, top: int) -> list[TokenLogprob | None]:
-    """Each prompt token's log-probability given the tokens before it (None for the first)."""
-    logits = generator.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = logprobs.topk(max(top, 1), dim=-1)
+    """Each prompt token's log-probability given the tokens before it (None for the first), and the `top`
+    likeliest tokens at each position.
+
+    The prompt is read in chunks through a KV cache, so at most PROMPT_LOGITS_ELEMENTS logits exist at
+    once (prompt x vocabulary would be 590 MB for 3000 tokens of SmolLM2), and only each position's
+    logsumexp, chosen logit and top-k are kept.
+    """
+    model = generator.model
+    vocab = len(generator.tokenizer)  # (the model's rows may be padded a little past it)
+    chunk = max(PROMPT_CHUNK_MIN, PROMPT_LOGITS_ELEMENTS // vocab)
+    ids = input_ids[0]
+    cache = kv.new_cache(model)
     out: list[TokenLogprob | None] = [None]
-    for pos, token in enumerate(input_ids[0, 1:].tolist()):
-        out.append(
-            token_logprob(generator.tokenizer, token, (logprobs[pos], ids[pos, :top], values[pos, :top]))
+    for start in range(0, len(ids) - 1, chunk):  # the last token's logits predict nothing in the prompt
+        end = min(start + chunk, len(ids) - 1)
+        logits = (
+            model(
+                input_ids=input_ids[:, start:end],
+                attention_mask=torch.ones_like(input_ids[:, :end]),  # (sdpa's is_causal alone is misaligned)
+                position_ids=torch.arange(start, end, device=input_ids.device)[None],
+                cache=cache,
+                use_cache=True,
+            )
+            .logits[0]
+            .float()
         )
+        norm = logits.logsumexp(-1, keepdim=True)
+        targets = ids[start + 1 : end + 1]
+        chosen = (logits.gather(-1, targets[:, None]) - norm)[:, 0].tolist()
+        values, top_ids = logits.topk(max(top, 1), dim=-1)
+        values = values - norm
+        del logits
+        for pos, token in enumerate(targets.tolist()):
+            alternatives = [
+                (i, generator.tokenizer.decode([i]), v)
+                for i, v in zip(top_ids[pos, :top].tolist(), values[pos, :top].tolist(), strict=True)
+            ]
+            out.append(TokenLogprob(token, generator.tokenizer.decode([token]), chosen[pos], alternatives))
     return out
+
+
+# prompt scoring reads at most this many logits at once (64 MB of float32), and at least PROMPT_CHUNK_MIN
+# positions per pass
+PROMPT_LOGITS_ELEMENTS = 2**24
+PROMPT_CHUNK_MIN = 16
 
 
 class Recorder:
@@ -95,7 +132,7 @@ class Recorder:
 
     def __init__(self, top: int) -> None:
         self.top = top
-        self.steps: list[Step] = []
+        self.steps: deque[Step] = deque()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logprobs = torch.log_softmax(scores[0].float(), dim=-1)

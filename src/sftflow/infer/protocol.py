@@ -1,6 +1,7 @@
 """The request bodies of sftflow's OpenAI-compatible routes (pydantic models, vLLM's protocol as the
 reference). Every part refuses fields it does not know, and values the server cannot honour are refused
-by validators, so nothing a client sends is silently ignored.
+by validators, so nothing a client sends is silently ignored. Booleans are strict (`"yes"` is refused), and
+text holding a lone surrogate (`"\\ud800"`, which json.loads lets through) is refused where it stands.
 """
 
 from __future__ import annotations
@@ -9,11 +10,22 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2**63 - 1  # a seed is a signed 64-bit integer (vLLM's bound; torch.manual_seed's range)
 PYDANTIC_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -21,6 +33,16 @@ class Strict(BaseModel):
     """Request parts refuse fields they do not know (nothing is silently ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        where = lone_surrogate(value, str(info.field_name))
+        if where is not None:  # (the outermost field fails first: `where` is the path from the body)
+            raise PydanticCustomError(
+                "lone_surrogate", "a lone surrogate is not unicode text", {"param": where}
+            )
+        return value
 
 
 class TextPart(Strict):
@@ -50,8 +72,15 @@ class Message(Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)
     reasoning_content: str | None = None  # an earlier answer's thought, as this server sends it
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not value:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return value
 
     @model_validator(mode="after")
     def _thought_on_answers(self) -> Message:
@@ -92,14 +121,14 @@ class Message(Strict):
 class StreamOptions(Strict):
     """`stream_options`: include_usage adds a last chunk with the usage counts."""
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class FunctionDef(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(Strict):
@@ -120,7 +149,7 @@ class JsonSchemaFormat(Strict):
     name: str
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(Strict):
@@ -143,9 +172,9 @@ class SamplingFields(Strict):
     max_tokens: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
     user: str | None = None  # an end-user id (OpenAI: for abuse monitoring); logged, changes nothing
     frequency_penalty: float = 0
     presence_penalty: float = 0
@@ -155,8 +184,10 @@ class SamplingFields(Strict):
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(
+                f"stop takes up to {MAX_STOPS} non-empty strings of up to {MAX_STOP_CHARS} characters"
+            )
         return stops
 
     @field_validator("logit_bias")
@@ -180,12 +211,12 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: StrictBool = True
     # extra chat template variables (vLLM's field), e.g. {"enable_thinking": false}; checked against the
     # template by the engine (infer/reasoning.py: template_kwargs)
     chat_template_kwargs: dict[str, Any] | None = None
@@ -209,7 +240,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
-    echo: bool = False
+    echo: StrictBool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
@@ -223,6 +254,28 @@ class CompletionRequest(SamplingFields):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 only makes sense with echo (scoring the prompt)")
         return self
+
+
+def lone_surrogate(value: Any, path: str) -> str | None:
+    """Where in `value` (a JSON value) a string holds a lone surrogate, which no tokenizer can encode: the
+    path from `path` down, or None.
+
+    >>> lone_surrogate({"a": ["ok", "\\ud800"]}, "x"), lone_surrogate("fine", "x")
+    ('x.a.1', None)
+    """
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            stack += [(k, where) for k in item] + [(v, f"{where}.{k}") for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            stack += [(v, f"{where}.{i}") for i, v in enumerate(item)]
+    return None
 
 
 def field_path(loc: tuple[Any, ...]) -> str | None:

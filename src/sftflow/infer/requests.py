@@ -164,8 +164,11 @@ class StopBuffer:
         if hit:
             self.pending = ""
             return text, True
+        # the longest tail of pending that starts a stop string (a tail is never longer than pending)
+        most = len(self.pending) + 1
         hold = max(
-            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0
+            (k for s in self.stops for k in range(1, min(len(s), most)) if self.pending.endswith(s[:k])),
+            default=0,
         )
         out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         return out, False
