@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from sftflow.config import FinetuningArguments, ModelArguments
+from sftflow.infer.requests import Completion
 from sftflow.model.adapter import apply_finetuning
 from sftflow.model.loader import load_model, load_tokenizer
 
@@ -469,3 +470,23 @@ def make_adapter(base: Path, out: Path, seed: int, **ft) -> Path:
     tokenizer.chat_template = ADAPTER_TEMPLATE  # the template "used in training" travels with the adapter
     tokenizer.save_pretrained(out)
     return out
+
+
+class ScriptedStream:
+    """What ChatEngine.stream_ids returns, replaying a fixed answer a few characters at a time."""
+
+    def __init__(self, text: str, step: int) -> None:
+        self.pieces = [text[i : i + step] for i in range(0, len(text), step)]
+        self.completion = Completion(text, "stop", len(self.pieces))
+        self.completion_tokens, self.finish_reason = 0, None
+
+    async def _replay(self):
+        for piece in self.pieces:
+            yield piece
+        self.completion_tokens, self.finish_reason = len(self.pieces), "stop"
+
+    def __aiter__(self):
+        return self._replay()
+
+    def close(self) -> None:
+        pass

@@ -21,15 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import QUESTION, free_port, make_run_dir
 from sftflow.config.run_dir import infer_args
 from sftflow.infer.engine import load_engine
 from sftflow.infer.requests import SamplingParams
-from test_infer_engine import make_run_dir
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-QUESTION = [{"role": "user", "content": "What is two plus two?"}]
 KEY = "s3cret"
 
 
@@ -76,12 +75,6 @@ def keyed_client(engine):
         yield client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(app) -> Iterator[int]:
     """A real uvicorn server for `app` on a free loopback port (yields the port)."""
@@ -123,6 +116,7 @@ def raw_response(
 
 
 @pytest.mark.integration
+@pytest.mark.integration
 def test_a_keyless_request_gets_401_before_its_body_is_read(engine):
     from sftflow.infer.api import create_app
 
@@ -139,6 +133,7 @@ def test_a_keyless_request_gets_401_before_its_body_is_read(engine):
 
 
 @pytest.mark.integration
+@pytest.mark.integration
 def test_a_body_over_the_limit_gets_413_from_its_content_length(engine):
     from sftflow.infer.api import create_app
 
@@ -154,6 +149,7 @@ def test_a_body_over_the_limit_gets_413_from_its_content_length(engine):
     assert "serve_max_body_bytes" in error["message"] and str(limit) in error["message"]
 
 
+@pytest.mark.integration
 @pytest.mark.integration
 def test_a_chunked_body_over_the_limit_gets_413_while_it_streams_in(engine):
     from sftflow.infer.api import create_app
@@ -178,6 +174,7 @@ def test_a_chunked_body_over_the_limit_gets_413_while_it_streams_in(engine):
     assert "serve_max_body_bytes" in answer
 
 
+@pytest.mark.integration
 @pytest.mark.integration
 def test_tokenizing_a_long_prompt_does_not_stall_the_other_clients(engine):
     import urllib.request
@@ -436,6 +433,7 @@ def test_a_tool_message_needs_tool_call_id(client):
 # -- 13: SIGTERM mid-stream ends the server within seconds ---------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.integration
 def test_sigterm_during_a_stream_exits_within_seconds(run_dir, tmp_path):
     port = free_port()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import TOOL_TEMPLATE, make_run_dir, serve
+from helpers import TOOL_TEMPLATE, ScriptedStream, make_run_dir, serve
 from sftflow.infer.requests import ChatResult, Completion
 from sftflow.infer.toolcalls import ToolCallStream, parse_tool_calls
 
@@ -141,26 +141,6 @@ def test_a_call_cut_off_keeps_the_generations_finish_reason():
 
 
 # -- through the server ---------------------------------------------------------------------------
-
-
-class ScriptedStream:
-    """What ChatEngine.stream_ids returns, replaying a fixed answer a few characters at a time."""
-
-    def __init__(self, text: str, step: int) -> None:
-        self.pieces = [text[i : i + step] for i in range(0, len(text), step)]
-        self.completion = Completion(text, "stop", len(self.pieces))
-        self.completion_tokens, self.finish_reason = 0, None
-
-    async def _replay(self):
-        for piece in self.pieces:
-            yield piece
-        self.completion_tokens, self.finish_reason = len(self.pieces), "stop"
-
-    def __aiter__(self):
-        return self._replay()
-
-    def close(self) -> None:
-        pass
 
 
 class ScriptedEngine:

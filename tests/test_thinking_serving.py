@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import ScriptedStream, make_run_dir, post, serve
 from sftflow.config.run_dir import infer_args
 from sftflow.data.template import apply_template
 from sftflow.data.thinking import Thinking, resolve_thinking, template_with_mode
@@ -107,8 +108,6 @@ def test_template_kwargs_default_to_the_run_and_requests_win():
 def make_thinking_run(model_dir: Path, out: Path, enable: bool | None, **keys: Any) -> Path:
     """A LoRA run dir (as test_infer_engine.make_run_dir) trained with the qwen3 template, `enable_thinking`
     and `keys`."""
-    from test_infer_engine import make_run_dir
-
     run = make_run_dir(model_dir, out, max_new_tokens=12)
     trained = yaml.safe_load((run / "sftflow_args.yaml").read_text())
     trained |= {"template": "qwen3", "enable_thinking": enable, **keys}
@@ -177,6 +176,7 @@ class ThinkingEngine:
     def __init__(self, text: str) -> None:
         self.text, self.model_name, self.held, self.max_queue = text, "scripted", 0, 4
         self.tokenizer = SimpleNamespace(chat_template="", encode=lambda text, **_: [1, 2, 3])
+        self.generating = SimpleNamespace(serve_max_body_bytes=2**20)
         self.thinking = Thinking()
         self.requests: list[Any] = []
 
@@ -185,9 +185,10 @@ class ThinkingEngine:
         return PROMPT
 
     def stream_ids(self, prompt_ids: list[int], params: Any, index: int = 0) -> tuple[Any, int]:
-        from test_api_tool_stream import ScriptedStream
-
         return ScriptedStream(self.text, 3), len(prompt_ids)
+
+    def stream_all(self, prompt_ids: list[int], params: Any) -> list[ScriptedStream]:
+        return [ScriptedStream(self.text, 3) for _ in range(params.n)]
 
     def submit_ids(self, prompt_ids: list[int], params: Any) -> Future:
         future: Future = Future()
@@ -199,7 +200,6 @@ class ThinkingEngine:
 def test_openai_client_reads_reasoning_content_plain_and_streamed():
     openai = pytest.importorskip("openai")
     from sftflow.infer.api import create_app
-    from test_infer_api import serve
 
     engine = ThinkingEngine(SPOKEN)
     with serve(create_app(engine)) as base_url:  # type: ignore[arg-type]
@@ -237,7 +237,6 @@ def test_the_tiny_model_served_without_thinking(engine):
     writes is a thought (reasoning_content null); a request turns thinking back on."""
     openai = pytest.importorskip("openai")
     from sftflow.infer.api import create_app
-    from test_infer_api import post, serve
 
     with serve(create_app(engine)) as base_url:
         client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
