@@ -427,7 +427,8 @@ def export_tab(gr: ModuleType, board: Board) -> Any:
             if not name or not target.strip():
                 raise SftflowError("pick a run and an export_dir first.")
             keys = tuned_keys(saves / name)
-            keys.update(export_dir=target.strip(), export_format=fmt, export_quantization=quant)
+            export_dir = runs.inside_saves(saves, target.strip(), "export_dir", example="exports/my-export")
+            keys.update(export_dir=str(export_dir), export_format=fmt, export_quantization=quant)
             args = args_from_dict(keys, require_output_dir=False)
         except SftflowError as exc:
             yield error_md(exc)
