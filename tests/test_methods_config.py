@@ -49,7 +49,15 @@ def test_method_keys_load_under_llamafactory_names(overrides):
         (["use_muon=true", "loraplus_lr_ratio=4"], "set only one"),
         (["use_galore=true"], "finetuning_type: full or freeze, not lora"),
         (["use_badam=true", "finetuning_type=freeze"], "finetuning_type: full, not freeze"),
-        (["finetuning_type=full", "use_galore=true", "galore_layerwise=true"], "galore_adamw_layerwise"),
+        (
+            [
+                "finetuning_type=full",
+                "use_galore=true",
+                "galore_layerwise=true",
+                "gradient_accumulation_steps=2",
+            ],
+            "gradient_accumulation_steps: 1",
+        ),
         (["pissa_init=true"], "pissa_convert: true"),
         (["pissa_init=true", "pissa_iter=-1", "quantization_bit=4"], "unquantized base"),
         (["finetuning_type=oft", "stage=dpo"], "stage: sft or pt"),

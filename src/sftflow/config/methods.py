@@ -85,10 +85,15 @@ def check_methods(
             f"loraplus_lr_ratio must be > 0 (16 in the LoRA+ paper), got {finetuning.loraplus_lr_ratio}."
         )
     for name in ("galore", "apollo"):
-        if getattr(finetuning, f"use_{name}") and getattr(finetuning, f"{name}_layerwise"):
+        if (
+            getattr(finetuning, f"use_{name}")
+            and getattr(finetuning, f"{name}_layerwise")
+            and training.gradient_accumulation_steps != 1
+        ):
             raise SftflowError(
-                f"{name}_layerwise is not supported (it updates weights in backward hooks the Trainer's loop must "
-                f"know about); use the HF keys optim: {name}_adamw_layerwise and optim_target_modules instead."
+                f"{name}_layerwise updates each weight in backward, once per micro-batch, so it cannot accumulate "
+                f"gradients (LLaMA-Factory refuses it too): set gradient_accumulation_steps: 1 (got "
+                f"{training.gradient_accumulation_steps}) and raise per_device_train_batch_size instead."
             )
     if (chosen or training.neftune_noise_alpha is not None) and (training.deepspeed or training.fsdp):
         raise SftflowError(
