@@ -66,7 +66,6 @@ def test_method_keys_load_under_llamafactory_names(overrides):
         (["use_dft_loss=true", "fast_loss=false"], "fast_loss: true"),
         (["use_dft_loss=true", "stage=pt"], "sft loss"),
         (["pref_loss=simpo"], "stage: dpo"),
-        (["stage=kto", "per_device_train_batch_size=1"], "per_device_train_batch_size >= 2"),
         (["stage=kto", "per_device_train_batch_size=2", "packing=true"], "packing: false"),
         (["use_asft_loss=true"], "out of scope"),
         (["use_eaft_loss=true"], "out of scope"),

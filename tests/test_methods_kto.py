@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 
 from sftflow.config import load_args
@@ -158,10 +157,3 @@ def test_kto_run_trains_evaluates_and_writes_the_stage_outputs(tmp_path, tiny_mo
     assert math.isfinite(result.metrics["eval_loss"]) and "eval_kl" in result.metrics
     logged = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert any("tokens_per_second" in str(entry) for entry in logged)  # Resilience's throughput log
-
-
-def test_kto_refuses_batch_size_one(tmp_path, tiny_model_dir):
-    from sftflow.errors import SftflowError
-
-    with pytest.raises(SftflowError, match="per_device_train_batch_size >= 2"):
-        kto_args(tmp_path, tiny_model_dir, per_device_train_batch_size=1)

@@ -153,20 +153,11 @@ def check_methods(
 def check_kto(
     data: DataArguments, finetuning: FinetuningArguments, training: Seq2SeqTrainingArguments
 ) -> None:
-    """KTO estimates its reference KL from mismatched answers in the batch, so a batch needs 2+ rows.
+    """KTO's reference KL term comes from mismatched answers (stages/kto.py pairs them, also at batch size 1).
 
     Raises:
-        SftflowError: batch size 1, streaming, packing, predict, or a negative weight.
+        SftflowError: streaming, packing, predict, train_on_prompt or a negative weight.
     """
-    if training.do_train and training.per_device_train_batch_size < 2:
-        raise SftflowError(
-            "stage: kto needs per_device_train_batch_size >= 2 (TRL's KTO pairs each answer with another row's "
-            "prompt to estimate the KL term); raise it and lower gradient_accumulation_steps to keep the batch."
-        )
-    if training.do_eval and training.per_device_eval_batch_size < 2:
-        raise SftflowError(
-            "stage: kto needs per_device_eval_batch_size >= 2 (see per_device_train_batch_size)."
-        )
     if data.train_on_prompt:
         raise SftflowError("stage: kto scores the last answer only; set train_on_prompt: false.")
     if data.streaming or data.packing:
