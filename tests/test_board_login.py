@@ -15,8 +15,6 @@ pytest.importorskip("gradio")
 from sftflow.board import app, gate, views  # noqa: E402
 from sftflow.errors import SftflowError  # noqa: E402
 
-pytestmark = pytest.mark.integration
-
 SECRET_HUB = "hf_boardSecretDoNotLeak"
 PATHS = ["/", "/config", "/gradio_api/info", "/gradio_api/info?all_endpoints=true", "/gradio_api/openapi.json",
          "/openapi.json", "/docs", "/gradio_api/queue/status", "/theme.css", "/login", "/x/../config"]  # fmt: skip
@@ -50,6 +48,7 @@ def test_token_is_required_off_loopback():
     assert views.board_token("0.0.0.0", {"SFTFLOW_BOARD_TOKEN": "s3cret"}) == "s3cret"
 
 
+@pytest.mark.integration
 def test_nothing_but_the_login_form_before_login(tmp_path, monkeypatch, tiny_model_dir):
     saves = tmp_path / "saves_dir_marker"
     config = tmp_path / "cfg.yaml"

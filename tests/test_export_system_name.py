@@ -11,8 +11,6 @@ from transformers import AutoTokenizer
 from sftflow.cli import main as cli_main
 from sftflow.model.gguf import read_gguf_metadata
 
-pytestmark = pytest.mark.integration
-
 USER = [{"role": "user", "content": "What is 1 plus 1?"}]
 
 
@@ -38,6 +36,7 @@ def export(tmp_path, tiny_model_dir, toy_data_dir, fmt: str, name: str = "merged
     return export_dir
 
 
+@pytest.mark.integration
 def test_exported_template_defaults_to_the_training_system_prompt(tmp_path, tiny_model_dir, toy_data_dir):
     export_dir = export(tmp_path, tiny_model_dir, toy_data_dir, "gguf")
     exported = AutoTokenizer.from_pretrained(export_dir)
