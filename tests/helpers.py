@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from sftflow.config import FinetuningArguments, ModelArguments
+from sftflow.config import FinetuningArguments, ModelArguments, load_args
 from sftflow.infer.requests import Completion
 from sftflow.model.adapter import apply_finetuning
 from sftflow.model.loader import load_model, load_tokenizer
@@ -490,3 +490,69 @@ class ScriptedStream:
 
     def close(self) -> None:
         pass
+
+
+# -- kto ------------------------------------------------------------------------------------------
+
+KTO_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b if good else a + b + 1}."},
+        ],
+        "label": good,
+    }
+    for a in range(1, 5)
+    for b in range(1, 4)
+    for good in (True, False)
+]
+
+
+def kto_data(tmp_path: Path) -> Path:
+    (tmp_path / "kto.json").write_text(json.dumps(KTO_ROWS))
+    registry = {  # as in LLaMA-Factory's data/dataset_info.json (kto_en_demo)
+        "kto_toy": {
+            "file_name": "kto.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "kto_tag": "label"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+            },
+        }
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
+    return tmp_path
+
+
+def kto_args(tmp_path: Path, model_dir: Path, **overrides):
+    config = {
+        "stage": "kto",
+        "dataset": "kto_toy",
+        "val_size": 4,
+        "lora_rank": 4,
+        "do_eval": True,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 2,
+        "learning_rate": 5e-3,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "report_to": "none",
+        "plot_loss": False,
+        "pref_beta": 0.5,
+        "kto_rejected_weight": 1.5,
+        "tokenized_cache_dir": tmp_path / "cache",
+        **overrides,
+    }
+    return load_args(
+        None, as_overrides(train_config(model_dir, kto_data(tmp_path), tmp_path / "out", **config))
+    )
+
+
+def completion_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    logps = model(ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    return logps[len(prompt) - 1 :].gather(1, targets[len(prompt) - 1 :, None]).sum()

@@ -174,7 +174,7 @@ def test_modelfile_beside_the_gguf(f16_export):
     assert 'SYSTEM """Be brief."""' in lines  # every toy training row has this system prompt
     expected = (
         "{{ if .System }}<|im_start|>system\n{{ $.System }}<|im_end|>\n"
-        "{{ else }}<|im_start|>system\nYou are a tiny test model.<|im_end|>\n{{ end }}"
+        "{{ else }}<|im_start|>system\nBe brief.<|im_end|>\n{{ end }}"  # training's, not the base's default
         "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
         '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
         "{{ if $last }}<|im_start|>assistant\n{{ end }}"

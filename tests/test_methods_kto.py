@@ -5,69 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import as_overrides, train_config
-from sftflow.config import load_args
-
-ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b if good else a + b + 1}."},
-        ],
-        "label": good,
-    }
-    for a in range(1, 5)
-    for b in range(1, 4)
-    for good in (True, False)
-]
-
-
-def kto_data(tmp_path: Path) -> Path:
-    (tmp_path / "kto.json").write_text(json.dumps(ROWS))
-    registry = {  # as in LLaMA-Factory's data/dataset_info.json (kto_en_demo)
-        "kto_toy": {
-            "file_name": "kto.json",
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages", "kto_tag": "label"},
-            "tags": {
-                "role_tag": "role",
-                "content_tag": "content",
-                "user_tag": "user",
-                "assistant_tag": "assistant",
-            },
-        }
-    }
-    (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
-    return tmp_path
-
-
-def kto_args(tmp_path: Path, model_dir: Path, **overrides):
-    config = {
-        "stage": "kto",
-        "dataset": "kto_toy",
-        "val_size": 4,
-        "lora_rank": 4,
-        "do_eval": True,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 2,
-        "learning_rate": 5e-3,
-        "max_steps": 3,
-        "logging_steps": 1,
-        "report_to": "none",
-        "plot_loss": False,
-        "pref_beta": 0.5,
-        "kto_rejected_weight": 1.5,
-        "tokenized_cache_dir": tmp_path / "cache",
-        **overrides,
-    }
-    return load_args(
-        None, as_overrides(train_config(model_dir, kto_data(tmp_path), tmp_path / "out", **config))
-    )
+from helpers import KTO_ROWS, completion_logps, kto_args
 
 
 def test_kto_form_keeps_the_tag_and_trains_only_the_last_answer(tmp_path, tiny_model_dir, tiny_tokenizer):
@@ -78,19 +20,12 @@ def test_kto_form_keeps_the_tag_and_trains_only_the_last_answer(tmp_path, tiny_m
     prepared = prepare("kto", args.data, tiny_tokenizer, seed=0)
     rows = kto_completions(prepared.train)
     assert sorted(rows.column_names) == ["completion_ids", "label", "prompt_ids"]
-    assert rows["label"] == [row["label"] for row in ROWS]
+    assert rows["label"] == [row["label"] for row in KTO_ROWS]
     first = rows[0]
     assert tiny_tokenizer.decode(first["completion_ids"]) == "1 plus 1 is 2.<|im_end|>"
     assert tiny_tokenizer.decode(first["prompt_ids"]).endswith(
         "What is 1 plus 1?<|im_end|>\n<|im_start|>assistant\n"
     )
-
-
-def completion_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt + completion])
-    logps = model(ids).logits[0, :-1].float().log_softmax(-1)
-    targets = ids[0, 1:]
-    return logps[len(prompt) - 1 :].gather(1, targets[len(prompt) - 1 :, None]).sum()
 
 
 def test_kto_loss_matches_the_kto_formula_on_the_same_batch(tmp_path, tiny_model_dir):
@@ -157,10 +92,3 @@ def test_kto_run_trains_evaluates_and_writes_the_stage_outputs(tmp_path, tiny_mo
     assert math.isfinite(result.metrics["eval_loss"]) and "eval_kl" in result.metrics
     logged = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert any("tokens_per_second" in str(entry) for entry in logged)  # Resilience's throughput log
-
-
-def test_kto_refuses_batch_size_one(tmp_path, tiny_model_dir):
-    from sftflow.errors import SftflowError
-
-    with pytest.raises(SftflowError, match="per_device_train_batch_size >= 2"):
-        kto_args(tmp_path, tiny_model_dir, per_device_train_batch_size=1)

@@ -144,7 +144,6 @@ def test_badam_ratio_mode_keeps_sparse_moments(tiny_model_dir, tiny_tokenizer):
         ({"loraplus_lr_ratio": 4, "finetuning_type": "full"}, "finetuning_type: lora"),
         ({"use_galore": True}, "full or freeze"),
         ({"use_badam": True, "finetuning_type": "freeze"}, "finetuning_type: full"),
-        ({"use_galore": True, "finetuning_type": "full", "galore_layerwise": True}, "galore_adamw_layerwise"),
         ({"use_galore": True, "finetuning_type": "full", "galore_target": ["nope"]}, "galore_target"),
     ],
 )

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftflow.board import form, runs
+from sftflow.board.gate import TokenGate
 from sftflow.board.models import ChatPair, tuned_keys
 from sftflow.board.views import (
     TABLE_HEADERS,
-    board_auth,
+    board_token,
     chart_value,
     command_markdown,
     curve_frame,
@@ -426,7 +427,8 @@ def export_tab(gr: ModuleType, board: Board) -> Any:
             if not name or not target.strip():
                 raise SftflowError("pick a run and an export_dir first.")
             keys = tuned_keys(saves / name)
-            keys.update(export_dir=target.strip(), export_format=fmt, export_quantization=quant)
+            export_dir = runs.inside_saves(saves, target.strip(), "export_dir", example="exports/my-export")
+            keys.update(export_dir=str(export_dir), export_format=fmt, export_quantization=quant)
             args = args_from_dict(keys, require_output_dir=False)
         except SftflowError as exc:
             yield error_md(exc)
@@ -477,26 +479,32 @@ def line_plot(gr: ModuleType, title: str, elem_id: str, color_title: str = "seri
     )  # fmt: skip
 
 
-def serve(host: str, port: int, saves: str | Path, config: str | Path | None = None) -> None:
-    """Build the board and serve it until interrupted.
+def serve(
+    host: str, port: int, saves: str | Path, config: str | Path | None = None, block: bool = True
+) -> Any:
+    """Serve the board on host:port until interrupted, behind gate.TokenGate when SFTFLOW_BOARD_TOKEN is
+    set; with `block` False, return the running gradio Blocks at once (close() stops it).
 
     Raises:
         SftflowError: a non-loopback host without a token, or an unreadable --config.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    auth = board_auth(host)
+    token = board_token(host)
     import gradio as gr
+    from starlette.middleware import Middleware
 
     demo = build_app(saves, load_preset(config))
     print(f"sftflow board: http://{host}:{port}  (saves: {Path(saves).resolve()})", flush=True)
     demo.queue(default_concurrency_limit=4).launch(
         server_name=host,
         server_port=port,
-        auth=auth,
+        app_kwargs={"middleware": [Middleware(TokenGate, token=token)]} if token else None,
         share=False,
         ssr_mode=False,
         footer_links=[],
         quiet=True,
         theme=gr.themes.Default(),
         show_error=True,
+        prevent_thread_lock=not block,
     )
+    return demo

@@ -345,6 +345,27 @@ def _launch(
     return proc.pid
 
 
+def inside_saves(
+    saves: str | Path, path: Any, key: str, cwd: str | Path | None = None, example: str = "my-run"
+) -> Path:
+    """`path` (relative to `cwd`) resolved as the OS will resolve it, `..` and symlinks followed: the dir
+    the board may write, strictly inside `saves`.
+
+    Raises:
+        SftflowError: the resolved path is `saves` itself or outside it.
+    """
+    saves = Path(os.path.realpath(saves))
+    given = Path(str(path)).expanduser()
+    resolved = Path(os.path.realpath(Path(cwd or os.getcwd()) / given))
+    if resolved == saves or saves not in resolved.parents:
+        shown = f"{path} (resolved: {resolved})" if str(resolved) != str(path) else str(path)
+        raise SftflowError(
+            f"{key} {shown} is not inside the board's saves dir {saves}; the board writes only there. "
+            f"Use e.g. {key}: {saves / example}."
+        )
+    return resolved
+
+
 def start_run(saves: str | Path, keys: dict[str, Any], cwd: str | Path | None = None) -> Path:
     """Write `keys` as train_config.yaml into their output_dir (inside `saves`) and launch `sftflow train`
     on it, detached. The keys are checked as the CLI checks them first.
@@ -359,13 +380,7 @@ def start_run(saves: str | Path, keys: dict[str, Any], cwd: str | Path | None = 
     saves = Path(saves).resolve()
     keys = {k: v for k, v in keys.items() if k != "overwrite_output_dir"}
     args_from_dict(keys)  # the CLI's own checks (and its error messages) before anything starts
-    run_dir = Path(str(keys["output_dir"])).expanduser()
-    run_dir = (Path(cwd or os.getcwd()) / run_dir).resolve() if not run_dir.is_absolute() else run_dir
-    if run_dir == saves or saves not in run_dir.parents:
-        raise SftflowError(
-            f"output_dir {keys['output_dir']} is not inside the board's saves dir {saves}; "
-            f"use e.g. output_dir: {saves / 'my-run'}."
-        )
+    run_dir = inside_saves(saves, keys["output_dir"], "output_dir", cwd)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SftflowError(
             f"output_dir {run_dir} already holds a run; choose another output_dir (or resume that run "

@@ -3,7 +3,6 @@ and who may open the board."""
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import time
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 
 TOKEN_ENV = "SFTFLOW_BOARD_TOKEN"
-TOKEN_USER = "sftflow"
 LOG_TAIL_LINES = 40
 
 # -- safety ------------------------------------------------------------------------------------------
@@ -40,9 +38,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def board_auth(host: str, environ: dict[str, str] | None = None) -> Any:
-    """The gradio auth for `host`: none on a loopback host without a token; a check of user `sftflow`
-    and the token in SFTFLOW_BOARD_TOKEN when that is set.
+def board_token(host: str, environ: dict[str, str] | None = None) -> str | None:
+    """The login token for `host`: none on a loopback host without one; SFTFLOW_BOARD_TOKEN when set
+    (gate.TokenGate then serves nothing but its login form until that token is given).
 
     Raises:
         SftflowError: a non-loopback host without SFTFLOW_BOARD_TOKEN (the board would be open to the
@@ -54,14 +52,10 @@ def board_auth(host: str, environ: dict[str, str] | None = None) -> Any:
             return None
         raise SftflowError(
             f"refusing to serve on {host} with no login: anyone who can reach it could start runs. "
-            f"Set {TOKEN_ENV} to a secret (the page then asks for user {TOKEN_USER!r} and that token), "
+            f"Set {TOKEN_ENV} to a secret (the page then asks for that token before it shows anything), "
             "or keep the default --host 127.0.0.1."
         )
-
-    def check(user: str, password: str) -> bool:
-        return user == TOKEN_USER and hmac.compare_digest(password.encode(), token.encode())
-
-    return check
+    return token
 
 
 # -- pure helpers (tested without a browser) -----------------------------------------------------------

@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sftflow.cli.export",
         "CONFIG [key=value ...]  merge LoRA adapter(s) into the base, write a standard HF model dir",
     ),
+    "expand": (
+        "sftflow.cli.expand",
+        "MODEL OUTPUT_DIR --num-expand N  LLaMA Pro: add identity decoder blocks to train with use_llama_pro",
+    ),
     "plan": (
         "sftflow.cli.plan",
         "CONFIG [--measure] [key=value ...]  predict memory and time, audit the data, advise",

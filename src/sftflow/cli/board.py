@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
         prog="sftflow board",
         description="A web workbench: plan, start, watch, compare, chat with and export runs. Runs are "
         "`sftflow train` processes of their own: closing the page or the board never stops them.",
-        epilog="A host other than 127.0.0.1/localhost needs SFTFLOW_BOARD_TOKEN set (login: sftflow / the token).",
+        epilog="A host other than 127.0.0.1/localhost needs SFTFLOW_BOARD_TOKEN set (the page asks for the token before it shows anything).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")

@@ -369,7 +369,7 @@ class FinetuningArguments:
     """GaLore: which side(s) of the gradient are projected."""
 
     galore_layerwise: bool = False
-    """GaLore: update each layer in its backward hook (saves gradient memory; not supported: set optim: galore_adamw_layerwise instead)."""
+    """GaLore: one optimizer per weight, stepped in its backward hook (saves gradient memory; needs gradient_accumulation_steps: 1)."""
 
     use_apollo: bool = False
     """APOLLO: AdamW-like updates with channel-wise scales from a random low-rank projection (apollo-torch; full or freeze tuning)."""
@@ -399,7 +399,7 @@ class FinetuningArguments:
     """APOLLO: scale the gradient before the norm-growth limiter."""
 
     apollo_layerwise: bool = False
-    """APOLLO: update each layer in its backward hook (not supported: set optim: apollo_adamw_layerwise instead)."""
+    """APOLLO: one optimizer per weight, stepped in its backward hook (saves gradient memory; needs gradient_accumulation_steps: 1)."""
 
     use_badam: bool = False
     """BAdam: block coordinate descent, Adam on one block of parameters at a time (badam; full tuning)."""

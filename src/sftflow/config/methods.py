@@ -86,10 +86,15 @@ def check_methods(
             f"loraplus_lr_ratio must be > 0 (16 in the LoRA+ paper), got {finetuning.loraplus_lr_ratio}."
         )
     for name in ("galore", "apollo"):
-        if getattr(finetuning, f"use_{name}") and getattr(finetuning, f"{name}_layerwise"):
+        if (
+            getattr(finetuning, f"use_{name}")
+            and getattr(finetuning, f"{name}_layerwise")
+            and training.gradient_accumulation_steps != 1
+        ):
             raise SftflowError(
-                f"{name}_layerwise is not supported (it updates weights in backward hooks the Trainer's loop must "
-                f"know about); use the HF keys optim: {name}_adamw_layerwise and optim_target_modules instead."
+                f"{name}_layerwise updates each weight in backward, once per micro-batch, so it cannot accumulate "
+                f"gradients (LLaMA-Factory refuses it too): set gradient_accumulation_steps: 1 (got "
+                f"{training.gradient_accumulation_steps}) and raise per_device_train_batch_size instead."
             )
     if (chosen or training.neftune_noise_alpha is not None) and (training.deepspeed or training.fsdp):
         raise SftflowError(
@@ -151,20 +156,11 @@ def check_methods(
 def check_kto(
     data: DataArguments, finetuning: FinetuningArguments, training: Seq2SeqTrainingArguments
 ) -> None:
-    """KTO estimates its reference KL from mismatched answers in the batch, so a batch needs 2+ rows.
+    """KTO's reference KL term comes from mismatched answers (stages/kto.py pairs them, also at batch size 1).
 
     Raises:
-        SftflowError: batch size 1, streaming, packing, predict, or a negative weight.
+        SftflowError: streaming, packing, predict, train_on_prompt or a negative weight.
     """
-    if training.do_train and training.per_device_train_batch_size < 2:
-        raise SftflowError(
-            "stage: kto needs per_device_train_batch_size >= 2 (TRL's KTO pairs each answer with another row's "
-            "prompt to estimate the KL term); raise it and lower gradient_accumulation_steps to keep the batch."
-        )
-    if training.do_eval and training.per_device_eval_batch_size < 2:
-        raise SftflowError(
-            "stage: kto needs per_device_eval_batch_size >= 2 (see per_device_train_batch_size)."
-        )
     if data.train_on_prompt:
         raise SftflowError("stage: kto scores the last answer only; set train_on_prompt: false.")
     if data.streaming or data.packing:

@@ -443,6 +443,11 @@ def no_effect(
         return "dataloader_persistent_workers needs dataloader_num_workers > 0"
     if key == "predict_with_generate" and stage != "sft":
         return f"predict_with_generate applies to stage: sft only (stage {stage} does not generate)"
+    if key == "max_grad_norm" and any(
+        getattr(finetuning, f"use_{m}") and getattr(finetuning, f"{m}_layerwise")
+        for m in ("galore", "apollo")
+    ):
+        return "galore_layerwise/apollo_layerwise step each weight in its backward hook, so no whole-model gradient is left to clip"
     if key == "generation_max_length":
         return "sftflow's predict generates max_new_tokens per answer; set max_new_tokens"
     return None

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
+
 from sftflow.config.parser import read_config_file
 from sftflow.config.run_lock import LOCK_NAME, check_writable_dir, is_lock_file, owned
 from sftflow.data.encode import IGNORE_INDEX, encode_sft, stop_token_ids
@@ -38,7 +40,7 @@ from sftflow.data.vision import vision_config
 from sftflow.errors import SftflowError
 from sftflow.model.adapter import adapter_paths, check_adapter_dir, merge_adapters
 from sftflow.model.loader import is_quantized, load_model, load_tokenizer, model_path, resolve_dtype
-from sftflow.model.modelfile import fixed_system_prompt, write_modelfile
+from sftflow.model.modelfile import fixed_system_prompt, with_default_system, write_modelfile
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -90,9 +92,13 @@ def export_model(
 
         tokenizer = _export_tokenizer(model_args, paths, data_args)
         trained = _run_keys(base, paths)
-        set_default_system(
-            tokenizer, getattr(data_args, "default_system", None) or trained.get("default_system")
-        )
+        default_system = getattr(data_args, "default_system", None) or trained.get("default_system")
+        set_default_system(tokenizer, default_system)
+        # without default_system, a conversation with no system message gets the one every training row
+        # had, not the base tokenizer's default
+        system = None if default_system else _fixed_system(data_args)
+        if system and isinstance(tokenizer.chat_template, str):
+            tokenizer.chat_template = with_default_system(tokenizer.chat_template, system)
         _write_thinking_default(tokenizer, trained, enable_thinking)
         end_id = trained_end_token(tokenizer)
         merge_args = dataclasses.replace(model_args, dtype="float32")
@@ -104,8 +110,9 @@ def export_model(
         model = merge_adapters(model, paths, allow_pickle)
         stops = sorted(stop_token_ids(tokenizer) | _as_set(model.generation_config.eos_token_id))
         if model_args.export_format == "gguf":  # from the fp32 merge, before the cast below
+            name = model_name(model_args.model_name_or_path or base)
             _export_gguf(
-                model, tokenizer, export_dir, model_args.export_quantization, end_id, stops, data_args
+                model, tokenizer, export_dir, model_args.export_quantization, end_id, stops, name, system
             )
 
         out_dtype = resolve_dtype(model_args.dtype) if model_args.dtype != "auto" else _checkpoint_dtype(base)
@@ -268,16 +275,18 @@ def _export_gguf(
     quantization: str,
     end_id: int,
     stops: list[int],
-    data_args: DataArguments | None,
+    name: str,
+    system: str | None,
 ) -> None:
-    """Write, read back and prove model-<quantization>.gguf, then the Modelfile beside it."""
+    """Write, read back and prove model-<quantization>.gguf (`general.name` = `name`), then the Modelfile
+    beside it (SYSTEM = `system`)."""
     from sftflow.model.gguf import check_gguf, gguf_file_name, write_gguf
 
     start = time.perf_counter()
     path = export_dir / gguf_file_name(quantization)
     partial = path.with_name(f".{path.name}.partial")  # renamed into place only once proven
     try:
-        summary = write_gguf(model, tokenizer, partial, quantization, end_id, export_dir.name)
+        summary = write_gguf(model, tokenizer, partial, quantization, end_id, name)
         check_gguf(summary, tokenizer)
         partial.rename(path)
     finally:
@@ -293,13 +302,31 @@ def _export_gguf(
     )
     texts = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stops, key=lambda i: i != end_id)]
     try:
-        write_modelfile(export_dir / "Modelfile", path.name, tokenizer, texts, _fixed_system(data_args))
+        write_modelfile(export_dir / "Modelfile", path.name, tokenizer, texts, system)
     except SftflowError as exc:
         logger.warning(
             "no Ollama Modelfile written: %s The GGUF carries the chat template for llama.cpp.", exc
         )
         return
     logger.info("wrote %s (ollama create NAME -f %s)", export_dir / "Modelfile", export_dir / "Modelfile")
+
+
+def model_name(model_name_or_path: str, hops: int = 8) -> str:
+    """The GGUF `general.name`: the model's own name, the last part of its hub id or dir; for a full or
+    freeze run dir, that of the model it was trained from (its sftflow_args.yaml), not the export dir's."""
+    given = str(model_name_or_path)
+    for _ in range(hops):
+        record = Path(given).expanduser() / "sftflow_args.yaml"
+        if not record.is_file():
+            break
+        try:
+            base = (yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("model_name_or_path")
+        except (OSError, yaml.YAMLError):
+            break
+        if not base or str(base) == given:
+            break
+        given = str(base)
+    return Path(given.rstrip("/")).name or given
 
 
 def _fixed_system(data_args: DataArguments | None) -> str | None:

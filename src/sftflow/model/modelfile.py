@@ -236,6 +236,18 @@ def fixed_system_prompt(conversations: Dataset) -> str | None:
     return seen
 
 
+def with_default_system(chat_template: str, system: str) -> str:
+    """`chat_template` with `system` as the system message of a conversation that has none: what every
+    training row had, in place of the template's own default (e.g. SmolLM2's "You are a helpful AI
+    assistant named SmolLM, ...")."""
+    literal = json.dumps(system, ensure_ascii=False)
+    return (
+        "{%- if messages and messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{%- endif %}" + chat_template
+    )
+
+
 def _quoted(text: str) -> str:
     return f'"""{text}"""'
 

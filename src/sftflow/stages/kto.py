@@ -6,8 +6,10 @@ handling, tokens/s logs) -> train/eval -> report.
 Each example is tokenized by sftflow as in sft with only its last answer trained (`prepare`, form kto): the
 prompt is everything before that answer, the completion the answer through its end-of-turn token, and
 `label` its kto_tag. TRL's KTO estimates its reference KL term from mismatched pairs (each prompt with the
-previous row's completion within a batch), so batches hold 2+ rows and are drawn in order from the
-(seeded, shuffled) training split. With LoRA the reference is the base with the adapter disabled; with
+previous row's completion within a batch), so batches are drawn in order from the (seeded, shuffled)
+training split. With per_device_train_batch_size 1 (which TRL refuses: its in-batch pairing would give a row
+its own answer) each row is paired with the previous row of the split, as LLaMA-Factory pairs rows across its
+preprocessing batch; the KL estimate is then one pair per step. With LoRA the reference is the base with the adapter disabled; with
 full or freeze tuning a frozen copy of the starting model.
 """
 
@@ -112,14 +114,20 @@ def kto_completions(examples: Dataset) -> Any:
 def mismatched_completions(completions: list[list[int]], batch_size: int) -> list[list[int]]:
     """The KL completions: within each block of `batch_size` rows, each row gets the previous row's
     completion (the first row the block's last), so the KL term sees the batch's own answers on other prompts.
+    With batch size 1 the block is the whole split (each row gets the previous row's answer, as LLaMA-Factory
+    pairs rows across its preprocessing batch, not the training batch); a last block of one row gets the row
+    before it. No row is paired with its own answer (that would make the KL term its implied reward).
 
     >>> mismatched_completions([[1], [2], [3], [4], [5]], 2)
-    [[2], [1], [4], [3], [5]]
+    [[2], [1], [4], [3], [4]]
+    >>> mismatched_completions([[1], [2], [3]], 1)
+    [[3], [1], [2]]
     """
+    block_size = batch_size if batch_size > 1 else len(completions)
     out: list[list[int]] = []
-    for start in range(0, len(completions), batch_size):
-        block = completions[start : start + batch_size]
-        out += [block[-1], *block[:-1]]
+    for start in range(0, len(completions), block_size):
+        block = completions[start : start + block_size]
+        out += [block[-1], *block[:-1]] if len(block) > 1 or start == 0 else [completions[start - 1]]
     return out
 
 
@@ -127,6 +135,20 @@ class PretokenizedKTOTrainer(Resilience, KTOTrainer):
     """KTOTrainer with `Resilience` that takes prompt/completion ids as they are (sftflow tokenized them):
     TRL's `_prepare_dataset` is replaced by adding the KL completions only (tests/test_methods_kto.py checks the
     loss against the KTO formula on the same batch)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        config = kwargs["args"]
+        self.kl_block_size = config.per_device_train_batch_size  # read by _prepare_dataset in __init__
+        one = config.per_device_train_batch_size == 1
+        if one:  # TRL refuses 1 because its in-batch pairing would give a row its own answer; ours does not
+            config.per_device_train_batch_size = 2
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if one:
+                config.per_device_train_batch_size = 1
+        if one:
+            self._train_batch_size = config.train_batch_size
 
     def _prepare_dataset(
         self,
@@ -137,7 +159,7 @@ class PretokenizedKTOTrainer(Resilience, KTOTrainer):
     ) -> Any:
         if not self.calculate_KL:
             return dataset
-        kl = mismatched_completions(dataset["completion_ids"], args.per_device_train_batch_size)
+        kl = mismatched_completions(dataset["completion_ids"], self.kl_block_size)
         return dataset.add_column("KL_completion_ids", kl)
 
 

@@ -6,7 +6,9 @@ hand to their Trainer (`optimizers=(build_optimizer(...), None)`; the Trainer st
   else (embeddings, output head, norms, biases: Muon takes only 2-D parameters), one `MuonWithAdamW`;
 - GaLore / APOLLO (`use_galore` / `use_apollo`): galore-torch's `GaLoreAdamW` / apollo-torch's
   `APOLLOAdamW` with the target linear weights in a projected parameter group (the same groups as HF's
-  `optim: galore_adamw` + `optim_target_modules`, which also work as plain training keys);
+  `optim: galore_adamw` + `optim_target_modules`, which also work as plain training keys); with
+  `galore_layerwise` / `apollo_layerwise`, one such optimizer per weight, stepped in backward hooks
+  (`LayerwiseOptimizer`, LLaMA-Factory's way);
 - BAdam (`use_badam`): badam's `BlockOptimizer` (one decoder layer at a time) or `BlockOptimizerRatio`;
 - Adam-mini (`use_adam_mini`): adam-mini's `Adam_mini`, one second moment per block.
 
@@ -224,11 +226,6 @@ def low_rank_optimizer(
 ) -> Any:
     """GaLoreAdamW / APOLLOAdamW with the target linear weights in a projected param group."""
     name = "galore" if method == "use_galore" else "apollo"
-    if getattr(finetuning, f"{name}_layerwise"):
-        raise SftflowError(
-            f"{name}_layerwise is not supported (it updates weights in backward hooks the Trainer's loop must "
-            f"know about); use the HF training keys optim: {name}_adamw_layerwise and optim_target_modules instead."
-        )
     if finetuning.finetuning_type not in ("full", "freeze"):
         raise SftflowError(
             f"{method} projects the gradients of whole weights: use finetuning_type: full or freeze, not "
@@ -263,7 +260,53 @@ def low_rank_optimizer(
         *_decay_groups(rest, weight_decay),
         {"params": [p for _, p in targets], "weight_decay": weight_decay, **projected},
     ]
-    return cls(groups, lr=adam["lr"], betas=adam["betas"], eps=adam["eps"], **extra)
+    options = {"lr": adam["lr"], "betas": adam["betas"], "eps": adam["eps"], **extra}
+    if getattr(finetuning, f"{name}_layerwise"):
+        per_weight = [
+            (p, cls([{**group, "params": [p]}], **options)) for group in groups for p in group["params"]
+        ]
+        return LayerwiseOptimizer(per_weight, adam["lr"])
+    return cls(groups, **options)
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Layer-wise GaLore/APOLLO, as LLaMA-Factory runs `galore_layerwise` / `apollo_layerwise`: one optimizer
+    per trainable weight, stepped in that weight's post-accumulate-grad hook, which then frees its gradient
+    (so the whole model's gradients never exist at once). The Trainer steps and zeroes this shell, a no-op;
+    its scheduler sets the shell's learning rate, which each hook copies before it steps. Every update
+    happens in backward, so there is no gradient accumulation (refused in config/methods.py) and no
+    whole-model gradient to clip. `state_dict` holds every inner optimizer's state (checkpoints resume them).
+    """
+
+    def __init__(self, per_weight: list[tuple[torch.Tensor, torch.optim.Optimizer]], lr: float):
+        self.inner = {id(param): optimizer for param, optimizer in per_weight}
+        super().__init__([torch.zeros(1, requires_grad=True)], {"lr": lr})
+        self.hooks = [param.register_post_accumulate_grad_hook(self.update) for param, _ in per_weight]
+
+    def update(self, param: torch.Tensor) -> None:
+        optimizer = self.inner[id(param)]
+        for group in optimizer.param_groups:
+            group["lr"] = self.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to zero: each hook freed its weight's gradient after its step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.param_groups[0]["lr"], "per_weight": [o.state_dict() for o in self.inner.values()]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.param_groups[0]["lr"] = state_dict["lr"]
+        for optimizer, state in zip(self.inner.values(), state_dict["per_weight"], strict=True):
+            optimizer.load_state_dict(state)
 
 
 def badam_optimizer(
