@@ -405,3 +405,26 @@ def test_a_missing_accelerator_config_is_named_at_config_time(tmp_path):
         load_args(
             None, ["model_name_or_path=x", "dataset=toy", "output_dir=o", f"accelerator_config={missing}"]
         )
+
+
+def test_a_writer_refused_before_the_owner_wrote_its_record_still_names_it(tmp_path):
+    """The owner takes the flock, then writes its record: a writer refused in between waits for the record
+    instead of saying 'another process'."""
+    from sftflow.config.run_lock import claim
+
+    script = (
+        "import fcntl, json, os, socket, time\n"
+        f"fd = os.open({str(tmp_path / LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True); time.sleep(0.5)\n"
+        "record = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': 'now', 'command': 'test'}\n"
+        "os.pwrite(fd, json.dumps(record).encode(), 0); time.sleep(30)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SftflowError, match=f"is in use by pid {holder.pid} on host"):
+            claim(tmp_path, "sftflow train")
+    finally:
+        holder.kill()
+        holder.wait()

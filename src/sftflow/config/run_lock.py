@@ -128,7 +128,7 @@ def claim(directory: str | Path, command: str, key: str = "output_dir") -> Owner
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise SftflowError(_in_use(path, key, read_owner(path))) from None
+            raise SftflowError(_in_use(path, key, _written_owner(path))) from None
         if _same_file(fd, lock_path(path)):
             break
         os.close(fd)  # the previous owner removed the file between our open and our lock: try again
@@ -206,6 +206,15 @@ def _release_all() -> None:
 def is_lock_file(path: Path) -> bool:
     """Whether `path` is a run dir's lock file (not a run output: emptiness checks skip it)."""
     return path.name == LOCK_NAME
+
+
+def _written_owner(path: Path, wait_s: float = 2.0) -> Owner | None:
+    """The lock's record, waiting briefly for it: the holder writes it just after taking the lock, so a
+    process refused in between would otherwise read an empty file."""
+    deadline = time.monotonic() + wait_s
+    while (owner := read_owner(path)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return owner
 
 
 def _in_use(path: Path, key: str, owner: Owner | None) -> str:
