@@ -62,6 +62,18 @@ _LLAMAFACTORY_NAMES = (
 LLAMAFACTORY_TEMPLATES = tuple(_LLAMAFACTORY_NAMES.split())
 
 
+# LLaMA-Factory's reasoning templates (its ReasoningTemplate class: enable_thinking applies). Those whose text
+# is Qwen3's resolve to the qwen3 built-in, deepseekr1 is a built-in, the rest are refused (sftflow does not
+# have their formats). Its `*_nothink` names are plain templates (data trained as written): qwen3_nothink is a
+# built-in; the others (multimodal Qwen3 ones, ernie_nothink) are refused.
+_REASONING_NAMES = (
+    "deepseekr1 hy3 ernie_vl gemma4 gemma4n glm4_moe glm4v glm4_5v glm4_7 glmz1 gpt_oss keye_vl kimi_vl mimo "
+    "mimo_v2 mimo_vl minimax2 qwen3 qwen3_omni qwen3_vl qwen3_5 qwen3_6 seed_oss youtu aeva"
+)
+LLAMAFACTORY_REASONING = tuple(_REASONING_NAMES.split())
+LLAMAFACTORY_ALIASES = {"qwen3_5": "qwen3", "qwen3_6": "qwen3", "qwen3_vl": "qwen3", "qwen3_omni": "qwen3"}
+
+
 def template_family(name: str) -> str:
     """The model family a LLaMA-Factory template name is for: its leading letters.
 
@@ -177,6 +189,36 @@ QWEN3_CHAT_TEMPLATE = (
     "{%- endif %}{%- endif %}"
 )
 
+# A DeepSeek-R1-style reasoning template (written for sftflow; R1's tokens as text): `{bos}{system}`, then
+# `<｜User｜>question<｜Assistant｜>answer<｜end▁of▁sentence｜>` per turn. R1's own template drops the thought of
+# every answer, so a thought could never be trained; here the LAST answer keeps it as
+# `<think>\n...\n</think>\n\n` (from `reasoning_content` or split off inline; empty block when it has
+# none), earlier answers lose theirs as in R1, and `enable_thinking=false` appends the empty block to the
+# generation prompt. The generation prompt is `<｜Assistant｜>` (LLaMA-Factory's deepseekr1), not R1's
+# `<｜Assistant｜><think>\n`, so that the whole thought block is part of the answer.
+R1_TOKENS = ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
+DEEPSEEKR1_CHAT_TEMPLATE = (
+    "{{- bos_token or '' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}{{- '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] %}{%- set reasoning = '' %}"
+    "{%- if message['reasoning_content'] is string %}{%- set reasoning = message['reasoning_content'] %}"
+    "{%- elif '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1] %}{%- endif %}"
+    "{{- '<｜Assistant｜>' }}"
+    "{%- if loop.last %}{{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- content.lstrip('\\n') + '<｜end▁of▁sentence｜>' }}"
+    "{%- else %}{{- raise_exception('the deepseekr1 template renders no ' + message['role'] + ' turns') }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<｜Assistant｜>' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
 BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
     "alpaca": TemplateSpec(
         default_system="Below is an instruction that describes a task. "
@@ -210,6 +252,14 @@ BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
         }
     ),
     "qwen3": TemplateSpec(chat_template=QWEN3_CHAT_TEMPLATE, special_tokens=("<|im_start|>", "<|im_end|>")),
+    # LLaMA-Factory's plain (no thinking) Qwen3 template: ChatML without a default system; thoughts are answer text
+    "qwen3_nothink": TemplateSpec(
+        **{
+            **{f.name: getattr(CHATML_SPEC, f.name) for f in fields(CHATML_SPEC)},
+            "format_tool": "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n",
+        }
+    ),
+    "deepseekr1": TemplateSpec(chat_template=DEEPSEEKR1_CHAT_TEMPLATE, special_tokens=R1_TOKENS),
     "llama2": TemplateSpec(
         system_style="first_user",
         format_system="<<SYS>>\n{content}\n<</SYS>>\n\n",
@@ -391,6 +441,7 @@ def apply_template(
                 "in a YAML template_file."
             )
         return
+    name = _llamafactory_name(name, available)
     if name in OWN_FIRST and available.get(name) is BUILTIN_TEMPLATES[name]:
         own = getattr(tokenizer, "chat_template", None)
         if own and template_family(name) in tokenizer_family(tokenizer):
@@ -440,6 +491,35 @@ def apply_template(
 
 # built-ins for a model family whose own tokenizers carry a fuller template (tools): those keep theirs
 OWN_FIRST = {"qwen3"}
+
+
+def _llamafactory_name(name: str, available: dict[str, TemplateSpec]) -> str:
+    """The template a LLaMA-Factory reasoning name stands for (LLAMAFACTORY_ALIASES), or `name` itself.
+
+    Raises:
+        SftflowError: a LLaMA-Factory reasoning or `*_nothink` name sftflow has no built-in for.
+    """
+    if name in available:
+        return name
+    if name in LLAMAFACTORY_ALIASES:
+        logger.info(
+            "template: %s is LLaMA-Factory's Qwen3 reasoning format; sftflow uses its qwen3 template.", name
+        )
+        return LLAMAFACTORY_ALIASES[name]
+    thinking = sorted({"qwen3", "deepseekr1", *LLAMAFACTORY_ALIASES})
+    if name in LLAMAFACTORY_REASONING:
+        raise SftflowError(
+            f"template {name!r} is a LLaMA-Factory reasoning template sftflow has no built-in for. Reasoning "
+            f"templates: {', '.join(thinking)}; or leave template unset to use the tokenizer's own chat "
+            "template (its thought tags are read off it), or define one in a template_file."
+        )
+    if name in LLAMAFACTORY_TEMPLATES and name.endswith("_nothink"):
+        raise SftflowError(
+            f"template {name!r} is LLaMA-Factory's plain (no thinking) template for a model sftflow has no "
+            "built-in for (multimodal Qwen3, ERNIE). Plain: qwen3_nothink (text Qwen3); or leave template unset "
+            "to use the tokenizer's own chat template with enable_thinking: false."
+        )
+    return name
 
 
 def render(
