@@ -284,7 +284,7 @@ def thinking_spans(
                 raise SftflowError(
                     f"the chat template drops the thought of the answer at message {i}, so it cannot be "
                     "trained. Set enable_thinking: false to train without thoughts, or use a template that "
-                    "renders them (e.g. template: qwen3)."
+                    "renders them (template: qwen3, or template: deepseekr1 for a DeepSeek-R1 model)."
                 )
             if not last:
                 ends = _stop_ends(answer, stop_strings)
