@@ -310,8 +310,11 @@ def matmul_rates(
     device = torch.device(device or "cpu")
     dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     m, k, n = size or ((4096,) * 3 if device.type == "cuda" else (1024,) * 3)
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+    # a private generator: the measurement runs at a run's first log (the first after a resume too), and
+    # drawing from the global one there would change what a resumed GRPO run samples next
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(k, n, device=device, dtype=dtype, generator=generator)
     a @ b  # warm-up (thread pool, GPU kernels)
     by_cpu = cpu_time and device.type == "cpu"
     rates = []
