@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -326,6 +329,29 @@ CHILD = textwrap.dedent(
     run_stage(load_args(config), callbacks=[Fault()])
     """
 )
+
+
+def start_child(root: Path, config: Path, mode: str, step: int) -> subprocess.Popen:
+    """CHILD on `config`, single-threaded, faulted by `mode` at `step` (several run together)."""
+    (root / "child.py").write_text(CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        [sys.executable, str(root / "child.py"), str(config), mode, str(step)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(children: dict[str, subprocess.Popen]) -> dict[str, tuple[int, str, str]]:
+    """Each child's (return code, stdout, stderr), once it has ended."""
+    done = {}
+    for name, proc in children.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        done[name] = (proc.returncode, stdout, stderr)
+    return done
 
 
 def run_in_process(config: Path, *overrides: str, callbacks: list | None = None):

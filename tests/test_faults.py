@@ -8,24 +8,22 @@ The three runs that are killed start together, to share their ~10 s of imports.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from helpers import (
-    CHILD,
     MAX_STEPS,
     TOY_ROWS,
     Poison,
     adapter,
     fault_config,
+    finish,
     is_complete,
     losses,
     max_diff,
     run_in_process,
+    start_child,
     write_alpaca,
 )
 from sftflow.errors import SftflowError
@@ -39,25 +37,13 @@ def runs(tmp_path_factory, tiny_model_dir):
     data.mkdir()
     write_alpaca(data / "train.json", TOY_ROWS)
     (data / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "train.json"}}))
-    (root / "child.py").write_text(CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     children = {}
     for mode, step in [("kill_after_save", 4), ("kill_mid_save", 6), ("sigterm", 3)]:
         config = fault_config(root / f"{mode}.yaml", tiny_model_dir, data, root / mode)
-        children[mode] = subprocess.Popen(
-            [sys.executable, str(root / "child.py"), str(config), mode, str(step)],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        children[mode] = start_child(root, config, mode, step)
     reference = fault_config(root / "reference.yaml", tiny_model_dir, data, root / "reference")
     run_in_process(reference)
-    done = {}
-    for mode, proc in children.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        done[mode] = (proc.returncode, stdout, stderr)
+    done = finish(children)
     return root, done
 
 

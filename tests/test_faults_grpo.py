@@ -15,15 +15,22 @@ runs run in this process, single-threaded like the children.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import CHILD, adapter, is_complete, losses, max_diff, run_in_process, train_config, write_config
+from helpers import (
+    adapter,
+    finish,
+    is_complete,
+    losses,
+    max_diff,
+    run_in_process,
+    start_child,
+    train_config,
+    write_config,
+)
 
 STEPS = 6
 
@@ -76,24 +83,12 @@ def runs(tmp_path_factory, tiny_model_dir):
     (data / "prompts.json").write_text(json.dumps(PROMPTS))
     (data / "dataset_info.json").write_text(json.dumps({"sums": {"file_name": "prompts.json"}}))
     (data / "toy_reward.py").write_text(REWARD)
-    (root / "child.py").write_text(CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     children = {}
     for mode, step in [("kill_after_save", 4), ("sigterm", 3)]:
         config = grpo_config(root / f"{mode}.yaml", tiny_model_dir, data, root / mode)
-        children[mode] = subprocess.Popen(
-            [sys.executable, str(root / "child.py"), str(config), mode, str(step)],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        children[mode] = start_child(root, config, mode, step)
     run_in_process(grpo_config(root / "reference.yaml", tiny_model_dir, data, root / "reference"))
-    done = {}
-    for mode, proc in children.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        done[mode] = (proc.returncode, stdout, stderr)
+    done = finish(children)
     return root, done
 
 

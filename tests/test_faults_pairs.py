@@ -14,20 +14,19 @@ import inspect
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from helpers import (
-    CHILD,
     Poison,
     adapter,
+    finish,
     is_complete,
     losses,
     max_diff,
     run_in_process,
+    start_child,
     train_config,
     write_config,
     write_pairs,
@@ -67,27 +66,15 @@ def pair_runs(tmp_path_factory, tiny_model_dir):
     data = root / "data"
     data.mkdir()
     write_pairs(data)
-    (root / "child.py").write_text(CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     children = {}
     for stage in STAGES:
         config = pair_config(
             root / f"{stage}-killed.yaml", tiny_model_dir, data, root / f"{stage}-killed", stage
         )
-        children[stage] = subprocess.Popen(
-            [sys.executable, str(root / "child.py"), str(config), "kill_after_save", "4"],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        children[stage] = start_child(root, config, "kill_after_save", 4)
     for stage in STAGES:
         run_in_process(pair_config(root / f"{stage}.yaml", tiny_model_dir, data, root / stage, stage))
-    done = {}
-    for stage, proc in children.items():
-        _, stderr = proc.communicate(timeout=300)
-        done[stage] = (proc.returncode, stderr)
+    done = {stage: (code, stderr) for stage, (code, _, stderr) in finish(children).items()}
     return root, data, done
 
 
