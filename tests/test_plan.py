@@ -407,3 +407,24 @@ def test_dpo_full_that_does_not_fit_gets_one_batch_change_and_lora(tmp_path, tin
     assert 1 <= fitting < roomy.largest_batch  # (the process RSS grew a little since the first plan)
     lora = next(a for a in tight.advice if a.change == "finetuning_type: lora")
     assert "the reference is the base with the adapter disabled" in lora.reason
+
+
+def test_plan_on_a_grpo_config_is_one_clear_line(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    """plan does not model a grpo step: it says so instead of failing inside the data audit."""
+    from sftflow.cli import main
+
+    config = {
+        "model_name_or_path": str(tiny_model_dir),
+        "stage": "grpo",
+        "reward_funcs": "length_target",
+        "dataset_dir": str(toy_data_dir),
+        "dataset": "toy",
+        "output_dir": str(tmp_path / "out"),
+        "do_train": True,
+        "per_device_train_batch_size": 4,
+    }
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["plan", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "sftflow plan does not model a grpo step" in err and "Traceback" not in err

@@ -61,6 +61,12 @@ def build_plan(args: RunArgs, measure_steps_count: int = 0) -> Plan:
     stage, training = args.finetuning.stage, args.training
     if args.data.streaming:
         raise SftflowError("plan reads every example to count tokens; run it with streaming=false.")
+    if stage == "grpo":  # its step is G generations plus the policy's pass: not in the memory/time model
+        raise SftflowError(
+            "sftflow plan does not model a grpo step yet (num_generations completions per prompt, then the "
+            "policy's forward and backward). Run a few steps (max_steps: 5) and read tokens/s and "
+            "peak_memory_gb in trainer_log.jsonl, or benchmarks/grpo_step.py for the step's split."
+        )
     if measure_steps_count:
         check_measurable(stage)
     config = AutoConfig.from_pretrained(
